@@ -1,0 +1,559 @@
+//! One decoder-only transformer for every architecture the neuron serves (llama, qwen2, qwen3,
+//! gemma3), read from GGUF.
+//!
+//! We own this code rather than use candle-transformers' per-architecture models because those
+//! keep their KV cache inside the weights (one sequence per model, no way to clear it for gemma3),
+//! build 131k-position rotary tables in every gemma3 layer and use SiLU where Gemma 3 uses GELU
+//! (CANDLE-NOTES). Here the weights are immutable and shared; each sequence owns a [`KvCache`],
+//! which is what batching needs.
+
+use std::io::{Read, Seek};
+
+use candle_core::quantized::{QMatMul, QTensor, gguf_file};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_transformers::quantized_nn::RmsNorm;
+
+use crate::error::{Error, Result};
+use crate::gguf::Meta;
+
+pub const SUPPORTED: &[&str] = &["llama", "qwen2", "qwen3", "gemma3"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+    Qwen3,
+    Gemma3,
+}
+
+impl Arch {
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            "gemma3" => Arch::Gemma3,
+            other => {
+                return Err(Error::Load(format!(
+                    "architecture '{other}' (general.architecture) is not supported; supported: {}",
+                    SUPPORTED.join(", ")
+                )));
+            }
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3",
+        }
+    }
+}
+
+/// The feed-forward gate's activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU, tanh approximation (Gemma).
+    GeluTanh,
+}
+
+/// Hyper-parameters read from GGUF metadata.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub arch: Arch,
+    pub activation: Activation,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub rms_eps: f64,
+    pub rope_base: f32,
+    /// Gemma 3's local (sliding-window) layers use another rotary base.
+    pub rope_local_base: f32,
+    pub sliding_window: Option<usize>,
+    /// Every `sliding_pattern`-th layer is global; the others slide (Gemma 3: 6).
+    pub sliding_pattern: usize,
+    /// The context the model was trained for.
+    pub context_length: usize,
+}
+
+impl Config {
+    pub fn from_meta(meta: &Meta<'_>) -> Result<Self> {
+        let arch_name = meta
+            .str("general.architecture")
+            .ok_or_else(|| Error::Load("GGUF metadata has no general.architecture".into()))?;
+        let arch = Arch::parse(arch_name)?;
+        let k = |s: &str| format!("{arch_name}.{s}");
+        let n_head = meta.req_u32(&k("attention.head_count"))? as usize;
+        let n_embd = meta.req_u32(&k("embedding_length"))? as usize;
+        let head_dim = meta
+            .u32(&k("attention.key_length"))
+            .map(|v| v as usize)
+            .unwrap_or(n_embd / n_head);
+        Ok(Config {
+            arch,
+            activation: match arch {
+                Arch::Gemma3 => Activation::GeluTanh,
+                _ => Activation::Silu,
+            },
+            n_layer: meta.req_u32(&k("block_count"))? as usize,
+            n_embd,
+            n_head,
+            n_kv_head: meta
+                .u32(&k("attention.head_count_kv"))
+                .map(|v| v as usize)
+                .unwrap_or(n_head),
+            head_dim,
+            rms_eps: meta
+                .f32(&k("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-6) as f64,
+            rope_base: meta.f32(&k("rope.freq_base")).unwrap_or(match arch {
+                Arch::Gemma3 | Arch::Qwen2 | Arch::Qwen3 => 1_000_000.0,
+                Arch::Llama => 10_000.0,
+            }),
+            rope_local_base: meta.f32(&k("rope.local_freq_base")).unwrap_or(10_000.0),
+            sliding_window: match arch {
+                Arch::Gemma3 => meta.u32(&k("attention.sliding_window")).map(|v| v as usize),
+                _ => None,
+            },
+            sliding_pattern: meta
+                .u32(&k("attention.sliding_window_type"))
+                .map(|v| v as usize)
+                .unwrap_or(6),
+            context_length: meta.u32(&k("context_length")).unwrap_or(4096) as usize,
+        })
+    }
+
+    /// Bytes of KV cache one sequence needs per token (f32 keys and values, every layer).
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        (self.n_layer * 2 * self.n_kv_head * self.head_dim * 4) as u64
+    }
+}
+
+/// Rotary tables for one frequency base, sized to the context we serve (not the trained maximum).
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(
+        base: f32,
+        head_dim: usize,
+        max_len: usize,
+        factors: Option<&[f32]>,
+        dev: &Device,
+    ) -> Result<Self> {
+        let inv: Vec<f32> = (0..head_dim / 2)
+            .map(|i| {
+                let f = 1.0 / base.powf(2.0 * i as f32 / head_dim as f32);
+                f / factors.and_then(|v| v.get(i)).copied().unwrap_or(1.0)
+            })
+            .collect();
+        let inv = Tensor::from_vec(inv, (1, head_dim / 2), dev)?;
+        let pos = Tensor::arange(0u32, max_len as u32, dev)?
+            .to_dtype(DType::F32)?
+            .reshape((max_len, 1))?;
+        let freqs = pos.broadcast_mul(&inv)?;
+        Ok(Rope {
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+        })
+    }
+}
+
+struct Layer {
+    attn_norm: RmsNorm,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    bq: Option<Tensor>,
+    bk: Option<Tensor>,
+    bv: Option<Tensor>,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    post_attn_norm: Option<RmsNorm>,
+    ffn_norm: RmsNorm,
+    post_ffn_norm: Option<RmsNorm>,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+    /// Sliding-window size for local layers.
+    window: Option<usize>,
+    /// Index into `Model::ropes`.
+    rope: usize,
+}
+
+/// One sequence's keys and values for every layer, preallocated to the served context.
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+    max: usize,
+}
+
+impl KvCache {
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.max
+    }
+
+    /// Forgets the sequence; the memory stays allocated for the next one.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+/// The weights of a loaded model. Immutable: sequences carry their own [`KvCache`].
+pub struct Model {
+    pub cfg: Config,
+    /// Max positions served (the KV cache size): the requested context, at most the trained one.
+    pub max_len: usize,
+    embed: Tensor,
+    embed_scale: Option<f64>,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    output: QMatMul,
+    ropes: Vec<Rope>,
+    device: Device,
+}
+
+/// Reads tensors from a GGUF file and reports how far it got.
+struct Loader<'a, R> {
+    ct: &'a gguf_file::Content,
+    reader: &'a mut R,
+    device: &'a Device,
+    loaded: usize,
+    progress: &'a dyn Fn(f32),
+}
+
+impl<R: Read + Seek> Loader<'_, R> {
+    fn get(&mut self, name: &str) -> Result<QTensor> {
+        let t = self
+            .ct
+            .tensor(self.reader, name, self.device)
+            .map_err(|e| Error::Load(format!("reading tensor '{name}': {e}")))?;
+        self.loaded += 1;
+        (self.progress)(self.loaded as f32 / self.ct.tensor_infos.len().max(1) as f32);
+        Ok(t)
+    }
+
+    fn opt(&mut self, name: &str) -> Result<Option<QTensor>> {
+        if self.ct.tensor_infos.contains_key(name) {
+            self.get(name).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn mm(&mut self, name: &str) -> Result<QMatMul> {
+        Ok(QMatMul::from_qtensor(self.get(name)?)?)
+    }
+
+    fn norm(&mut self, name: &str, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm::from_qtensor(self.get(name)?, eps)?)
+    }
+
+    fn opt_norm(&mut self, name: &str, eps: f64) -> Result<Option<RmsNorm>> {
+        match self.opt(name)? {
+            Some(t) => Ok(Some(RmsNorm::from_qtensor(t, eps)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn opt_f32(&mut self, name: &str) -> Result<Option<Tensor>> {
+        match self.opt(name)? {
+            Some(t) => Ok(Some(t.dequantize(self.device)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Model {
+    /// Loads the weights; `max_len` bounds the positions (and so the rotary tables and caches).
+    pub fn load<R: Read + Seek>(
+        ct: &gguf_file::Content,
+        reader: &mut R,
+        cfg: Config,
+        max_len: usize,
+        device: &Device,
+        progress: &dyn Fn(f32),
+    ) -> Result<Self> {
+        let mut l = Loader {
+            ct,
+            reader,
+            device,
+            loaded: 0,
+            progress,
+        };
+        let eps = cfg.rms_eps;
+        let embed_q = l.get("token_embd.weight")?;
+        let embed = embed_q.dequantize(device)?;
+        let output = match l.opt("output.weight")? {
+            Some(t) => QMatMul::from_qtensor(t)?,
+            None => QMatMul::from_qtensor(embed_q)?,
+        };
+        let norm = l.norm("output_norm.weight", eps)?;
+        let factors = l
+            .opt_f32("rope_freqs.weight")?
+            .map(|t| t.to_vec1::<f32>())
+            .transpose()?;
+        let mut ropes = vec![Rope::new(
+            cfg.rope_base,
+            cfg.head_dim,
+            max_len,
+            factors.as_deref(),
+            device,
+        )?];
+        if cfg.sliding_window.is_some() {
+            ropes.push(Rope::new(
+                cfg.rope_local_base,
+                cfg.head_dim,
+                max_len,
+                None,
+                device,
+            )?);
+        }
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            let sliding = cfg.sliding_window.is_some() && (i + 1) % cfg.sliding_pattern.max(1) != 0;
+            layers.push(Layer {
+                attn_norm: l.norm(&p("attn_norm.weight"), eps)?,
+                wq: l.mm(&p("attn_q.weight"))?,
+                wk: l.mm(&p("attn_k.weight"))?,
+                wv: l.mm(&p("attn_v.weight"))?,
+                wo: l.mm(&p("attn_output.weight"))?,
+                bq: l.opt_f32(&p("attn_q.bias"))?,
+                bk: l.opt_f32(&p("attn_k.bias"))?,
+                bv: l.opt_f32(&p("attn_v.bias"))?,
+                q_norm: l.opt_norm(&p("attn_q_norm.weight"), eps)?,
+                k_norm: l.opt_norm(&p("attn_k_norm.weight"), eps)?,
+                post_attn_norm: l.opt_norm(&p("post_attention_norm.weight"), eps)?,
+                ffn_norm: l.norm(&p("ffn_norm.weight"), eps)?,
+                post_ffn_norm: l.opt_norm(&p("post_ffw_norm.weight"), eps)?,
+                gate: l.mm(&p("ffn_gate.weight"))?,
+                up: l.mm(&p("ffn_up.weight"))?,
+                down: l.mm(&p("ffn_down.weight"))?,
+                window: if sliding { cfg.sliding_window } else { None },
+                rope: usize::from(sliding),
+            });
+        }
+        progress(1.0);
+        let embed_scale = (cfg.arch == Arch::Gemma3).then(|| (cfg.n_embd as f64).sqrt());
+        Ok(Model {
+            cfg,
+            max_len,
+            embed,
+            embed_scale,
+            layers,
+            norm,
+            output,
+            ropes,
+            device: device.clone(),
+        })
+    }
+
+    pub fn new_cache(&self) -> Result<KvCache> {
+        let shape = (1, self.cfg.n_kv_head, self.max_len, self.cfg.head_dim);
+        let layers = (0..self.cfg.n_layer)
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(shape, DType::F32, &self.device)?,
+                    Tensor::zeros(shape, DType::F32, &self.device)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache {
+            layers,
+            len: 0,
+            max: self.max_len,
+        })
+    }
+
+    /// Runs `tokens` after what `cache` holds and returns the logits of the last one (f32, vocab).
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let t = tokens.len();
+        let pos = cache.len;
+        if pos + t > cache.max {
+            return Err(Error::Internal(format!(
+                "sequence of {} tokens exceeds the KV cache of {}",
+                pos + t,
+                cache.max
+            )));
+        }
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
+        if let Some(s) = self.embed_scale {
+            x = (x * s)?;
+        }
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = layer.attn_norm.forward(&x)?;
+            let h = self.attention(layer, &h, kv, pos)?;
+            let h = match &layer.post_attn_norm {
+                Some(n) => n.forward(&h)?,
+                None => h,
+            };
+            x = (x + h)?;
+            let h = layer.ffn_norm.forward(&x)?;
+            let gate = layer.gate.forward(&h)?;
+            let gate = match self.cfg.activation {
+                Activation::GeluTanh => gate.gelu()?,
+                Activation::Silu => candle_nn::ops::silu(&gate)?,
+            };
+            let h = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
+            let h = match &layer.post_ffn_norm {
+                Some(n) => n.forward(&h)?,
+                None => h,
+            };
+            x = (x + h)?;
+        }
+        cache.len = pos + t;
+        let last = x.narrow(1, t - 1, 1)?;
+        let logits = self.output.forward(&self.norm.forward(&last)?)?;
+        Ok(logits.flatten_all()?)
+    }
+
+    fn attention(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        kv: &mut (Tensor, Tensor),
+        pos: usize,
+    ) -> Result<Tensor> {
+        let (_, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim);
+        let proj = |w: &QMatMul, b: &Option<Tensor>, heads: usize| -> Result<Tensor> {
+            let y = w.forward(x)?;
+            let y = match b {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            };
+            Ok(y.reshape((1, t, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let mut q = proj(&l.wq, &l.bq, nh)?;
+        let mut k = proj(&l.wk, &l.bk, nkv)?;
+        let v = proj(&l.wv, &l.bv, nkv)?;
+        if let Some(n) = &l.q_norm {
+            q = n.forward(&q)?;
+        }
+        if let Some(n) = &l.k_norm {
+            k = n.forward(&k)?;
+        }
+        let rope = &self.ropes[l.rope];
+        let cos = rope.cos.narrow(0, pos, t)?;
+        let sin = rope.sin.narrow(0, pos, t)?;
+        let (q, k) = if self.cfg.arch == Arch::Llama {
+            (
+                candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
+                candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
+            )
+        } else {
+            (
+                candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
+                candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
+            )
+        };
+        kv.0.slice_set(&k, 2, pos)?;
+        kv.1.slice_set(&v, 2, pos)?;
+        let total = pos + t;
+        // Keys visible to any query of this chunk: a sliding layer's first query sees the `w`
+        // positions up to itself (query - key < w), so older keys are never read.
+        let start = match l.window {
+            Some(w) => (pos + 1).saturating_sub(w),
+            None => 0,
+        };
+        let k = kv.0.narrow(2, start, total - start)?;
+        let v = kv.1.narrow(2, start, total - start)?;
+        // Grouped-query attention without copying keys: fold the query heads that share a KV
+        // head into the row dimension.
+        let rep = nh / nkv;
+        let q = q.reshape((1, nkv, rep * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?;
+        let att = if t > 1 || l.window.is_some_and(|w| total - start > w) {
+            let mask = self.mask(t, pos, start, total, l.window)?;
+            att.reshape((1, nkv, rep, t, total - start))?
+                .broadcast_add(&mask)?
+                .reshape((1, nkv, rep * t, total - start))?
+        } else {
+            att
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v.contiguous()?)?;
+        let y = y
+            .reshape((1, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((1, t, nh * hd))?;
+        Ok(l.wo.forward(&y)?)
+    }
+
+    /// Additive mask (t, total - start): causal, and limited to the window for sliding layers.
+    fn mask(
+        &self,
+        t: usize,
+        pos: usize,
+        start: usize,
+        total: usize,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        let cols = total - start;
+        let mut m = vec![0f32; t * cols];
+        for i in 0..t {
+            let qpos = pos + i;
+            for j in 0..cols {
+                let kpos = start + j;
+                let hidden = kpos > qpos || window.is_some_and(|w| qpos - kpos >= w);
+                if hidden {
+                    m[i * cols + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, (t, cols), &self.device)?)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Logits as a vector on the host, for sampling.
+    pub fn logits_vec(logits: &Tensor) -> Result<Vec<f32>> {
+        Ok(logits
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<f32>()?)
+    }
+}
+
+/// Memory a model will take, estimated from the GGUF before loading it: the tensors as stored,
+/// plus the f32 copy of the token embeddings, plus one sequence's KV cache for `max_len` tokens.
+pub fn estimate_bytes(ct: &gguf_file::Content, cfg: &Config, max_len: usize) -> u64 {
+    let tensors: u64 = ct
+        .tensor_infos
+        .values()
+        .map(|ti| {
+            let n = ti.shape.elem_count();
+            (n / ti.ggml_dtype.block_size() * ti.ggml_dtype.type_size()) as u64
+        })
+        .sum();
+    let embed_f32 = ct
+        .tensor_infos
+        .get("token_embd.weight")
+        .map(|ti| ti.shape.elem_count() as u64 * 4)
+        .unwrap_or(0);
+    tensors + embed_f32 + cfg.kv_bytes_per_token() * max_len as u64
+}

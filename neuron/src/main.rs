@@ -1,0 +1,117 @@
+//! `neuron`: flags and wiring only; see the library for the parts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use cortex_core::neuron::DeviceKind;
+use neuron::api::{self, AppState};
+use neuron::metrics::Metrics;
+use neuron::registry::{Registry, Settings};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "neuron",
+    version,
+    about = "cortex neuron: local LLM inference behind an OpenAI API"
+)]
+struct Args {
+    /// Address to serve the API on.
+    #[arg(long, env = "CORTEX_LISTEN", default_value = "0.0.0.0:13131")]
+    listen: SocketAddr,
+    /// Bearer token every call but health and metrics must carry.
+    #[arg(long, env = "CORTEX_NEURON_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Where models run when a load request does not say.
+    #[arg(long, env = "CORTEX_DEVICE", value_enum, default_value = "auto")]
+    device: Device,
+    /// The only directories a file:// source may point into (comma-separated).
+    #[arg(
+        long,
+        env = "CORTEX_MODEL_DIRS",
+        value_delimiter = ',',
+        default_value = "/var/lib/cortex/models"
+    )]
+    model_dirs: Vec<PathBuf>,
+    /// Requests that may wait per model; more get 429 with Retry-After.
+    #[arg(long, env = "CORTEX_MAX_QUEUE", default_value_t = 64)]
+    max_queue: usize,
+    /// Most memory all models together may take, in bytes (default: whatever the device has free).
+    #[arg(long, env = "CORTEX_MAX_MEMORY")]
+    max_memory: Option<u64>,
+    /// Context length served when a load request names none (capped by the model's).
+    #[arg(long, env = "CORTEX_DEFAULT_CONTEXT", default_value_t = 8192)]
+    default_context: usize,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "CORTEX_MAX_BODY_BYTES", default_value_t = 4 << 20)]
+    max_body_bytes: usize,
+    /// Name reported in /status (default: the host name).
+    #[arg(long, env = "CORTEX_NODE_NAME")]
+    node_name: Option<String>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Device {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = std::env::var("CORTEX_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_tracing();
+    let args = Args::parse();
+    let node = args.node_name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into())
+    });
+    let metrics = Arc::new(Metrics::new());
+    let registry = Registry::new(
+        Settings {
+            model_dirs: args.model_dirs.clone(),
+            device: match args.device {
+                Device::Auto => DeviceKind::Auto,
+                Device::Cpu => DeviceKind::Cpu,
+                Device::Cuda => DeviceKind::Cuda,
+            },
+            max_queue: args.max_queue,
+            max_memory: args.max_memory,
+            default_context: args.default_context,
+        },
+        metrics.clone(),
+    );
+    let app = api::router(Arc::new(AppState {
+        registry,
+        metrics,
+        token: args.token.clone(),
+        max_body: args.max_body_bytes,
+        node,
+    }));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, model_dirs = ?args.model_dirs, "neuron serving");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
