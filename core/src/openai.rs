@@ -56,6 +56,9 @@ pub struct SamplingFields {
     pub stream: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_options: Option<StreamOptions>,
+    /// vLLM's extension: keep generating past end-of-sequence tokens (benchmarks use it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_eos: Option<bool>,
 }
 
 /// `POST /v1/chat/completions`

@@ -233,13 +233,11 @@ impl Registry {
     /// the same model was already loaded or loading: loading twice is harmless).
     pub async fn load(self: &Arc<Self>, req: LoadRequest) -> Result<(Arc<Entry>, bool)> {
         valid_id(&req.id)?;
-        if let Some(ctx) = req.context_length {
-            if ctx < 16 {
-                return Err(Error::invalid(
-                    "contextLength",
-                    format!("contextLength {ctx} is too small; use at least 16"),
-                ));
-            }
+        if let Some(ctx) = req.context_length.filter(|c| *c < 16) {
+            return Err(Error::invalid(
+                "contextLength",
+                format!("contextLength {ctx} is too small; use at least 16"),
+            ));
         }
         if let Some(existing) = self.get(&req.id) {
             let state = existing.state();
@@ -300,10 +298,11 @@ impl Registry {
         {
             let mut models = self.models.lock().expect("models lock");
             // Another request may have raced us here; the first one wins.
-            if let Some(e) = models.get(&req.id) {
-                if e.state() != ModelState::Failed {
-                    return Ok((e.clone(), false));
-                }
+            if let Some(e) = models
+                .get(&req.id)
+                .filter(|e| e.state() != ModelState::Failed)
+            {
+                return Ok((e.clone(), false));
             }
             models.insert(req.id.clone(), entry.clone());
         }

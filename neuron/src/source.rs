@@ -8,6 +8,7 @@
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use hf_hub::api::tokio::{Api, ApiBuilder, Progress};
 use hf_hub::{Cache, Repo, RepoType};
@@ -200,19 +201,20 @@ pub fn base_repo(repo: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Reports download progress (0..1) to the model's state.
+/// Reports download progress (0..1) to the model's state. hf-hub clones the reporter for each
+/// chunk it fetches, so the counts are shared between the clones.
 #[derive(Clone)]
 pub struct DownloadProgress {
-    total: usize,
-    done: usize,
+    total: Arc<AtomicUsize>,
+    done: Arc<AtomicUsize>,
     report: Arc<dyn Fn(f32) + Send + Sync>,
 }
 
 impl DownloadProgress {
     pub fn new(report: Arc<dyn Fn(f32) + Send + Sync>) -> Self {
         DownloadProgress {
-            total: 0,
-            done: 0,
+            total: Arc::default(),
+            done: Arc::default(),
             report,
         }
     }
@@ -220,13 +222,15 @@ impl DownloadProgress {
 
 impl Progress for DownloadProgress {
     async fn init(&mut self, size: usize, _filename: &str) {
-        self.total = size;
+        self.total.store(size, Ordering::Relaxed);
+        self.done.store(0, Ordering::Relaxed);
         (self.report)(0.0);
     }
     async fn update(&mut self, size: usize) {
-        self.done += size;
-        if self.total > 0 {
-            (self.report)((self.done as f32 / self.total as f32).min(1.0));
+        let done = self.done.fetch_add(size, Ordering::Relaxed) + size;
+        let total = self.total.load(Ordering::Relaxed);
+        if total > 0 {
+            (self.report)((done as f32 / total as f32).min(1.0));
         }
     }
     async fn finish(&mut self) {

@@ -264,10 +264,8 @@ impl TextTokenizer {
             .encode_fast(text, false)
             .map_err(|e| Error::Internal(format!("tokenizing: {e}")))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
-        if add_bos {
-            if let Some((bos, _)) = &self.bos {
-                ids.push(*bos);
-            }
+        if let Some((bos, _)) = self.bos.as_ref().filter(|_| add_bos) {
+            ids.push(*bos);
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)

@@ -60,6 +60,7 @@ struct Params {
     sampling: SamplingParams,
     max_tokens: Option<usize>,
     stop: Vec<String>,
+    ignore_eos: bool,
     stream: bool,
     include_usage: bool,
 }
@@ -75,13 +76,11 @@ fn range(param: &'static str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option
 }
 
 fn validate(s: &SamplingFields) -> Result<Params> {
-    if let Some(n) = s.n {
-        if n != 1 {
-            return Err(Error::invalid(
-                "n",
-                format!("n must be 1 (one choice per request), got {n}"),
-            ));
-        }
+    if let Some(n) = s.n.filter(|n| *n != 1) {
+        return Err(Error::invalid(
+            "n",
+            format!("n must be 1 (one choice per request), got {n}"),
+        ));
     }
     let max_tokens = match (s.max_completion_tokens, s.max_tokens) {
         (Some(v), _) => Some(("max_completion_tokens", v)),
@@ -136,6 +135,7 @@ fn validate(s: &SamplingFields) -> Result<Params> {
         },
         max_tokens,
         stop,
+        ignore_eos: s.ignore_eos.unwrap_or(false),
         stream: s.stream.unwrap_or(false),
         include_usage: s.stream_options.as_ref().is_some_and(|o| o.include_usage),
     })
@@ -237,6 +237,7 @@ fn start(
             max_tokens,
             sampling: p.sampling.clone(),
             stop: p.stop.clone(),
+            ignore_eos: p.ignore_eos,
             tx,
             arrived: Instant::now(),
         },

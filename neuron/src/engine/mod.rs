@@ -42,6 +42,8 @@ pub struct GenRequest {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// Keep going past EOS and end-of-turn tokens (until max_tokens or a stop string).
+    pub ignore_eos: bool,
     pub tx: mpsc::UnboundedSender<GenEvent>,
     pub arrived: Instant,
 }
@@ -178,7 +180,7 @@ fn generate(
         }
         last_at = now;
         metrics.generation_tokens.get_or_create(&label).inc();
-        if lm.tokenizer.stop_ids.contains(&tok) {
+        if !req.ignore_eos && lm.tokenizer.stop_ids.contains(&tok) {
             break FinishReason::Stop;
         }
         let piece = decoder.push(&lm.tokenizer, tok)?;

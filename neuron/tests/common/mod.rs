@@ -54,6 +54,11 @@ pub fn free_port() -> u16 {
 impl Neuron {
     /// Starts `neuron` with the test model directory allowed, plus `extra` flags.
     pub fn start(extra: &[&str]) -> Neuron {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// Like [`Neuron::start`], with extra environment variables.
+    pub fn start_with_env(extra: &[&str], envs: &[(&str, &str)]) -> Neuron {
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_neuron"));
@@ -62,6 +67,7 @@ impl Neuron {
             .args(["--device", "cpu"])
             .args(extra)
             .env("RUST_LOG", "warn")
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         let child = cmd.spawn().expect("starting the neuron binary");
