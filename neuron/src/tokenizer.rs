@@ -238,6 +238,13 @@ impl TextTokenizer {
         Ok(Self::finish(tk, bos, eos, add_bos, stop_ids))
     }
 
+    /// The tokenizer as `tokenizer.json`.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| Error::Internal(format!("serialising the tokenizer: {e}")))
+    }
+
     fn finish(
         inner: Tokenizer,
         bos: Option<(u32, String)>,

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,32 +21,34 @@ use serde_json::json;
 const REPO: &str = "test-org/SmolLM2-135M-Instruct-GGUF";
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
-struct Hub {
-    gguf: Vec<u8>,
-}
+/// repository → file → bytes
+type Files = HashMap<String, HashMap<String, Vec<u8>>>;
 
-async fn info(Path((org, name, _rev)): Path<(String, String, String)>) -> Response {
-    if format!("{org}/{name}") != REPO {
-        return StatusCode::NOT_FOUND.into_response();
+async fn info(
+    State(hub): State<Arc<Files>>,
+    Path((org, name, _rev)): Path<(String, String, String)>,
+) -> Response {
+    match hub.get(&format!("{org}/{name}")) {
+        Some(files) => axum::Json(json!({
+            "sha": COMMIT,
+            "siblings": files.keys().map(|f| json!({"rfilename": f})).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
     }
-    axum::Json(json!({"sha": COMMIT, "siblings": [
-        {"rfilename": "README.md"},
-        {"rfilename": "SmolLM2-135M-Instruct.Q4_1.gguf"},
-    ]}))
-    .into_response()
 }
 
-/// `resolve` with the headers and byte ranges hf-hub relies on; each range answer is slowed a
-/// little so the download is long enough to be watched.
+/// `resolve` with the headers and byte ranges hf-hub relies on; each range answer of a large file
+/// is slowed a little so the download is long enough to be watched.
 async fn resolve(
-    State(hub): State<Arc<Hub>>,
+    State(hub): State<Arc<Files>>,
     Path((org, name, _rev, file)): Path<(String, String, String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if format!("{org}/{name}") != REPO || file != "SmolLM2-135M-Instruct.Q4_1.gguf" {
+    let Some(data) = hub.get(&format!("{org}/{name}")).and_then(|f| f.get(&file)) else {
         return StatusCode::NOT_FOUND.into_response();
-    }
-    let total = hub.gguf.len();
+    };
+    let total = data.len();
     let (start, end) = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
@@ -60,38 +63,51 @@ async fn resolve(
             )
         })
         .unwrap_or((0, total - 1));
-    if end > 0 {
+    if end > 0 && total > 50_000_000 {
         tokio::time::sleep(Duration::from_millis(60)).await;
     }
     Response::builder()
         .status(StatusCode::PARTIAL_CONTENT)
         .header("x-repo-commit", COMMIT)
-        .header(header::ETAG, "\"smollm2-etag\"")
+        .header(header::ETAG, format!("\"{org}-{name}-{file}\""))
         .header(
             header::CONTENT_RANGE,
             format!("bytes {start}-{end}/{total}"),
         )
-        .body(Body::from(hub.gguf[start..=end].to_vec()))
+        .body(Body::from(data[start..=end].to_vec()))
         .unwrap()
 }
 
-async fn serve_hub() -> (String, tokio::task::JoinHandle<()>) {
-    let hub = Arc::new(Hub {
-        gguf: std::fs::read(common::model_path(SMOLLM2)).unwrap(),
-    });
+async fn serve_hub(files: Files) -> (String, tokio::task::JoinHandle<()>) {
     let app = Router::new()
         .route("/api/models/{org}/{name}/revision/{rev}", get(info))
         .route("/{org}/{name}/resolve/{rev}/{*file}", get(resolve))
-        .with_state(hub);
+        .with_state(Arc::new(files));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let task = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (url, task)
 }
 
+fn repo(files: &[(&str, Vec<u8>)]) -> HashMap<String, Vec<u8>> {
+    files
+        .iter()
+        .map(|(n, b)| (n.to_string(), b.clone()))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn repo_and_quant_download_with_progress_then_serve_offline_from_the_cache() {
-    let (hub_url, hub) = serve_hub().await;
+    let smol = std::fs::read(common::model_path(SMOLLM2)).unwrap();
+    let files: Files = [(
+        REPO.to_string(),
+        repo(&[
+            ("README.md", b"# test".to_vec()),
+            ("SmolLM2-135M-Instruct.Q4_1.gguf", smol),
+        ]),
+    )]
+    .into();
+    let (hub_url, hub) = serve_hub(files).await;
     let hf_home = tempfile::tempdir().unwrap();
     let home = hf_home.path().display().to_string();
     let n = Neuron::start_with_env(&[], &[("HF_ENDPOINT", &hub_url), ("HF_HOME", &home)]);
@@ -212,4 +228,76 @@ async fn repo_and_quant_download_with_progress_then_serve_offline_from_the_cache
             .contains("HF_HUB_OFFLINE"),
         "{body}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gguf_without_tokenizer_takes_tokenizer_json_from_the_base_repo_and_errors_name_every_repo_tried()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    common::write_tiny(&gguf, "qwen3", false);
+    let tiny = std::fs::read(&gguf).unwrap();
+    let files: Files = [
+        (
+            "test-org/tiny-GGUF".to_string(),
+            repo(&[("tiny-Q8_0.gguf", tiny.clone())]),
+        ),
+        (
+            "test-org/tiny".to_string(),
+            repo(&[(
+                "tokenizer.json",
+                common::smollm2_tokenizer_json().into_bytes(),
+            )]),
+        ),
+        (
+            "test-org/orphan-GGUF".to_string(),
+            repo(&[("orphan-Q8_0.gguf", tiny)]),
+        ),
+    ]
+    .into();
+    let (hub_url, _hub) = serve_hub(files).await;
+    let hf_home = tempfile::tempdir().unwrap();
+    let n = Neuron::start_with_env(
+        &[],
+        &[
+            ("HF_ENDPOINT", &hub_url),
+            ("HF_HOME", &hf_home.path().display().to_string()),
+        ],
+    );
+    let c = n.client();
+    let (s, body) = c
+        .post(
+            "/models/load?wait=true",
+            json!({"id": "tiny", "source": {"repo": "test-org/tiny-GGUF"}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let (s, body) = c
+        .post("/v1/chat/completions", json!({"model": "tiny", "max_tokens": 4,
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]}))
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        body["usage"]["prompt_tokens"], 19,
+        "the tokenizer.json tokenizes like the GGUF metadata did"
+    );
+
+    let (s, body) = c
+        .post(
+            "/models/load?wait=true",
+            json!({"id": "orphan", "source": {"repo": "test-org/orphan-GGUF"}}),
+        )
+        .await;
+    assert_eq!(s, 422, "{body}");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("tried: test-org/orphan-GGUF (") && msg.contains("; test-org/orphan ("),
+        "{msg}"
+    );
+    assert!(msg.contains("tokenizerRepo"), "{msg}");
+    // Naming a tokenizerRepo fixes it.
+    let (s, body) = c
+        .post("/models/load?wait=true", json!({"id": "orphan", "source": {"repo": "test-org/orphan-GGUF", "tokenizerRepo": "test-org/tiny"}}))
+        .await;
+    assert_eq!(s, 200, "{body}");
 }

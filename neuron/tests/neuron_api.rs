@@ -152,13 +152,7 @@ async fn streaming_gives_the_same_text_then_finish_usage_and_done() {
     let mut sreq = req.clone();
     sreq["stream"] = json!(true);
     sreq["stream_options"] = json!({"include_usage": true});
-    let res = c
-        .http
-        .post(format!("{}/v1/chat/completions", c.base))
-        .json(&sreq)
-        .send()
-        .await
-        .unwrap();
+    let res = c.send("/v1/chat/completions", &sreq).await;
     assert_eq!(res.headers()["content-type"], "text/event-stream");
     let events = sse_events(res).await;
     assert_eq!(events.last().unwrap(), "[DONE]");
@@ -188,13 +182,7 @@ async fn streaming_gives_the_same_text_then_finish_usage_and_done() {
     assert_eq!(usage, &whole["usage"]);
     // Without include_usage no chunk carries usage.
     sreq["stream_options"] = json!({"include_usage": false});
-    let res = c
-        .http
-        .post(format!("{}/v1/chat/completions", c.base))
-        .json(&sreq)
-        .send()
-        .await
-        .unwrap();
+    let res = c.send("/v1/chat/completions", &sreq).await;
     let events = sse_events(res).await;
     assert!(events.iter().all(|e| !e.contains("\"usage\"")));
 }
@@ -572,13 +560,7 @@ async fn a_client_that_disconnects_stops_its_generation() {
     c.load("smol", SMOLLM2).await;
     let req = json!({"model": "smol", "stream": true, "max_tokens": 4000, "temperature": 0.8,
         "messages": [{"role": "user", "content": "Write a very long essay about the sea."}]});
-    let res = c
-        .http
-        .post(format!("{}/v1/chat/completions", c.base))
-        .json(&req)
-        .send()
-        .await
-        .unwrap();
+    let res = c.send("/v1/chat/completions", &req).await;
     let mut stream = res.bytes_stream();
     stream.next().await.unwrap().unwrap();
     stream.next().await.unwrap().unwrap();
