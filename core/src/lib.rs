@@ -1,5 +1,6 @@
-//! Types shared by every part of cortex: the neuron's lifecycle API ([`neuron`]) and the
-//! OpenAI wire format ([`openai`]). `core` does no I/O and depends on no other cortex crate.
+//! Types shared by every part of cortex: the neuron's lifecycle API ([`neuron`]), the OpenAI
+//! wire format ([`openai`]), what a placement asks for ([`placement`]) and the placement planner
+//! ([`planner`]). `core` does no I/O and depends on no other cortex crate.
 //!
 //! ```
 //! use cortex_core::neuron::{LoadRequest, ModelSource};
@@ -11,3 +12,5 @@
 
 pub mod neuron;
 pub mod openai;
+pub mod placement;
+pub mod planner;

@@ -275,6 +275,12 @@ pub struct ErrorDetail {
     pub kind: String,
     pub param: Option<String>,
     pub code: Option<String>,
+    /// cortex extension on `insufficient_memory`: bytes the model needs and bytes free, so a
+    /// planner can make room without parsing the message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub needed_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_bytes: Option<u64>,
 }
 
 #[cfg(test)]

@@ -143,6 +143,14 @@ impl Error {
                 kind: self.error_type().to_string(),
                 param: self.param().map(str::to_string),
                 code: self.code().map(str::to_string),
+                needed_bytes: match self {
+                    Error::InsufficientMemory { needed, .. } => Some(*needed),
+                    _ => None,
+                },
+                free_bytes: match self {
+                    Error::InsufficientMemory { free, .. } => Some(*free),
+                    _ => None,
+                },
             },
         }
     }

@@ -1,0 +1,181 @@
+//! The gateway's HTTP API: `/v1/models` (the whole catalogue), `/v1/chat/completions` and
+//! `/v1/completions` routed to the fleet, `/cortex/fleet` for `cortex status`, `/healthz`.
+//! Errors are written in OpenAI's shape in one place ([`error_response`]).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use cortex_core::neuron::ModelState;
+use serde_json::{Value, json};
+
+use crate::error::Error;
+use crate::fleet::Fleet;
+
+pub struct AppState {
+    pub fleet: Arc<Fleet>,
+    pub api_keys: Vec<String>,
+}
+
+pub fn error_response(e: Error) -> Response {
+    let mut res = (e.status(), Json(e.openai_body())).into_response();
+    if let Some(s) = e.retry_after() {
+        res.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(s));
+    }
+    res
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if !st.api_keys.is_empty() && req.uri().path() != "/healthz" {
+        let h = req.headers();
+        let given = h
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| h.get("x-api-key").and_then(|v| v.to_str().ok()));
+        let ok = given.is_some_and(|g| {
+            st.api_keys
+                .iter()
+                .any(|k| constant_time_eq(k.as_bytes(), g.as_bytes()))
+        });
+        if !ok {
+            return error_response(Error::Unauthorized);
+        }
+    }
+    next.run(req).await
+}
+
+/// Every placement, loaded or not, with where it is loaded and its state.
+async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
+    let fleet = &st.fleet;
+    let data: Vec<Value> = fleet
+        .placements
+        .iter()
+        .flat_map(|p| {
+            let mut on = Vec::new();
+            let mut state = "not_loaded";
+            for n in &fleet.neurons {
+                if !n.up.load(Ordering::Relaxed) {
+                    continue;
+                }
+                if let Some(m) = n
+                    .status
+                    .read()
+                    .expect("status lock")
+                    .as_ref()
+                    .and_then(|s| s.models.iter().find(|m| m.id == p.name).cloned())
+                {
+                    on.push(json!({"neuron": n.cfg.name, "state": m.state}));
+                    if m.state == ModelState::Ready {
+                        state = "ready";
+                    } else if state != "ready" && m.state != ModelState::Failed {
+                        state = "loading";
+                    }
+                }
+            }
+            let card = json!({
+                "object": "model", "created": 0, "owned_by": "cortex",
+                "state": state, "placement": p.name, "loaded_on": on,
+                "pinned": p.spec.pinned, "min_replicas": p.spec.min_copies(),
+            });
+            std::iter::once(p.served_name().to_string())
+                .chain(p.spec.aliases.iter().cloned())
+                .map(move |id| {
+                    let mut c = card.clone();
+                    c["id"] = json!(id);
+                    c
+                })
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// Parses the body enough to route it; the neuron validates the rest and answers in OpenAI's shape.
+fn route(st: &AppState, body: &Bytes) -> Result<(crate::config::Placement, Value, bool), Error> {
+    let mut v: Value = serde_json::from_slice(body).map_err(|e| Error::InvalidRequest {
+        message: format!("request body is not valid JSON: {e}"),
+        param: None,
+    })?;
+    let model = v
+        .get("model")
+        .and_then(Value::as_str)
+        .ok_or(Error::InvalidRequest {
+            message: "model is required; list models with GET /v1/models".into(),
+            param: Some("model"),
+        })?;
+    let p = st
+        .fleet
+        .placement(model)
+        .ok_or_else(|| Error::ModelNotFound(model.to_string()))?
+        .clone();
+    let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    v["model"] = json!(p.name);
+    Ok((p, v, stream))
+}
+
+async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+    match route(&st, &body) {
+        Ok((p, v, stream)) => {
+            crate::proxy::forward(st.fleet.clone(), p, "/v1/chat/completions", v, stream).await
+        }
+        Err(e) => error_response(e),
+    }
+}
+
+async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+    match route(&st, &body) {
+        Ok((p, v, stream)) => {
+            crate::proxy::forward(st.fleet.clone(), p, "/v1/completions", v, stream).await
+        }
+        Err(e) => error_response(e),
+    }
+}
+
+/// The fleet as `cortex status` prints it; neuron tokens are never included.
+async fn fleet(State(st): State<Arc<AppState>>) -> Json<Value> {
+    let neurons: Vec<Value> = st
+        .fleet
+        .neurons
+        .iter()
+        .map(|n| {
+            json!({
+                "name": n.cfg.name,
+                "endpoint": n.cfg.endpoint,
+                "up": n.up.load(Ordering::Relaxed),
+                "outstanding": n.outstanding.load(Ordering::Relaxed),
+                "status": *n.status.read().expect("status lock"),
+            })
+        })
+        .collect();
+    Json(json!({"neurons": neurons}))
+}
+
+async fn not_found() -> Response {
+    error_response(Error::InvalidRequest {
+        message: "no such endpoint; see /v1/models, /v1/chat/completions, /v1/completions".into(),
+        param: None,
+    })
+}
+
+pub fn router(st: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/cortex/fleet", get(fleet))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(st.clone(), auth))
+        .with_state(st)
+}

@@ -1,0 +1,248 @@
+//! `cortex.toml` (`[gateway]`, `[eviction]`, `[[neurons]]`) and the `models.toml` of placements
+//! beside it, for static mode. Unknown keys are errors that name the key, so a typo never passes
+//! silently.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use cortex_core::placement::PlacementSpec;
+use cortex_core::planner::Strategy;
+use serde::Deserialize;
+
+use crate::error::Error;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub gateway: GatewayConfig,
+    #[serde(default)]
+    pub eviction: EvictionConfig,
+    #[serde(default)]
+    pub neurons: Vec<NeuronConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: String,
+    /// Path of the placements file; relative paths are beside `cortex.toml`.
+    #[serde(default)]
+    pub models: Option<PathBuf>,
+    /// Keys clients must send (`Authorization: Bearer` or `x-api-key`); none = open.
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    /// Longest a request waits for a cold model to load, in seconds.
+    #[serde(default = "default_load_timeout")]
+    pub load_timeout_secs: u64,
+    /// Seconds between polls of each neuron's `/status`.
+    #[serde(default = "default_poll")]
+    pub poll_interval_secs: f64,
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:31313".into()
+}
+fn default_metrics_listen() -> String {
+    "0.0.0.0:31314".into()
+}
+fn default_load_timeout() -> u64 {
+    600
+}
+fn default_poll() -> f64 {
+    2.0
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: default_listen(),
+            metrics_listen: default_metrics_listen(),
+            models: None,
+            api_keys: Vec::new(),
+            load_timeout_secs: default_load_timeout(),
+            poll_interval_secs: default_poll(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvictionConfig {
+    #[serde(default)]
+    pub strategy: Strategy,
+    #[serde(default)]
+    pub defrag_after_cycles: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NeuronConfig {
+    pub name: String,
+    pub endpoint: String,
+    /// The neuron's `--token`, sent to it and never shown to clients.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+/// One `[[placements]]` table: a name plus the ModelPlacement spec fields.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Placement {
+    pub name: String,
+    #[serde(flatten)]
+    pub spec: PlacementSpec,
+}
+
+impl Placement {
+    pub fn served_name(&self) -> &str {
+        self.spec.served_name.as_deref().unwrap_or(&self.name)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelsFile {
+    #[serde(default)]
+    placements: Vec<Placement>,
+}
+
+fn read(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))
+}
+
+/// Reads `cortex.toml` and its placements.
+pub fn load(path: &Path) -> Result<(Config, Vec<Placement>), Error> {
+    let cfg: Config = toml::from_str(&read(path)?)
+        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    if cfg.neurons.is_empty() {
+        return Err(Error::Config(format!(
+            "{}: no [[neurons]]; add one per neuron, e.g. [[neurons]] name = \"local\" endpoint = \"http://127.0.0.1:13131\"",
+            path.display()
+        )));
+    }
+    let mut names = HashSet::new();
+    for n in &cfg.neurons {
+        if !names.insert(&n.name) {
+            return Err(Error::Config(format!(
+                "{}: neuron name '{}' appears twice",
+                path.display(),
+                n.name
+            )));
+        }
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let models = match &cfg.gateway.models {
+        Some(p) if p.is_absolute() => p.clone(),
+        Some(p) => dir.join(p),
+        None => dir.join("models.toml"),
+    };
+    let placements = if models.exists() || cfg.gateway.models.is_some() {
+        let file: ModelsFile = toml::from_str(&read(&models)?)
+            .map_err(|e| Error::Config(format!("{}: {e}", models.display())))?;
+        file.placements
+    } else {
+        Vec::new()
+    };
+    let mut served = HashSet::new();
+    for p in &placements {
+        for name in
+            std::iter::once(p.served_name()).chain(p.spec.aliases.iter().map(String::as_str))
+        {
+            if !served.insert(name.to_string()) {
+                return Err(Error::Config(format!(
+                    "{}: the name '{name}' is served by two placements; served names and aliases must be unique",
+                    models.display()
+                )));
+            }
+        }
+    }
+    Ok((cfg, placements))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn the_design_example_parses() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = write(
+            d.path(),
+            "cortex.toml",
+            r#"
+[gateway]
+listen = "0.0.0.0:31313"
+metrics_listen = "0.0.0.0:31314"
+models = "models.toml"
+[eviction]
+strategy = "lru"
+defrag_after_cycles = 50
+[[neurons]]
+name = "beast"
+endpoint = "http://beast.internal:13131"
+"#,
+        );
+        write(
+            d.path(),
+            "models.toml",
+            r#"
+[[placements]]
+name = "smollm2"
+replicas = 1
+pinned = true
+model = { uri = "file:///var/lib/cortex/models/SmolLM2-135M-Instruct.Q4_1.gguf" }
+
+[[placements]]
+name = "qwen3-0.6b"
+minReplicas = 0
+model = { repo = "unsloth/Qwen3-0.6B-GGUF", quant = "Q4_K_M" }
+"#,
+        );
+        let (c, p) = load(&cfg).unwrap();
+        assert_eq!(c.neurons[0].name, "beast");
+        assert_eq!(c.eviction.strategy, Strategy::Lru);
+        assert_eq!(p.len(), 2);
+        assert!(p[0].spec.pinned);
+        assert_eq!(p[0].spec.min_copies(), 1);
+        assert_eq!(p[1].spec.min_copies(), 0);
+    }
+
+    #[test]
+    fn a_typo_is_an_error_naming_the_key() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = write(
+            d.path(),
+            "cortex.toml",
+            "[gateway]\nlisten_addr = \"x\"\n[[neurons]]\nname = \"a\"\nendpoint = \"http://a\"\n",
+        );
+        let e = load(&cfg).unwrap_err().to_string();
+        assert!(e.contains("listen_addr"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_served_names_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = write(
+            d.path(),
+            "cortex.toml",
+            "[[neurons]]\nname = \"a\"\nendpoint = \"http://a\"\n",
+        );
+        write(
+            d.path(),
+            "models.toml",
+            "[[placements]]\nname = \"x\"\nmodel = { uri = \"file:///a.gguf\" }\n[[placements]]\nname = \"y\"\naliases = [\"x\"]\nmodel = { uri = \"file:///b.gguf\" }\n",
+        );
+        let e = load(&cfg).unwrap_err().to_string();
+        assert!(e.contains("'x' is served by two placements"), "{e}");
+    }
+}

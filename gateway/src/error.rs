@@ -1,0 +1,80 @@
+//! The gateway's one error type; each error knows its HTTP status and `error_type()`, and is
+//! written in the caller's dialect by `api`.
+
+use axum::http::StatusCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(String),
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
+    #[error("model '{0}' is not served by this gateway; list models with GET /v1/models")]
+    ModelNotFound(String),
+    #[error("model '{model}' could not be loaded in {secs} s; retry later")]
+    LoadTimeout { model: String, secs: u64 },
+    #[error("{0}")]
+    NoCapacity(String),
+    #[error("{0}")]
+    Upstream(String),
+    #[error("missing or wrong API key; send 'Authorization: Bearer <key>' or 'x-api-key: <key>'")]
+    Unauthorized,
+}
+
+impl Error {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::Config(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            Error::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            Error::LoadTimeout { .. } | Error::NoCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Error::Unauthorized => StatusCode::UNAUTHORIZED,
+        }
+    }
+
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Error::Config(_) => "server_error",
+            Error::InvalidRequest { .. } | Error::ModelNotFound(_) => "invalid_request_error",
+            Error::LoadTimeout { .. } | Error::NoCapacity(_) => "service_unavailable",
+            Error::Upstream(_) => "upstream_error",
+            Error::Unauthorized => "authentication_error",
+        }
+    }
+
+    pub fn code(&self) -> Option<&'static str> {
+        match self {
+            Error::ModelNotFound(_) => Some("model_not_found"),
+            Error::Unauthorized => Some("invalid_api_key"),
+            _ => None,
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Error::LoadTimeout { .. } | Error::NoCapacity(_) => Some(10),
+            _ => None,
+        }
+    }
+
+    pub fn openai_body(&self) -> cortex_core::openai::ErrorBody {
+        cortex_core::openai::ErrorBody {
+            error: cortex_core::openai::ErrorDetail {
+                message: self.to_string(),
+                kind: self.error_type().into(),
+                param: match self {
+                    Error::InvalidRequest { param, .. } => param.map(str::to_string),
+                    Error::ModelNotFound(_) => Some("model".into()),
+                    _ => None,
+                },
+                code: self.code().map(str::to_string),
+                needed_bytes: None,
+                free_bytes: None,
+            },
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! The fleet as the gateway sees it: each neuron's last `/status`, whether it answers, the
+//! requests the gateway has outstanding on it; and loading a placement where the planner says,
+//! evicting first when it must. Concurrent requests for the same cold model share one load.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use cortex_core::neuron::{ModelState, NeuronStatus};
+use cortex_core::openai::ErrorBody;
+use cortex_core::planner::{self, LoadAsk, ModelView, NeuronView, Plan, Strategy};
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use serde_json::json;
+
+use crate::config::{NeuronConfig, Placement};
+use crate::error::Error;
+
+pub struct Neuron {
+    pub cfg: NeuronConfig,
+    pub status: RwLock<Option<NeuronStatus>>,
+    pub up: AtomicBool,
+    /// Requests the gateway is proxying to this neuron now.
+    pub outstanding: AtomicU32,
+}
+
+impl Neuron {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.cfg.endpoint.trim_end_matches('/'))
+    }
+
+    /// A request to the neuron, with its token when it has one.
+    pub fn request(
+        &self,
+        http: &reqwest::Client,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        let rb = http.request(method, self.url(path));
+        match &self.cfg.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    pub fn mark_down(&self, why: &str) {
+        if self.up.swap(false, Ordering::Relaxed) {
+            tracing::warn!(neuron = %self.cfg.name, reason = why, "neuron marked down");
+        }
+    }
+
+    fn holds_ready(&self, id: &str) -> bool {
+        self.status
+            .read()
+            .expect("status lock")
+            .as_ref()
+            .is_some_and(|s| {
+                s.models
+                    .iter()
+                    .any(|m| m.id == id && m.state == ModelState::Ready)
+            })
+    }
+}
+
+/// Decrements a neuron's outstanding count when the proxied response is done.
+pub struct Outstanding(pub Arc<Neuron>);
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+type LoadFuture = Shared<BoxFuture<'static, Result<(), String>>>;
+
+pub struct Fleet {
+    pub neurons: Vec<Arc<Neuron>>,
+    pub placements: Vec<Placement>,
+    names: HashMap<String, usize>,
+    pub strategy: Strategy,
+    pub http: reqwest::Client,
+    pub load_timeout: Duration,
+    loads: Mutex<HashMap<String, LoadFuture>>,
+}
+
+impl Fleet {
+    pub fn new(
+        neurons: Vec<NeuronConfig>,
+        placements: Vec<Placement>,
+        strategy: Strategy,
+        load_timeout: Duration,
+    ) -> Arc<Self> {
+        let mut names = HashMap::new();
+        for (i, p) in placements.iter().enumerate() {
+            names.insert(p.served_name().to_string(), i);
+            for a in &p.spec.aliases {
+                names.insert(a.clone(), i);
+            }
+        }
+        Arc::new(Fleet {
+            neurons: neurons
+                .into_iter()
+                .map(|cfg| {
+                    Arc::new(Neuron {
+                        cfg,
+                        status: RwLock::new(None),
+                        up: AtomicBool::new(false),
+                        outstanding: AtomicU32::new(0),
+                    })
+                })
+                .collect(),
+            placements,
+            names,
+            strategy,
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .build()
+                .expect("building the HTTP client"),
+            load_timeout,
+            loads: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The placement serving a name or alias.
+    pub fn placement(&self, name: &str) -> Option<&Placement> {
+        self.names.get(name).map(|&i| &self.placements[i])
+    }
+
+    /// Asks every neuron for its status; those that do not answer are marked down.
+    pub async fn poll(&self) {
+        let polls = self.neurons.iter().map(|n| async move {
+            let res = n
+                .request(&self.http, reqwest::Method::GET, "/status")
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await;
+            match res {
+                Ok(r) if r.status().is_success() => match r.json::<NeuronStatus>().await {
+                    Ok(s) => {
+                        *n.status.write().expect("status lock") = Some(s);
+                        if !n.up.swap(true, Ordering::Relaxed) {
+                            tracing::info!(neuron = %n.cfg.name, "neuron up");
+                        }
+                    }
+                    Err(e) => n.mark_down(&format!("unreadable /status: {e}")),
+                },
+                Ok(r) => n.mark_down(&format!("/status answered {}", r.status())),
+                Err(e) => n.mark_down(&e.to_string()),
+            }
+        });
+        futures::future::join_all(polls).await;
+    }
+
+    pub fn spawn_poller(self: &Arc<Self>, every: Duration) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                me.poll().await;
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+
+    /// The up neuron holding the placement ready with the fewest outstanding requests, leaving
+    /// out the neurons named in `skip` (they just failed this request).
+    pub fn pick(&self, p: &Placement, skip: &[String]) -> Option<Arc<Neuron>> {
+        self.neurons
+            .iter()
+            .filter(|n| {
+                n.up.load(Ordering::Relaxed)
+                    && n.holds_ready(&p.name)
+                    && !skip.contains(&n.cfg.name)
+            })
+            .min_by_key(|n| n.outstanding.load(Ordering::Relaxed))
+            .cloned()
+    }
+
+    pub fn ready_replicas(&self, p: &Placement) -> usize {
+        self.neurons
+            .iter()
+            .filter(|n| n.up.load(Ordering::Relaxed) && n.holds_ready(&p.name))
+            .count()
+    }
+
+    /// Loads one more copy of the placement; concurrent calls for the same placement share it.
+    pub async fn load_copy(self: &Arc<Self>, p: &Placement) -> Result<(), Error> {
+        let fut = {
+            let mut loads = self.loads.lock().expect("loads lock");
+            loads
+                .entry(p.name.clone())
+                .or_insert_with(|| {
+                    let me = self.clone();
+                    let p = p.clone();
+                    async move {
+                        let r = me.load_somewhere(&p).await;
+                        me.loads.lock().expect("loads lock").remove(&p.name);
+                        r
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        match tokio::time::timeout(self.load_timeout, fut).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::NoCapacity(e)),
+            Err(_) => Err(Error::LoadTimeout {
+                model: p.served_name().to_string(),
+                secs: self.load_timeout.as_secs(),
+            }),
+        }
+    }
+
+    fn views(&self) -> Vec<NeuronView> {
+        self.neurons
+            .iter()
+            .map(|n| {
+                let st = n.status.read().expect("status lock");
+                let (free, models) = match st.as_ref() {
+                    Some(s) => (
+                        s.devices.iter().map(|d| d.memory_free).max().unwrap_or(0),
+                        s.models
+                            .iter()
+                            // A failed load holds nothing and must not block a retry.
+                            .filter(|m| m.state != ModelState::Failed)
+                            .map(|m| {
+                                let p = self.placements.iter().find(|p| p.name == m.id);
+                                ModelView {
+                                    id: m.id.clone(),
+                                    bytes: m.bytes,
+                                    last_used: m.last_used_at.or(m.loaded_at).unwrap_or(0),
+                                    inflight: m.inflight + m.queued,
+                                    pinned: p.is_some_and(|p| p.spec.pinned),
+                                    priority: p.map(|p| p.spec.priority).unwrap_or(0),
+                                }
+                            })
+                            .collect(),
+                    ),
+                    None => (0, Vec::new()),
+                };
+                NeuronView {
+                    name: n.cfg.name.clone(),
+                    ready: n.up.load(Ordering::Relaxed),
+                    free,
+                    models,
+                }
+            })
+            .collect()
+    }
+
+    fn neuron(&self, name: &str) -> Option<&Arc<Neuron>> {
+        self.neurons.iter().find(|n| n.cfg.name == name)
+    }
+
+    /// Plans, evicts and loads until the placement has one more ready copy, or says why not.
+    async fn load_somewhere(&self, p: &Placement) -> Result<(), String> {
+        let mut bytes = None;
+        let mut exclude = Vec::new();
+        let mut last_error = String::new();
+        for _ in 0..4 {
+            self.poll().await;
+            let ask = LoadAsk {
+                model: p.name.clone(),
+                bytes,
+                priority: p.spec.priority,
+                exclude: exclude.clone(),
+            };
+            let (target, evict) = match planner::plan_load(&self.views(), &ask, self.strategy) {
+                Plan::Load { neuron } => (neuron, vec![]),
+                Plan::EvictThenLoad { neuron, evict } => (neuron, evict),
+                Plan::NoRoom { reason } if last_error.is_empty() => return Err(reason),
+                Plan::NoRoom { reason } => {
+                    return Err(format!("{reason}; last attempt: {last_error}"));
+                }
+            };
+            let n = self.neuron(&target).expect("planned neuron exists").clone();
+            for victim in &evict {
+                tracing::info!(neuron = %target, evicted = %victim, for_model = %p.name, "evicting to make room");
+                let _ = n
+                    .request(&self.http, reqwest::Method::POST, "/models/unload")
+                    .json(&json!({"id": victim}))
+                    .send()
+                    .await;
+            }
+            let body = json!({
+                "id": p.name,
+                "source": p.spec.model,
+                "contextLength": p.spec.context_length,
+                "device": p.spec.device,
+            });
+            let res = n
+                .request(
+                    &self.http,
+                    reqwest::Method::POST,
+                    &format!(
+                        "/models/load?wait=true&timeout={}",
+                        self.load_timeout.as_secs()
+                    ),
+                )
+                .json(&body)
+                .send()
+                .await;
+            match res {
+                Ok(r) if r.status().is_success() => {
+                    self.poll().await;
+                    if n.holds_ready(&p.name) {
+                        tracing::info!(neuron = %target, model = %p.name, "model loaded");
+                        return Ok(());
+                    }
+                    last_error = format!("{target} accepted '{}' but it is not ready", p.name);
+                }
+                Ok(r) => {
+                    let status = r.status();
+                    let err: Option<ErrorBody> = r.json().await.ok();
+                    let message = err
+                        .as_ref()
+                        .map(|e| e.error.message.clone())
+                        .unwrap_or_default();
+                    last_error = format!("{target} answered {status}: {message}");
+                    match err.as_ref().and_then(|e| e.error.needed_bytes) {
+                        Some(needed) if status == reqwest::StatusCode::CONFLICT => {
+                            bytes = Some(needed)
+                        }
+                        // A model that fails to load fails everywhere: say why at once.
+                        _ => return Err(last_error),
+                    }
+                    if !evict.is_empty() {
+                        exclude.push(target);
+                    }
+                }
+                Err(e) => {
+                    n.mark_down(&e.to_string());
+                    last_error = format!("{target} unreachable: {e}");
+                    exclude.push(target);
+                }
+            }
+        }
+        Err(last_error)
+    }
+
+    /// Loads the copies each placement keeps (`minReplicas`, else `replicas`) on distinct neurons.
+    pub async fn load_initial(self: &Arc<Self>) {
+        for p in &self.placements {
+            let want = p.spec.min_copies() as usize;
+            while self.ready_replicas(p) < want {
+                if let Err(e) = self.load_copy(p).await {
+                    tracing::warn!(model = %p.name, error = %e, "could not load at start");
+                    break;
+                }
+            }
+        }
+    }
+}

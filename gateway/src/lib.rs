@@ -1,0 +1,22 @@
+//! cortex gateway: one OpenAI-compatible endpoint for a fleet of neurons. In static mode
+//! (`cortex serve --config cortex.toml`) it polls the neurons listed in the config, loads the
+//! placements of `models.toml` where the planner says, and routes each request to a ready replica.
+//!
+//! ```no_run
+//! # async fn run() -> anyhow::Result<()> {
+//! use std::sync::Arc;
+//! let (cfg, placements) = cortex_gateway::config::load("cortex.toml".as_ref())?;
+//! let fleet = cortex_gateway::fleet::Fleet::new(cfg.neurons, placements, cfg.eviction.strategy,
+//!     std::time::Duration::from_secs(cfg.gateway.load_timeout_secs));
+//! let app = cortex_gateway::api::router(Arc::new(cortex_gateway::api::AppState {
+//!     fleet, api_keys: cfg.gateway.api_keys }));
+//! axum::serve(tokio::net::TcpListener::bind("127.0.0.1:31313").await?, app).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod fleet;
+pub mod proxy;

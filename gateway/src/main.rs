@@ -1,0 +1,101 @@
+//! `cortex`: flags and wiring only; see the library for the parts.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use cortex_gateway::{api, cli, config, fleet::Fleet};
+
+#[derive(Parser)]
+#[command(
+    name = "cortex",
+    version,
+    about = "cortex: one OpenAI-compatible endpoint for a fleet of neurons"
+)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the fleet described by a cortex.toml (static mode).
+    Serve {
+        #[arg(long, env = "CORTEX_CONFIG", default_value = "cortex.toml")]
+        config: PathBuf,
+        /// Overrides [gateway] listen.
+        #[arg(long, env = "CORTEX_LISTEN")]
+        listen: Option<String>,
+    },
+    /// Print the fleet: neurons, devices, free memory, models and their states.
+    Status {
+        #[arg(long, env = "CORTEX_GATEWAY", default_value = "http://127.0.0.1:31313")]
+        gateway: String,
+        #[arg(long, env = "CORTEX_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
+    /// Print the catalogue of models.
+    Models {
+        #[arg(long, env = "CORTEX_GATEWAY", default_value = "http://127.0.0.1:31313")]
+        gateway: String,
+        #[arg(long, env = "CORTEX_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("CORTEX_LOG_FORMAT").is_ok_and(|v| v == "json") {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_tracing();
+    match Args::parse().cmd {
+        Cmd::Serve { config, listen } => {
+            let (cfg, placements) = config::load(&config)?;
+            let listen = listen.unwrap_or(cfg.gateway.listen.clone());
+            let fleet = Fleet::new(
+                cfg.neurons,
+                placements,
+                cfg.eviction.strategy,
+                Duration::from_secs(cfg.gateway.load_timeout_secs),
+            );
+            fleet.spawn_poller(Duration::from_secs_f64(
+                cfg.gateway.poll_interval_secs.max(0.1),
+            ));
+            let f = fleet.clone();
+            tokio::spawn(async move { f.load_initial().await });
+            let app = api::router(Arc::new(api::AppState {
+                fleet,
+                api_keys: cfg.gateway.api_keys,
+            }));
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            tracing::info!(listen = %listener.local_addr()?, "gateway serving");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await?;
+        }
+        Cmd::Status { gateway, api_key } => {
+            print!("{}", cli::status(&gateway, api_key.as_deref()).await?)
+        }
+        Cmd::Models { gateway, api_key } => {
+            print!("{}", cli::models(&gateway, api_key.as_deref()).await?)
+        }
+    }
+    Ok(())
+}

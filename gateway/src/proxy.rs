@@ -1,0 +1,169 @@
+//! Forwarding a request to a neuron holding the model: least outstanding requests first; a
+//! neuron that fails before the first byte is marked down and the request goes to another replica
+//! (or a fresh copy is loaded). A streaming caller of a cold model gets SSE keep-alive comments
+//! while the model loads, so client timeouts do not fire during the load.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use serde_json::Value;
+
+use crate::config::Placement;
+use crate::error::Error;
+use crate::fleet::{Fleet, Outstanding};
+
+/// How often a waiting stream gets a keep-alive comment.
+const KEEPALIVE: Duration = Duration::from_secs(5);
+
+pub async fn forward(
+    fleet: Arc<Fleet>,
+    p: Placement,
+    path: &'static str,
+    body: Value,
+    stream: bool,
+) -> Response {
+    if stream && fleet.pick(&p, &[]).is_none() {
+        return stream_while_loading(fleet, p, path, body);
+    }
+    match send(&fleet, &p, path, &body).await {
+        Ok(r) => r,
+        Err(e) => crate::api::error_response(e),
+    }
+}
+
+async fn send(
+    fleet: &Arc<Fleet>,
+    p: &Placement,
+    path: &str,
+    body: &Value,
+) -> Result<Response, Error> {
+    let mut skip: Vec<String> = Vec::new();
+    let mut last = String::new();
+    for _ in 0..3 {
+        let n = match fleet.pick(p, &skip) {
+            Some(n) => n,
+            None => {
+                fleet.load_copy(p).await?;
+                fleet.pick(p, &skip).ok_or_else(|| {
+                    Error::NoCapacity(format!(
+                        "'{}' loaded but no replica is ready",
+                        p.served_name()
+                    ))
+                })?
+            }
+        };
+        n.outstanding.fetch_add(1, Ordering::Relaxed);
+        let guard = Outstanding(n.clone());
+        let res = n
+            .request(&fleet.http, reqwest::Method::POST, path)
+            .json(body)
+            .send()
+            .await;
+        match res {
+            Err(e) => {
+                n.mark_down(&e.to_string());
+                last = format!("{}: {e}", n.cfg.name);
+                skip.push(n.cfg.name.clone());
+            }
+            // The neuron no longer has the model ready (unloaded, restarted): refresh and go on.
+            Ok(r)
+                if r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE
+                    || r.status() == reqwest::StatusCode::NOT_FOUND =>
+            {
+                last = format!("{} answered {}", n.cfg.name, r.status());
+                skip.push(n.cfg.name.clone());
+                fleet.poll().await;
+            }
+            Ok(r) => {
+                let status =
+                    StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+                let ctype = r.headers().get(reqwest::header::CONTENT_TYPE).cloned();
+                let stream = r.bytes_stream().map(move |c| {
+                    let _held = &guard;
+                    c
+                });
+                let mut resp = Response::new(Body::from_stream(stream));
+                *resp.status_mut() = status;
+                if let Some(ct) = ctype.and_then(|c| HeaderValue::from_bytes(c.as_bytes()).ok()) {
+                    resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+                }
+                return Ok(resp);
+            }
+        }
+    }
+    Err(Error::Upstream(format!(
+        "no replica of '{}' answered; last: {last}",
+        p.served_name()
+    )))
+}
+
+fn stream_while_loading(
+    fleet: Arc<Fleet>,
+    p: Placement,
+    path: &'static str,
+    body: Value,
+) -> Response {
+    let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::spawn(async move {
+        let load = fleet.load_copy(&p);
+        tokio::pin!(load);
+        let mut tick = tokio::time::interval(KEEPALIVE);
+        let loaded = loop {
+            tokio::select! {
+                r = &mut load => break r,
+                _ = tick.tick() => {
+                    if tx.send(Ok(Bytes::from_static(b": loading model\n\n"))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        };
+        let result = match loaded {
+            Ok(()) => send(&fleet, &p, path, &body).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(resp) if resp.status().is_success() => {
+                let mut s = resp.into_body().into_data_stream();
+                while let Some(chunk) = s.next().await {
+                    if tx.send(chunk.map_err(std::io::Error::other)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(resp) => {
+                let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                    .await
+                    .unwrap_or_default();
+                let _ = tx.send(Ok(sse_data(&bytes))).await;
+                let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+            }
+            Err(e) => {
+                let body = serde_json::to_vec(&e.openai_body()).unwrap_or_default();
+                let _ = tx.send(Ok(sse_data(&body))).await;
+                let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+            }
+        }
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(rx),
+    )
+        .into_response()
+}
+
+fn sse_data(json: &[u8]) -> Bytes {
+    let mut v = b"data: ".to_vec();
+    v.extend_from_slice(json);
+    v.extend_from_slice(b"\n\n");
+    Bytes::from(v)
+}
