@@ -10,6 +10,7 @@
 //! assert!(matches!(req.source, ModelSource::Uri { .. }));
 //! ```
 
+pub mod anthropic;
 pub mod neuron;
 pub mod openai;
 pub mod placement;

@@ -194,6 +194,9 @@ pub struct ChatChoice {
     pub message: ChatMessage,
     pub finish_reason: Option<FinishReason>,
     pub logprobs: Option<Value>,
+    /// vLLM's extension: the stop string that ended the answer, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -213,6 +216,9 @@ pub struct ChunkChoice {
     pub delta: Delta,
     pub finish_reason: Option<FinishReason>,
     pub logprobs: Option<Value>,
+    /// vLLM's extension: the stop string that ended the answer, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -242,6 +248,9 @@ pub struct CompletionChoice {
     pub text: String,
     pub finish_reason: Option<FinishReason>,
     pub logprobs: Option<Value>,
+    /// vLLM's extension: the stop string that ended the answer, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
 }
 
 /// `GET /v1/models`

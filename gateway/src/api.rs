@@ -32,6 +32,24 @@ pub fn error_response(e: Error) -> Response {
     res
 }
 
+/// A gateway error in Anthropic's shape, for `/v1/messages` callers.
+pub fn anthropic_error(status: axum::http::StatusCode, message: &str) -> Response {
+    (
+        status,
+        Json(crate::anthropic::error_body(status.as_u16(), message)),
+    )
+        .into_response()
+}
+
+fn anthropic_error_of(e: Error) -> Response {
+    let mut res = anthropic_error(e.status(), &e.to_string());
+    if let Some(s) = e.retry_after() {
+        res.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(s));
+    }
+    res
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -50,7 +68,11 @@ async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Resp
                 .any(|k| constant_time_eq(k.as_bytes(), g.as_bytes()))
         });
         if !ok {
-            return error_response(Error::Unauthorized);
+            return if req.uri().path().starts_with("/v1/messages") {
+                anthropic_error_of(Error::Unauthorized)
+            } else {
+                error_response(Error::Unauthorized)
+            };
         }
     }
     next.run(req).await
@@ -142,6 +164,51 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     }
 }
 
+/// `/v1/messages`: translated to the neurons' OpenAI dialect and back; errors in Anthropic's shape.
+async fn messages(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+    let req: cortex_core::anthropic::MessagesRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return anthropic_error(
+                axum::http::StatusCode::BAD_REQUEST,
+                &format!("request body is not a valid Messages request: {e}"),
+            );
+        }
+    };
+    let Some(p) = st.fleet.placement(&req.model).cloned() else {
+        return anthropic_error_of(Error::ModelNotFound(req.model.clone()));
+    };
+    let mut oa = match crate::anthropic::to_openai(&req) {
+        Ok(v) => v,
+        Err(e) => return anthropic_error_of(e),
+    };
+    oa["model"] = json!(p.name);
+    if req.stream == Some(true) {
+        return crate::anthropic::stream(st.fleet.clone(), p, oa, req.model);
+    }
+    let resp = match crate::proxy::send(&st.fleet, &p, "/v1/chat/completions", &oa).await {
+        Ok(r) => r,
+        Err(e) => return anthropic_error_of(e),
+    };
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
+        .await
+        .unwrap_or_default();
+    if !status.is_success() {
+        let msg = serde_json::from_slice::<cortex_core::openai::ErrorBody>(&bytes)
+            .map(|e| e.error.message)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+        return anthropic_error(status, &msg);
+    }
+    match serde_json::from_slice::<cortex_core::openai::ChatCompletion>(&bytes) {
+        Ok(c) => Json(crate::anthropic::from_openai(&c, &req.model)).into_response(),
+        Err(e) => anthropic_error(
+            axum::http::StatusCode::BAD_GATEWAY,
+            &format!("unreadable answer from the neuron: {e}"),
+        ),
+    }
+}
+
 /// The fleet as `cortex status` prints it; neuron tokens are never included.
 async fn fleet(State(st): State<Arc<AppState>>) -> Json<Value> {
     let neurons: Vec<Value> = st
@@ -173,6 +240,7 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/messages", post(messages))
         .route("/cortex/fleet", get(fleet))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(not_found)

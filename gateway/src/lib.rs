@@ -14,6 +14,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod anthropic;
 pub mod api;
 pub mod cli;
 pub mod config;

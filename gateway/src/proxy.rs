@@ -37,7 +37,7 @@ pub async fn forward(
     }
 }
 
-async fn send(
+pub async fn send(
     fleet: &Arc<Fleet>,
     p: &Placement,
     path: &str,
@@ -103,29 +103,62 @@ async fn send(
     )))
 }
 
+pub type Tx = futures::channel::mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+/// Waits until the placement has a ready replica, loading one if needed, and sends `keepalive`
+/// down the stream every few seconds meanwhile. `Ok(false)` when the client went away.
+pub async fn wait_ready(
+    fleet: &Arc<Fleet>,
+    p: &Placement,
+    tx: &mut Tx,
+    keepalive: &Bytes,
+) -> Result<bool, Error> {
+    if fleet.pick(p, &[]).is_some() {
+        return Ok(true);
+    }
+    let load = fleet.load_copy(p);
+    tokio::pin!(load);
+    let mut tick = tokio::time::interval(KEEPALIVE);
+    loop {
+        tokio::select! {
+            r = &mut load => return r.map(|_| true),
+            _ = tick.tick() => {
+                if tx.send(Ok(keepalive.clone())).await.is_err() {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+}
+
+/// A streamed response whose body is fed by `task` through a channel.
+pub fn channel_stream<F>(task: impl FnOnce(Tx) -> F) -> Response
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = futures::channel::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::spawn(task(tx));
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(rx),
+    )
+        .into_response()
+}
+
 fn stream_while_loading(
     fleet: Arc<Fleet>,
     p: Placement,
     path: &'static str,
     body: Value,
 ) -> Response {
-    let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
-    tokio::spawn(async move {
-        let load = fleet.load_copy(&p);
-        tokio::pin!(load);
-        let mut tick = tokio::time::interval(KEEPALIVE);
-        let loaded = loop {
-            tokio::select! {
-                r = &mut load => break r,
-                _ = tick.tick() => {
-                    if tx.send(Ok(Bytes::from_static(b": loading model\n\n"))).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        };
-        let result = match loaded {
-            Ok(()) => send(&fleet, &p, path, &body).await,
+    channel_stream(|mut tx| async move {
+        let keepalive = Bytes::from_static(b": loading model\n\n");
+        let result = match wait_ready(&fleet, &p, &mut tx, &keepalive).await {
+            Ok(false) => return,
+            Ok(true) => send(&fleet, &p, path, &body).await,
             Err(e) => Err(e),
         };
         match result {
@@ -150,15 +183,7 @@ fn stream_while_loading(
                 let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
             }
         }
-    });
-    (
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        Body::from_stream(rx),
-    )
-        .into_response()
+    })
 }
 
 fn sse_data(json: &[u8]) -> Bytes {

@@ -219,6 +219,11 @@ async fn max_tokens_stop_strings_and_seeds_behave() {
     let (_, body) = c.post("/v1/chat/completions", req).await;
     assert_eq!(content(&body), full[..cut], "stop {stop:?}");
     assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        body["choices"][0]["stop_reason"],
+        json!(stop),
+        "vLLM's stop_reason names the stop string"
+    );
     // Sampling with a seed repeats; another seed (very likely) differs.
     let sample = |seed: u64| {
         let mut r = base.clone();

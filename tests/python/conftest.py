@@ -83,3 +83,35 @@ def neuron():
         assert status == 200, body
     yield p
     p.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory):
+    """`cortex serve` in static mode in front of one real neuron: smollm2 pinned and loaded at start,
+    gemma3 loaded on first use."""
+    d = tmp_path_factory.mktemp("fleet")
+    nport, gport = free_port(), free_port()
+    neuron = Process(
+        [str(binary("neuron")), "--listen", f"127.0.0.1:{nport}", "--model-dirs", str(MODELS), "--device", "cpu"],
+        f"http://127.0.0.1:{nport}",
+    )
+    (d / "cortex.toml").write_text(
+        f'[gateway]\nlisten = "127.0.0.1:{gport}"\npoll_interval_secs = 0.2\n'
+        f'[[neurons]]\nname = "local"\nendpoint = "http://127.0.0.1:{nport}"\n'
+    )
+    (d / "models.toml").write_text(
+        f'[[placements]]\nname = "smollm2"\npinned = true\nmodel = {{ uri = "file://{model(SMOLLM2)}" }}\n'
+        f'[[placements]]\nname = "gemma3"\nminReplicas = 0\ncontextLength = 2048\nmodel = {{ uri = "file://{model(GEMMA3)}" }}\n'
+    )
+    gw = Process([str(binary("cortex")), "serve", "--config", str(d / "cortex.toml")], f"http://127.0.0.1:{gport}")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        _, body = http("GET", f"{gw.url}/v1/models")
+        if any(m["id"] == "smollm2" and m["state"] == "ready" for m in body["data"]):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"smollm2 never became ready behind the gateway: {body}")
+    yield gw
+    gw.stop()
+    neuron.stop()

@@ -250,19 +250,21 @@ fn start(
 /// Collects a whole answer.
 async fn collect(
     mut rx: mpsc::UnboundedReceiver<GenEvent>,
-) -> Result<(String, FinishReason, Usage)> {
+) -> Result<(String, FinishReason, Option<String>, Usage)> {
     let mut text = String::new();
     while let Some(ev) = rx.recv().await {
         match ev {
             GenEvent::Text(t) => text.push_str(&t),
             GenEvent::Done {
                 finish,
+                stop,
                 prompt_tokens,
                 completion_tokens,
             } => {
                 return Ok((
                     text,
                     finish,
+                    stop,
                     Usage::new(prompt_tokens as u32, completion_tokens as u32),
                 ));
             }
@@ -307,7 +309,7 @@ pub async fn chat(
     if p.stream {
         return Ok(sse(ChunkKind::Chat, id, req.model, rx, p.include_usage));
     }
-    let (text, finish, usage) = collect(rx).await?;
+    let (text, finish, stop_reason, usage) = collect(rx).await?;
     Ok(Json(ChatCompletion {
         id,
         object: "chat.completion".into(),
@@ -322,6 +324,7 @@ pub async fn chat(
             },
             finish_reason: Some(finish),
             logprobs: None,
+            stop_reason,
         }],
         usage,
     })
@@ -356,7 +359,7 @@ pub async fn completions(
     if p.stream {
         return Ok(sse(ChunkKind::Text, id, req.model, rx, p.include_usage));
     }
-    let (text, finish, usage) = collect(rx).await?;
+    let (text, finish, stop_reason, usage) = collect(rx).await?;
     Ok(Json(Completion {
         id,
         object: "text_completion".into(),
@@ -367,6 +370,7 @@ pub async fn completions(
             text,
             finish_reason: Some(finish),
             logprobs: None,
+            stop_reason,
         }],
         usage: Some(usage),
     })
@@ -395,7 +399,7 @@ impl StreamState {
         &self,
         text: Option<String>,
         role: bool,
-        finish: Option<FinishReason>,
+        finish: Option<(FinishReason, Option<String>)>,
         usage: Option<Usage>,
     ) -> Event {
         let data = match self.kind {
@@ -414,7 +418,8 @@ impl StreamState {
                             content: text,
                             tool_calls: None,
                         },
-                        finish_reason: finish,
+                        finish_reason: finish.as_ref().map(|f| f.0),
+                        stop_reason: finish.as_ref().and_then(|f| f.1.clone()),
                         logprobs: None,
                     }]
                 },
@@ -431,7 +436,8 @@ impl StreamState {
                     vec![CompletionChoice {
                         index: 0,
                         text: text.unwrap_or_default(),
-                        finish_reason: finish,
+                        finish_reason: finish.as_ref().map(|f| f.0),
+                        stop_reason: finish.as_ref().and_then(|f| f.1.clone()),
                         logprobs: None,
                     }]
                 },
@@ -481,12 +487,13 @@ fn sse(
                 }
                 Some(GenEvent::Done {
                     finish,
+                    stop,
                     prompt_tokens,
                     completion_tokens,
                 }) => {
                     let usage = Usage::new(prompt_tokens as u32, completion_tokens as u32);
                     let text = matches!(st.kind, ChunkKind::Text).then(String::new);
-                    let ev = st.chunk(text, false, Some(finish), None);
+                    let ev = st.chunk(text, false, Some((finish, stop)), None);
                     st.pending.push_back(ev);
                     if st.include_usage {
                         let ev = st.chunk(None, false, None, Some(usage));

@@ -54,6 +54,8 @@ pub enum GenEvent {
     Text(String),
     Done {
         finish: FinishReason,
+        /// The stop string that ended generation, if one did.
+        stop: Option<String>,
         prompt_tokens: usize,
         completion_tokens: usize,
     },
@@ -160,7 +162,7 @@ fn generate(
     let mut generated = 0usize;
     let mut first_at: Option<Instant> = None;
     let mut last_at = Instant::now();
-    let mut matched_stop = false;
+    let mut matched_stop: Option<String> = None;
     let finish = loop {
         let tok = sampler.sample(Model::logits_vec(&logits)?)?;
         generated += 1;
@@ -189,7 +191,7 @@ fn generate(
             return Ok(());
         }
         if hit.is_some() {
-            matched_stop = true;
+            matched_stop = hit;
             break FinishReason::Stop;
         }
         if generated >= req.max_tokens || cache.len() >= cache.capacity() {
@@ -207,11 +209,12 @@ fn generate(
     };
     // Text held back as a possible stop string was not one after all.
     let rest = stops.flush();
-    if !matched_stop && !rest.is_empty() {
+    if matched_stop.is_none() && !rest.is_empty() {
         let _ = req.tx.send(GenEvent::Text(rest));
     }
     let _ = req.tx.send(GenEvent::Done {
         finish,
+        stop: matched_stop,
         prompt_tokens: req.prompt.len(),
         completion_tokens: generated,
     });

@@ -1,0 +1,467 @@
+//! Anthropic Messages ⇄ OpenAI chat completions. Requests are translated to the neurons' OpenAI
+//! dialect; answers, stream events and errors are translated back.
+//!
+//! Failures seen in other gateways that this translation must not repeat (each has a test):
+//! tool arguments dropped or sent as empty `input_json_delta`, `stop_sequences` ignored or the
+//! matched sequence not reported, a length stop reported as `end_turn`, usage reported as zero,
+//! text sent as an empty delta.
+
+use cortex_core::anthropic::{
+    Block, Content, ErrorResponse, MessagesRequest, MessagesResponse, ToolChoice, Usage,
+};
+use cortex_core::openai::{ChatCompletion, ChatCompletionChunk, FinishReason};
+use serde_json::{Value, json};
+
+use crate::error::Error;
+
+fn invalid(message: String) -> Error {
+    Error::InvalidRequest {
+        message,
+        param: None,
+    }
+}
+
+fn text_of(content: &Content, what: &str) -> Result<String, Error> {
+    match content {
+        Content::Text(t) => Ok(t.clone()),
+        Content::Blocks(blocks) => blocks
+            .iter()
+            .map(|b| match b {
+                Block::Text { text } => Ok(text.clone()),
+                other => Err(invalid(format!(
+                    "{what} may hold only text blocks; found {}",
+                    block_type(other)
+                ))),
+            })
+            .collect(),
+    }
+}
+
+fn block_type(b: &Block) -> String {
+    match b {
+        Block::Text { .. } => "text".into(),
+        Block::ToolUse { .. } => "tool_use".into(),
+        Block::ToolResult { .. } => "tool_result".into(),
+        Block::Other(v) => v
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_string(),
+    }
+}
+
+/// The OpenAI chat request for an Anthropic one (with `model` left as the caller sent it).
+pub fn to_openai(req: &MessagesRequest) -> Result<Value, Error> {
+    if req.max_tokens < 1 {
+        return Err(Error::InvalidRequest {
+            message: format!("max_tokens must be at least 1, got {}", req.max_tokens),
+            param: Some("max_tokens"),
+        });
+    }
+    let mut messages = Vec::new();
+    if let Some(system) = &req.system {
+        messages.push(json!({"role": "system", "content": text_of(system, "system")?}));
+    }
+    for (i, m) in req.messages.iter().enumerate() {
+        match (m.role.as_str(), &m.content) {
+            ("user" | "assistant", Content::Text(t)) => {
+                messages.push(json!({"role": m.role, "content": t}))
+            }
+            ("user", Content::Blocks(blocks)) => {
+                let mut text = String::new();
+                for b in blocks {
+                    match b {
+                        Block::Text { text: t } => text.push_str(t),
+                        Block::ToolResult {
+                            tool_use_id,
+                            content,
+                            is_error,
+                        } => {
+                            let mut body = match content {
+                                Some(c) => text_of(c, "tool_result content")?,
+                                None => String::new(),
+                            };
+                            if *is_error == Some(true) {
+                                body = format!("Error: {body}");
+                            }
+                            messages.push(json!({"role": "tool", "tool_call_id": tool_use_id, "content": body}));
+                        }
+                        other => {
+                            return Err(invalid(format!(
+                                "messages[{i}] has a {} block; cortex models take text, tool_use and tool_result blocks",
+                                block_type(other)
+                            )));
+                        }
+                    }
+                }
+                if !text.is_empty() {
+                    messages.push(json!({"role": "user", "content": text}));
+                }
+            }
+            ("assistant", Content::Blocks(blocks)) => {
+                let mut text = String::new();
+                let mut calls = Vec::new();
+                for b in blocks {
+                    match b {
+                        Block::Text { text: t } => text.push_str(t),
+                        Block::ToolUse { id, name, input } => calls.push(json!({
+                            "id": id, "type": "function",
+                            "function": {"name": name, "arguments": input.to_string()},
+                        })),
+                        other => {
+                            return Err(invalid(format!(
+                                "messages[{i}] (assistant) has a {} block",
+                                block_type(other)
+                            )));
+                        }
+                    }
+                }
+                let mut msg = json!({"role": "assistant", "content": text});
+                if !calls.is_empty() {
+                    msg["tool_calls"] = json!(calls);
+                }
+                messages.push(msg);
+            }
+            (role, _) => {
+                return Err(invalid(format!(
+                    "messages[{i}].role '{role}' must be user or assistant"
+                )));
+            }
+        }
+    }
+    let mut out = json!({"model": req.model, "messages": messages, "max_tokens": req.max_tokens});
+    if let Some(s) = &req.stop_sequences {
+        out["stop"] = json!(s);
+    }
+    for (k, v) in [("temperature", req.temperature), ("top_p", req.top_p)] {
+        if let Some(v) = v {
+            out[k] = json!(v);
+        }
+    }
+    if let Some(k) = req.top_k {
+        out["top_k"] = json!(k);
+    }
+    if let Some(user) = req.metadata.as_ref().and_then(|m| m.user_id.as_ref()) {
+        out["user"] = json!(user);
+    }
+    if let Some(tools) = &req.tools {
+        out["tools"] = json!(tools
+            .iter()
+            .map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.input_schema}}))
+            .collect::<Vec<_>>());
+    }
+    if let Some(choice) = &req.tool_choice {
+        out["tool_choice"] = match choice {
+            ToolChoice::Auto => json!("auto"),
+            ToolChoice::Any => json!("required"),
+            ToolChoice::None => json!("none"),
+            ToolChoice::Tool { name } => json!({"type": "function", "function": {"name": name}}),
+        };
+    }
+    if req.stream == Some(true) {
+        out["stream"] = json!(true);
+        out["stream_options"] = json!({"include_usage": true});
+    }
+    Ok(out)
+}
+
+/// Anthropic's `stop_reason` and `stop_sequence` for an OpenAI finish.
+pub fn stop_reason(finish: Option<FinishReason>, stop: Option<&str>) -> (String, Option<String>) {
+    match (finish, stop) {
+        (Some(FinishReason::Length), _) => ("max_tokens".into(), None),
+        (Some(FinishReason::ToolCalls), _) => ("tool_use".into(), None),
+        (_, Some(s)) => ("stop_sequence".into(), Some(s.to_string())),
+        _ => ("end_turn".into(), None),
+    }
+}
+
+fn tool_input(arguments: &str) -> Value {
+    if arguments.trim().is_empty() {
+        return json!({});
+    }
+    serde_json::from_str(arguments).unwrap_or_else(|_| json!({"_raw_arguments": arguments}))
+}
+
+pub fn from_openai(resp: &ChatCompletion, model: &str) -> MessagesResponse {
+    let choice = resp.choices.first();
+    let mut content = Vec::new();
+    if let Some(c) = choice {
+        if let Some(text) = c
+            .message
+            .content
+            .as_ref()
+            .and_then(|c| c.text().ok())
+            .filter(|t| !t.is_empty())
+        {
+            content.push(Block::Text { text });
+        }
+        for call in c.message.tool_calls.iter().flatten() {
+            content.push(Block::ToolUse {
+                id: call
+                    .id
+                    .clone()
+                    .unwrap_or_else(|| format!("toolu_{}", content.len())),
+                name: call.function.name.clone().unwrap_or_default(),
+                input: tool_input(&call.function.arguments),
+            });
+        }
+    }
+    let (reason, seq) = stop_reason(
+        choice.and_then(|c| c.finish_reason),
+        choice.and_then(|c| c.stop_reason.as_deref()),
+    );
+    MessagesResponse {
+        id: format!("msg_{}", resp.id),
+        kind: "message".into(),
+        role: "assistant".into(),
+        content,
+        model: model.to_string(),
+        stop_reason: Some(reason),
+        stop_sequence: seq,
+        usage: Usage {
+            input_tokens: resp.usage.prompt_tokens,
+            output_tokens: resp.usage.completion_tokens,
+            ..Default::default()
+        },
+    }
+}
+
+/// Anthropic's error type for an HTTP status.
+pub fn error_type(status: u16) -> &'static str {
+    match status {
+        400 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+pub fn error_body(status: u16, message: &str) -> ErrorResponse {
+    ErrorResponse::new(error_type(status), message)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Open {
+    Text,
+    Tool,
+}
+
+/// Turns a stream of OpenAI chunks into Anthropic's event sequence.
+pub struct StreamTranslator {
+    id: String,
+    model: String,
+    open: Option<(usize, Open)>,
+    next: usize,
+    finish: Option<FinishReason>,
+    stop: Option<String>,
+    usage: Usage,
+}
+
+pub type Event = (&'static str, Value);
+
+impl StreamTranslator {
+    pub fn new(id: String, model: String) -> Self {
+        StreamTranslator {
+            id,
+            model,
+            open: None,
+            next: 0,
+            finish: None,
+            stop: None,
+            usage: Usage::default(),
+        }
+    }
+
+    /// `message_start` and a first `ping`.
+    pub fn start(&self) -> Vec<Event> {
+        vec![
+            (
+                "message_start",
+                json!({"type": "message_start", "message": {
+                    "id": self.id, "type": "message", "role": "assistant", "content": [], "model": self.model,
+                    "stop_reason": null, "stop_sequence": null,
+                    "usage": {"input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+                }}),
+            ),
+            ("ping", json!({"type": "ping"})),
+        ]
+    }
+
+    fn close(&mut self, out: &mut Vec<Event>) {
+        if let Some((i, _)) = self.open.take() {
+            out.push((
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": i}),
+            ));
+        }
+    }
+
+    fn open_block(&mut self, kind: Open, block: Value, out: &mut Vec<Event>) -> usize {
+        self.close(out);
+        let i = self.next;
+        self.next += 1;
+        self.open = Some((i, kind));
+        out.push((
+            "content_block_start",
+            json!({"type": "content_block_start", "index": i, "content_block": block}),
+        ));
+        i
+    }
+
+    pub fn chunk(&mut self, c: &ChatCompletionChunk) -> Vec<Event> {
+        let mut out = Vec::new();
+        if let Some(u) = c.usage {
+            self.usage.input_tokens = u.prompt_tokens;
+            self.usage.output_tokens = u.completion_tokens;
+        }
+        for ch in &c.choices {
+            if let Some(text) = ch.delta.content.as_deref().filter(|t| !t.is_empty()) {
+                let i = match self.open {
+                    Some((i, Open::Text)) => i,
+                    _ => self.open_block(Open::Text, json!({"type": "text", "text": ""}), &mut out),
+                };
+                out.push(("content_block_delta", json!({"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": text}})));
+            }
+            for call in ch.delta.tool_calls.iter().flatten() {
+                // A call with an id starts a new tool_use block; later pieces carry its arguments.
+                if call.id.is_some() || !matches!(self.open, Some((_, Open::Tool))) {
+                    let block = json!({"type": "tool_use", "id": call.id.clone().unwrap_or_else(|| format!("toolu_{}", self.next)),
+                        "name": call.function.name.clone().unwrap_or_default(), "input": {}});
+                    self.open_block(Open::Tool, block, &mut out);
+                }
+                let i = self.open.map(|(i, _)| i).unwrap_or(0);
+                if !call.function.arguments.is_empty() {
+                    out.push(("content_block_delta", json!({"type": "content_block_delta", "index": i,
+                        "delta": {"type": "input_json_delta", "partial_json": call.function.arguments}})));
+                }
+            }
+            if let Some(f) = ch.finish_reason {
+                self.finish = Some(f);
+                self.stop = ch.stop_reason.clone();
+            }
+        }
+        out
+    }
+
+    /// Closes the open block, then `message_delta` (stop reason, usage) and `message_stop`.
+    pub fn finish(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        self.close(&mut out);
+        let (reason, seq) = stop_reason(self.finish, self.stop.as_deref());
+        out.push(("message_delta", json!({"type": "message_delta",
+            "delta": {"stop_reason": reason, "stop_sequence": seq},
+            "usage": {"input_tokens": self.usage.input_tokens, "output_tokens": self.usage.output_tokens}})));
+        out.push(("message_stop", json!({"type": "message_stop"})));
+        out
+    }
+}
+
+/// One server-sent event in Anthropic's framing.
+pub fn sse(event: &Event) -> bytes::Bytes {
+    bytes::Bytes::from(format!("event: {}\ndata: {}\n\n", event.0, event.1))
+}
+
+/// The Anthropic stream for a translated request: `message_start` at once, `ping`s while a cold
+/// model loads, then the neuron's OpenAI chunks translated as they arrive. A neuron that fails or
+/// ends early yields an `error` event, never a hang.
+pub fn stream(
+    fleet: std::sync::Arc<crate::fleet::Fleet>,
+    p: crate::config::Placement,
+    body: Value,
+    model: String,
+) -> axum::response::Response {
+    use futures::{SinkExt, StreamExt};
+    crate::proxy::channel_stream(|mut tx| async move {
+        let id = format!("msg_{:016x}", rand_id());
+        let mut tr = StreamTranslator::new(id, model);
+        for e in tr.start() {
+            if tx.send(Ok(sse(&e))).await.is_err() {
+                return;
+            }
+        }
+        let ping = sse(&("ping", json!({"type": "ping"})));
+        let fail = |status: u16, msg: &str| {
+            sse(&(
+                "error",
+                serde_json::to_value(error_body(status, msg)).unwrap_or_default(),
+            ))
+        };
+        let resp = match crate::proxy::wait_ready(&fleet, &p, &mut tx, &ping).await {
+            Ok(false) => return,
+            Ok(true) => crate::proxy::send(&fleet, &p, "/v1/chat/completions", &body).await,
+            Err(e) => Err(e),
+        };
+        let resp = match resp {
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let bytes = axum::body::to_bytes(r.into_body(), 1 << 20)
+                    .await
+                    .unwrap_or_default();
+                let msg = serde_json::from_slice::<cortex_core::openai::ErrorBody>(&bytes)
+                    .map(|e| e.error.message)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+                let _ = tx.send(Ok(fail(status, &msg))).await;
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Ok(fail(e.status().as_u16(), &e.to_string()))).await;
+                return;
+            }
+        };
+        let mut body = resp.into_body().into_data_stream();
+        let mut buf = String::new();
+        while let Some(chunk) = body.next().await {
+            let Ok(chunk) = chunk else { break };
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let event: String = buf.drain(..end + 2).collect();
+                for data in event.lines().filter_map(|l| l.strip_prefix("data: ")) {
+                    let events = if data == "[DONE]" {
+                        let mut out = tr.finish();
+                        out.push(("", Value::Null));
+                        out
+                    } else if let Ok(c) = serde_json::from_str::<ChatCompletionChunk>(data) {
+                        tr.chunk(&c)
+                    } else {
+                        let msg = serde_json::from_str::<cortex_core::openai::ErrorBody>(data)
+                            .map(|e| e.error.message)
+                            .unwrap_or_else(|_| data.to_string());
+                        let _ = tx.send(Ok(fail(502, &msg))).await;
+                        return;
+                    };
+                    for e in &events {
+                        if e.0.is_empty() {
+                            return;
+                        }
+                        if tx.send(Ok(sse(e))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        let _ = tx
+            .send(Ok(fail(
+                502,
+                "the neuron ended the stream before the answer was complete",
+            )))
+            .await;
+    })
+}
+
+fn rand_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}

@@ -1,0 +1,87 @@
+"""The official `openai` and `anthropic` Python SDKs against `cortex serve` (static mode) and a real neuron."""
+
+import anthropic
+import openai
+import pytest
+
+QUESTION = "What is the capital of France? Answer in one sentence."
+
+
+@pytest.fixture(scope="module")
+def oa(gateway):
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def an(gateway):
+    return anthropic.Anthropic(base_url=gateway.url, api_key="unused", max_retries=0)
+
+
+def test_catalogue_lists_loaded_and_cold_models(oa):
+    models = {m.id: m for m in oa.models.list()}
+    assert models["smollm2"].model_extra["state"] == "ready"
+    assert "gemma3" in models
+
+
+def test_openai_chat_through_the_gateway(oa):
+    r = oa.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=40)
+    assert "Paris" in r.choices[0].message.content
+
+
+def test_anthropic_messages(an):
+    r = an.messages.create(model="smollm2", max_tokens=40, extra_body={"temperature": 0}, system="You are a helpful assistant.",
+                           messages=[{"role": "user", "content": QUESTION}])
+    assert r.type == "message" and r.role == "assistant"
+    assert "Paris" in r.content[0].text
+    assert r.stop_reason == "end_turn"
+    assert r.usage.input_tokens > 10 and r.usage.output_tokens > 3
+
+
+def test_anthropic_stream_matches_and_reports_usage(an):
+    kwargs = dict(model="smollm2", max_tokens=40, extra_body={"temperature": 0}, messages=[{"role": "user", "content": QUESTION}])
+    whole = an.messages.create(**kwargs)
+    with an.messages.stream(**kwargs) as s:
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert text == whole.content[0].text
+    assert final.stop_reason == whole.stop_reason
+    assert final.usage.output_tokens == whole.usage.output_tokens > 0
+    assert final.usage.input_tokens == whole.usage.input_tokens > 0
+
+
+def test_anthropic_length_stop_is_max_tokens(an):
+    r = an.messages.create(model="smollm2", max_tokens=3, messages=[{"role": "user", "content": "Tell me a long story."}])
+    assert r.stop_reason == "max_tokens"
+    assert r.usage.output_tokens == 3
+
+
+def test_anthropic_stop_sequences_are_honoured_and_reported(an):
+    base = dict(model="smollm2", max_tokens=40, extra_body={"temperature": 0}, messages=[{"role": "user", "content": QUESTION}])
+    full = an.messages.create(**base).content[0].text
+    word = full.split()[3]
+    r = an.messages.create(stop_sequences=[word], **base)
+    assert r.stop_reason == "stop_sequence"
+    assert r.stop_sequence == word
+    assert word not in r.content[0].text
+    with an.messages.stream(stop_sequences=[word], **base) as s:
+        final = s.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", word)
+
+
+def test_a_cold_model_loads_for_an_anthropic_stream(an):
+    with an.messages.stream(model="gemma3", max_tokens=8,
+                            messages=[{"role": "user", "content": "Question: What is the capital of France?"}]) as s:
+        final = s.get_final_message()
+    assert final.usage.output_tokens > 0
+
+
+def test_errors_come_in_each_callers_dialect(an, oa):
+    with pytest.raises(anthropic.NotFoundError) as e:
+        an.messages.create(model="claude-nope", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["error"]["type"] == "not_found_error"
+    with pytest.raises(anthropic.BadRequestError) as e:
+        an.messages.create(model="smollm2", max_tokens=5, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}])
+    assert "image block" in e.value.body["error"]["message"]
+    with pytest.raises(openai.NotFoundError):
+        oa.chat.completions.create(model="claude-nope", messages=[{"role": "user", "content": "hi"}])
