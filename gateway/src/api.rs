@@ -186,7 +186,7 @@ async fn messages(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     if req.stream == Some(true) {
         return crate::anthropic::stream(st.fleet.clone(), p, oa, req.model);
     }
-    let resp = match crate::proxy::send(&st.fleet, &p, "/v1/chat/completions", &oa).await {
+    let resp = match crate::proxy::send(&st.fleet, &p, "/v1/chat/completions", &oa, "anthropic").await {
         Ok(r) => r,
         Err(e) => return anthropic_error_of(e),
     };

@@ -16,6 +16,7 @@ use serde_json::json;
 
 use crate::config::{NeuronConfig, Placement};
 use crate::error::Error;
+use crate::metrics::{LoadLabels, Metrics, ModelLabels, RouteLabelsNeuron};
 
 pub struct Neuron {
     pub cfg: NeuronConfig,
@@ -63,15 +64,6 @@ impl Neuron {
     }
 }
 
-/// Decrements a neuron's outstanding count when the proxied response is done.
-pub struct Outstanding(pub Arc<Neuron>);
-
-impl Drop for Outstanding {
-    fn drop(&mut self) {
-        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 type LoadFuture = Shared<BoxFuture<'static, Result<(), String>>>;
 
 pub struct Fleet {
@@ -81,6 +73,7 @@ pub struct Fleet {
     pub strategy: Strategy,
     pub http: reqwest::Client,
     pub load_timeout: Duration,
+    pub metrics: Arc<Metrics>,
     loads: Mutex<HashMap<String, LoadFuture>>,
 }
 
@@ -118,6 +111,7 @@ impl Fleet {
                 .build()
                 .expect("building the HTTP client"),
             load_timeout,
+            metrics: Arc::new(Metrics::new()),
             loads: Mutex::new(HashMap::new()),
         })
     }
@@ -148,6 +142,10 @@ impl Fleet {
                 Ok(r) => n.mark_down(&format!("/status answered {}", r.status())),
                 Err(e) => n.mark_down(&e.to_string()),
             }
+            self.metrics
+                .neuron_up
+                .get_or_create(&RouteLabelsNeuron { neuron: n.cfg.name.clone() })
+                .set(i64::from(n.up.load(Ordering::Relaxed)));
         });
         futures::future::join_all(polls).await;
     }
@@ -193,8 +191,20 @@ impl Fleet {
                     let me = self.clone();
                     let p = p.clone();
                     async move {
+                        let started = std::time::Instant::now();
                         let r = me.load_somewhere(&p).await;
                         me.loads.lock().expect("loads lock").remove(&p.name);
+                        let result = if r.is_ok() { "success" } else { "failure" };
+                        me.metrics
+                            .cold_loads
+                            .get_or_create(&LoadLabels { model: p.name.clone(), result: result.into() })
+                            .inc();
+                        if r.is_ok() {
+                            me.metrics
+                                .cold_load_seconds
+                                .get_or_create(&ModelLabels { model: p.name.clone() })
+                                .observe(started.elapsed().as_secs_f64());
+                        }
                         r
                     }
                     .boxed()
@@ -277,6 +287,10 @@ impl Fleet {
             let n = self.neuron(&target).expect("planned neuron exists").clone();
             for victim in &evict {
                 tracing::info!(neuron = %target, evicted = %victim, for_model = %p.name, "evicting to make room");
+                self.metrics
+                    .evictions
+                    .get_or_create(&ModelLabels { model: victim.clone() })
+                    .inc();
                 let _ = n
                     .request(&self.http, reqwest::Method::POST, "/models/unload")
                     .json(&json!({"id": victim}))

@@ -20,4 +20,5 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod fleet;
+pub mod metrics;
 pub mod proxy;

@@ -76,6 +76,23 @@ async fn main() -> anyhow::Result<()> {
             ));
             let f = fleet.clone();
             tokio::spawn(async move { f.load_initial().await });
+            let metrics = fleet.metrics.clone();
+            let metrics_app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let m = metrics.clone();
+                    async move {
+                        (
+                            [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                            m.encode(),
+                        )
+                    }
+                }),
+            );
+            let metrics_listener = tokio::net::TcpListener::bind(&cfg.gateway.metrics_listen)
+                .await
+                .with_context(|| format!("binding metrics_listen {}", cfg.gateway.metrics_listen))?;
+            tokio::spawn(async move { axum::serve(metrics_listener, metrics_app).await });
             let app = api::router(Arc::new(api::AppState {
                 fleet,
                 api_keys: cfg.gateway.api_keys,

@@ -16,7 +16,57 @@ use serde_json::Value;
 
 use crate::config::Placement;
 use crate::error::Error;
-use crate::fleet::{Fleet, Outstanding};
+use crate::fleet::{Fleet, Neuron};
+use crate::metrics::{Metrics, ModelLabels, RequestLabels, RouteLabels};
+
+/// Held while a proxied answer streams: keeps the neuron's outstanding count and the in-flight
+/// gauge up, and records the request's latency when the answer is done.
+struct RequestGuard {
+    neuron: Arc<Neuron>,
+    metrics: Arc<Metrics>,
+    route: RouteLabels,
+    started: std::time::Instant,
+    first_byte: bool,
+}
+
+impl RequestGuard {
+    fn new(neuron: Arc<Neuron>, metrics: Arc<Metrics>, model: &str, dialect: &str) -> Self {
+        neuron.outstanding.fetch_add(1, Ordering::Relaxed);
+        metrics.in_flight.get_or_create(&ModelLabels { model: model.into() }).inc();
+        RequestGuard {
+            route: RouteLabels { model: model.into(), neuron: neuron.cfg.name.clone(), dialect: dialect.into() },
+            neuron,
+            metrics,
+            started: std::time::Instant::now(),
+            first_byte: false,
+        }
+    }
+
+    fn record(&self, status: StatusCode) {
+        let labels = RequestLabels {
+            model: self.route.model.clone(),
+            neuron: self.route.neuron.clone(),
+            dialect: self.route.dialect.clone(),
+            status_class: format!("{}xx", status.as_u16() / 100),
+        };
+        self.metrics.requests.get_or_create(&labels).inc();
+    }
+
+    fn chunk(&mut self) {
+        if !self.first_byte {
+            self.first_byte = true;
+            self.metrics.ttfb.get_or_create(&self.route).observe(self.started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.neuron.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.in_flight.get_or_create(&ModelLabels { model: self.route.model.clone() }).dec();
+        self.metrics.e2e.get_or_create(&self.route).observe(self.started.elapsed().as_secs_f64());
+    }
+}
 
 /// How often a waiting stream gets a keep-alive comment.
 const KEEPALIVE: Duration = Duration::from_secs(5);
@@ -31,7 +81,7 @@ pub async fn forward(
     if stream && fleet.pick(&p, &[]).is_none() {
         return stream_while_loading(fleet, p, path, body);
     }
-    match send(&fleet, &p, path, &body).await {
+    match send(&fleet, &p, path, &body, "openai").await {
         Ok(r) => r,
         Err(e) => crate::api::error_response(e),
     }
@@ -42,6 +92,7 @@ pub async fn send(
     p: &Placement,
     path: &str,
     body: &Value,
+    dialect: &'static str,
 ) -> Result<Response, Error> {
     let mut skip: Vec<String> = Vec::new();
     let mut last = String::new();
@@ -58,8 +109,7 @@ pub async fn send(
                 })?
             }
         };
-        n.outstanding.fetch_add(1, Ordering::Relaxed);
-        let guard = Outstanding(n.clone());
+        let mut guard = RequestGuard::new(n.clone(), fleet.metrics.clone(), &p.name, dialect);
         let res = n
             .request(&fleet.http, reqwest::Method::POST, path)
             .json(body)
@@ -67,6 +117,7 @@ pub async fn send(
             .await;
         match res {
             Err(e) => {
+                guard.record(StatusCode::BAD_GATEWAY);
                 n.mark_down(&e.to_string());
                 last = format!("{}: {e}", n.cfg.name);
                 skip.push(n.cfg.name.clone());
@@ -76,6 +127,7 @@ pub async fn send(
                 if r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE
                     || r.status() == reqwest::StatusCode::NOT_FOUND =>
             {
+                guard.record(StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY));
                 last = format!("{} answered {}", n.cfg.name, r.status());
                 skip.push(n.cfg.name.clone());
                 fleet.poll().await;
@@ -83,9 +135,10 @@ pub async fn send(
             Ok(r) => {
                 let status =
                     StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+                guard.record(status);
                 let ctype = r.headers().get(reqwest::header::CONTENT_TYPE).cloned();
                 let stream = r.bytes_stream().map(move |c| {
-                    let _held = &guard;
+                    guard.chunk();
                     c
                 });
                 let mut resp = Response::new(Body::from_stream(stream));
@@ -158,7 +211,7 @@ fn stream_while_loading(
         let keepalive = Bytes::from_static(b": loading model\n\n");
         let result = match wait_ready(&fleet, &p, &mut tx, &keepalive).await {
             Ok(false) => return,
-            Ok(true) => send(&fleet, &p, path, &body).await,
+            Ok(true) => send(&fleet, &p, path, &body, "openai").await,
             Err(e) => Err(e),
         };
         match result {

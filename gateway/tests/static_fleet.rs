@@ -85,6 +85,7 @@ struct Fleet {
     neurons: Vec<(u16, Option<Proc>)>,
     _gateway: Proc,
     url: String,
+    metrics_url: String,
     http: reqwest::Client,
 }
 
@@ -101,10 +102,11 @@ impl Fleet {
             wait_healthy(&format!("http://127.0.0.1:{p}")).await;
         }
         let gport = free_port();
+        let mport = free_port();
         std::fs::write(
             dir.path().join("cortex.toml"),
             format!(
-                "[gateway]\nlisten = \"127.0.0.1:{gport}\"\npoll_interval_secs = 0.2\nload_timeout_secs = 60\n{extra_gateway_toml}\n\
+                "[gateway]\nlisten = \"127.0.0.1:{gport}\"\nmetrics_listen = \"127.0.0.1:{mport}\"\npoll_interval_secs = 0.2\nload_timeout_secs = 60\n{extra_gateway_toml}\n\
                  [[neurons]]\nname = \"n1\"\nendpoint = \"http://127.0.0.1:{}\"\n[[neurons]]\nname = \"n2\"\nendpoint = \"http://127.0.0.1:{}\"\n",
                 ports[0], ports[1]
             ),
@@ -138,6 +140,7 @@ impl Fleet {
             neurons,
             _gateway: gateway,
             url,
+            metrics_url: format!("http://127.0.0.1:{mport}/metrics"),
             http: reqwest::Client::new(),
         }
     }
@@ -295,6 +298,21 @@ async fn a_static_fleet_serves_loads_on_demand_and_survives_a_dead_neuron() {
         text.push_str(std::str::from_utf8(&c.unwrap()).unwrap());
     }
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+
+    // The gateway's metrics saw all of it.
+    let m = reqwest::get(&fleet.metrics_url).await.unwrap().text().await.unwrap();
+    for series in [
+        "cortex_gateway_requests_total{model=\"gemma3\",neuron=",
+        "dialect=\"openai\",status_class=\"2xx\"}",
+        "cortex_gateway_cold_loads_total{model=\"gemma3\",result=\"success\"} 1",
+        "cortex_gateway_cold_load_duration_seconds_count{model=\"gemma3\"} 1",
+        "cortex_gateway_time_to_first_token_seconds_bucket{",
+        "cortex_gateway_e2e_request_latency_seconds_count{model=\"smollm2\"",
+        "cortex_gateway_in_flight_requests{model=\"smollm2\"} 0",
+        &format!("cortex_gateway_neuron_up{{neuron=\"{holder}\"}} 0"),
+    ] {
+        assert!(m.contains(series), "missing {series} in\n{m}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -90,13 +90,13 @@ def gateway(tmp_path_factory):
     """`cortex serve` in static mode in front of one real neuron: smollm2 pinned and loaded at start,
     gemma3 loaded on first use."""
     d = tmp_path_factory.mktemp("fleet")
-    nport, gport = free_port(), free_port()
+    nport, gport, mport = free_port(), free_port(), free_port()
     neuron = Process(
         [str(binary("neuron")), "--listen", f"127.0.0.1:{nport}", "--model-dirs", str(MODELS), "--device", "cpu"],
         f"http://127.0.0.1:{nport}",
     )
     (d / "cortex.toml").write_text(
-        f'[gateway]\nlisten = "127.0.0.1:{gport}"\npoll_interval_secs = 0.2\n'
+        f'[gateway]\nlisten = "127.0.0.1:{gport}"\nmetrics_listen = "127.0.0.1:{mport}"\npoll_interval_secs = 0.2\n'
         f'[[neurons]]\nname = "local"\nendpoint = "http://127.0.0.1:{nport}"\n'
     )
     (d / "models.toml").write_text(

@@ -1,0 +1,104 @@
+//! The gateway's Prometheus metrics (`cortex_gateway_*`, on `metrics_listen`). Names follow vLLM's
+//! where an equivalent exists (`time_to_first_token_seconds`, `e2e_request_latency_seconds`), with
+//! units in the names; label values are bounded: placement names, neuron names from the config,
+//! the dialect (`openai`, `anthropic`) and the status class.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub model: String,
+    pub neuron: String,
+    pub dialect: String,
+    pub status_class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub model: String,
+    pub neuron: String,
+    pub dialect: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoadLabels {
+    pub model: String,
+    pub result: String,
+}
+
+type Hist<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency() -> Histogram {
+    Histogram::new([
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0,
+    ])
+}
+
+fn load() -> Histogram {
+    Histogram::new([0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0])
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub in_flight: Family<ModelLabels, Gauge>,
+    pub ttfb: Hist<RouteLabels>,
+    pub e2e: Hist<RouteLabels>,
+    pub cold_loads: Family<LoadLabels, Counter>,
+    pub cold_load_seconds: Hist<ModelLabels>,
+    pub evictions: Family<ModelLabels, Counter>,
+    pub neuron_up: Family<RouteLabelsNeuron, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabelsNeuron {
+    pub neuron: String,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let m = Metrics {
+            registry: Registry::default(),
+            requests: Family::default(),
+            in_flight: Family::default(),
+            ttfb: Family::new_with_constructor(latency),
+            e2e: Family::new_with_constructor(latency),
+            cold_loads: Family::default(),
+            cold_load_seconds: Family::new_with_constructor(load),
+            evictions: Family::default(),
+            neuron_up: Family::default(),
+        };
+        let mut r = Registry::default();
+        r.register("cortex_gateway_requests", "Requests answered, by model, neuron, dialect and status class", m.requests.clone());
+        r.register("cortex_gateway_in_flight_requests", "Requests being proxied now", m.in_flight.clone());
+        r.register("cortex_gateway_time_to_first_token_seconds", "Time from the request to the neuron's first byte", m.ttfb.clone());
+        r.register("cortex_gateway_e2e_request_latency_seconds", "Time from the request to the end of the answer", m.e2e.clone());
+        r.register("cortex_gateway_cold_loads", "Loads started because a request found no ready replica, by result", m.cold_loads.clone());
+        r.register("cortex_gateway_cold_load_duration_seconds", "Time a cold load took", m.cold_load_seconds.clone());
+        r.register("cortex_gateway_evictions", "Models unloaded to make room, by evicted model", m.evictions.clone());
+        r.register("cortex_gateway_neuron_up", "1 when the neuron answers its status probe", m.neuron_up.clone());
+        Metrics { registry: r, ..m }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
