@@ -392,7 +392,9 @@ pub fn stream(
         };
         let resp = match crate::proxy::wait_ready(&fleet, &p, &mut tx, &ping).await {
             Ok(false) => return,
-            Ok(true) => crate::proxy::send(&fleet, &p, "/v1/chat/completions", &body, "anthropic").await,
+            Ok(true) => {
+                crate::proxy::send(&fleet, &p, "/v1/chat/completions", &body, "anthropic").await
+            }
             Err(e) => Err(e),
         };
         let resp = match resp {

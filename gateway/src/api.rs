@@ -186,10 +186,11 @@ async fn messages(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     if req.stream == Some(true) {
         return crate::anthropic::stream(st.fleet.clone(), p, oa, req.model);
     }
-    let resp = match crate::proxy::send(&st.fleet, &p, "/v1/chat/completions", &oa, "anthropic").await {
-        Ok(r) => r,
-        Err(e) => return anthropic_error_of(e),
-    };
+    let resp =
+        match crate::proxy::send(&st.fleet, &p, "/v1/chat/completions", &oa, "anthropic").await {
+            Ok(r) => r,
+            Err(e) => return anthropic_error_of(e),
+        };
     let status = resp.status();
     let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
         .await

@@ -144,7 +144,9 @@ impl Fleet {
             }
             self.metrics
                 .neuron_up
-                .get_or_create(&RouteLabelsNeuron { neuron: n.cfg.name.clone() })
+                .get_or_create(&RouteLabelsNeuron {
+                    neuron: n.cfg.name.clone(),
+                })
                 .set(i64::from(n.up.load(Ordering::Relaxed)));
         });
         futures::future::join_all(polls).await;
@@ -197,12 +199,17 @@ impl Fleet {
                         let result = if r.is_ok() { "success" } else { "failure" };
                         me.metrics
                             .cold_loads
-                            .get_or_create(&LoadLabels { model: p.name.clone(), result: result.into() })
+                            .get_or_create(&LoadLabels {
+                                model: p.name.clone(),
+                                result: result.into(),
+                            })
                             .inc();
                         if r.is_ok() {
                             me.metrics
                                 .cold_load_seconds
-                                .get_or_create(&ModelLabels { model: p.name.clone() })
+                                .get_or_create(&ModelLabels {
+                                    model: p.name.clone(),
+                                })
                                 .observe(started.elapsed().as_secs_f64());
                         }
                         r
@@ -289,7 +296,9 @@ impl Fleet {
                 tracing::info!(neuron = %target, evicted = %victim, for_model = %p.name, "evicting to make room");
                 self.metrics
                     .evictions
-                    .get_or_create(&ModelLabels { model: victim.clone() })
+                    .get_or_create(&ModelLabels {
+                        model: victim.clone(),
+                    })
                     .inc();
                 let _ = n
                     .request(&self.http, reqwest::Method::POST, "/models/unload")

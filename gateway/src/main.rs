@@ -83,7 +83,10 @@ async fn main() -> anyhow::Result<()> {
                     let m = metrics.clone();
                     async move {
                         (
-                            [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
                             m.encode(),
                         )
                     }
@@ -91,7 +94,9 @@ async fn main() -> anyhow::Result<()> {
             );
             let metrics_listener = tokio::net::TcpListener::bind(&cfg.gateway.metrics_listen)
                 .await
-                .with_context(|| format!("binding metrics_listen {}", cfg.gateway.metrics_listen))?;
+                .with_context(|| {
+                    format!("binding metrics_listen {}", cfg.gateway.metrics_listen)
+                })?;
             tokio::spawn(async move { axum::serve(metrics_listener, metrics_app).await });
             let app = api::router(Arc::new(api::AppState {
                 fleet,

@@ -40,12 +40,15 @@ type Hist<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency() -> Histogram {
     Histogram::new([
-        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0,
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
+        160.0,
     ])
 }
 
 fn load() -> Histogram {
-    Histogram::new([0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0])
+    Histogram::new([
+        0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    ])
 }
 
 pub struct Metrics {
@@ -85,20 +88,53 @@ impl Metrics {
             neuron_up: Family::default(),
         };
         let mut r = Registry::default();
-        r.register("cortex_gateway_requests", "Requests answered, by model, neuron, dialect and status class", m.requests.clone());
-        r.register("cortex_gateway_in_flight_requests", "Requests being proxied now", m.in_flight.clone());
-        r.register("cortex_gateway_time_to_first_token_seconds", "Time from the request to the neuron's first byte", m.ttfb.clone());
-        r.register("cortex_gateway_e2e_request_latency_seconds", "Time from the request to the end of the answer", m.e2e.clone());
-        r.register("cortex_gateway_cold_loads", "Loads started because a request found no ready replica, by result", m.cold_loads.clone());
-        r.register("cortex_gateway_cold_load_duration_seconds", "Time a cold load took", m.cold_load_seconds.clone());
-        r.register("cortex_gateway_evictions", "Models unloaded to make room, by evicted model", m.evictions.clone());
-        r.register("cortex_gateway_neuron_up", "1 when the neuron answers its status probe", m.neuron_up.clone());
+        r.register(
+            "cortex_gateway_requests",
+            "Requests answered, by model, neuron, dialect and status class",
+            m.requests.clone(),
+        );
+        r.register(
+            "cortex_gateway_in_flight_requests",
+            "Requests being proxied now",
+            m.in_flight.clone(),
+        );
+        r.register(
+            "cortex_gateway_time_to_first_token_seconds",
+            "Time from the request to the neuron's first byte",
+            m.ttfb.clone(),
+        );
+        r.register(
+            "cortex_gateway_e2e_request_latency_seconds",
+            "Time from the request to the end of the answer",
+            m.e2e.clone(),
+        );
+        r.register(
+            "cortex_gateway_cold_loads",
+            "Loads started because a request found no ready replica, by result",
+            m.cold_loads.clone(),
+        );
+        r.register(
+            "cortex_gateway_cold_load_duration_seconds",
+            "Time a cold load took",
+            m.cold_load_seconds.clone(),
+        );
+        r.register(
+            "cortex_gateway_evictions",
+            "Models unloaded to make room, by evicted model",
+            m.evictions.clone(),
+        );
+        r.register(
+            "cortex_gateway_neuron_up",
+            "1 when the neuron answers its status probe",
+            m.neuron_up.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }

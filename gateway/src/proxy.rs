@@ -32,9 +32,18 @@ struct RequestGuard {
 impl RequestGuard {
     fn new(neuron: Arc<Neuron>, metrics: Arc<Metrics>, model: &str, dialect: &str) -> Self {
         neuron.outstanding.fetch_add(1, Ordering::Relaxed);
-        metrics.in_flight.get_or_create(&ModelLabels { model: model.into() }).inc();
+        metrics
+            .in_flight
+            .get_or_create(&ModelLabels {
+                model: model.into(),
+            })
+            .inc();
         RequestGuard {
-            route: RouteLabels { model: model.into(), neuron: neuron.cfg.name.clone(), dialect: dialect.into() },
+            route: RouteLabels {
+                model: model.into(),
+                neuron: neuron.cfg.name.clone(),
+                dialect: dialect.into(),
+            },
             neuron,
             metrics,
             started: std::time::Instant::now(),
@@ -55,7 +64,10 @@ impl RequestGuard {
     fn chunk(&mut self) {
         if !self.first_byte {
             self.first_byte = true;
-            self.metrics.ttfb.get_or_create(&self.route).observe(self.started.elapsed().as_secs_f64());
+            self.metrics
+                .ttfb
+                .get_or_create(&self.route)
+                .observe(self.started.elapsed().as_secs_f64());
         }
     }
 }
@@ -63,8 +75,16 @@ impl RequestGuard {
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.neuron.outstanding.fetch_sub(1, Ordering::Relaxed);
-        self.metrics.in_flight.get_or_create(&ModelLabels { model: self.route.model.clone() }).dec();
-        self.metrics.e2e.get_or_create(&self.route).observe(self.started.elapsed().as_secs_f64());
+        self.metrics
+            .in_flight
+            .get_or_create(&ModelLabels {
+                model: self.route.model.clone(),
+            })
+            .dec();
+        self.metrics
+            .e2e
+            .get_or_create(&self.route)
+            .observe(self.started.elapsed().as_secs_f64());
     }
 }
 
@@ -127,7 +147,9 @@ pub async fn send(
                 if r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE
                     || r.status() == reqwest::StatusCode::NOT_FOUND =>
             {
-                guard.record(StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY));
+                guard.record(
+                    StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY),
+                );
                 last = format!("{} answered {}", n.cfg.name, r.status());
                 skip.push(n.cfg.name.clone());
                 fleet.poll().await;

@@ -1,207 +1,11 @@
 //! End-to-end, static mode: two real neuron processes and the real `cortex serve` on loopback,
 //! real SmolLM2 and Gemma 3 weights (`scripts/fetch-test-models`).
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
+use common::Fleet;
 use futures::StreamExt;
 use serde_json::{Value, json};
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn models_dir() -> PathBuf {
-    let cache = std::env::var("CORTEX_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cortex"));
-    let d = cache.join("models");
-    for f in [
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "gemma-3-270m-Q4_K_M.gguf",
-    ] {
-        assert!(
-            d.join(f).is_file(),
-            "test model {f} is missing; run scripts/fetch-test-models first"
-        );
-    }
-    d
-}
-
-/// The neuron binary, built beside this crate's binary by `cargo build --workspace`.
-fn neuron_bin() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_cortex")).with_file_name("neuron");
-    assert!(
-        p.is_file(),
-        "{} is missing; run `cargo build --workspace` first",
-        p.display()
-    );
-    p
-}
-
-async fn wait_healthy(url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if reqwest::get(format!("{url}/healthz"))
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{url} did not become healthy");
-}
-
-fn start_neuron(port: u16) -> Proc {
-    Proc(
-        Command::new(neuron_bin())
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--device", "cpu"])
-            .args(["--model-dirs", &models_dir().display().to_string()])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-struct Fleet {
-    _dir: tempfile::TempDir,
-    neurons: Vec<(u16, Option<Proc>)>,
-    _gateway: Proc,
-    url: String,
-    metrics_url: String,
-    http: reqwest::Client,
-}
-
-impl Fleet {
-    async fn start(extra_gateway_toml: &str) -> Fleet {
-        let dir = tempfile::tempdir().unwrap();
-        let models = models_dir();
-        let ports = [free_port(), free_port()];
-        let mut neurons = Vec::new();
-        for p in ports {
-            neurons.push((p, Some(start_neuron(p))));
-        }
-        for p in ports {
-            wait_healthy(&format!("http://127.0.0.1:{p}")).await;
-        }
-        let gport = free_port();
-        let mport = free_port();
-        std::fs::write(
-            dir.path().join("cortex.toml"),
-            format!(
-                "[gateway]\nlisten = \"127.0.0.1:{gport}\"\nmetrics_listen = \"127.0.0.1:{mport}\"\npoll_interval_secs = 0.2\nload_timeout_secs = 60\n{extra_gateway_toml}\n\
-                 [[neurons]]\nname = \"n1\"\nendpoint = \"http://127.0.0.1:{}\"\n[[neurons]]\nname = \"n2\"\nendpoint = \"http://127.0.0.1:{}\"\n",
-                ports[0], ports[1]
-            ),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("models.toml"),
-            format!(
-                "[[placements]]\nname = \"smollm2\"\nreplicas = 1\npinned = true\naliases = [\"smol\"]\nmodel = {{ uri = \"file://{m}/SmolLM2-135M-Instruct.Q4_1.gguf\" }}\n\n\
-                 [[placements]]\nname = \"gemma3\"\nminReplicas = 0\ncontextLength = 2048\nmodel = {{ uri = \"file://{m}/gemma-3-270m-Q4_K_M.gguf\" }}\n",
-                m = models.display()
-            ),
-        )
-        .unwrap();
-        let gateway = Proc(
-            Command::new(env!("CARGO_BIN_EXE_cortex"))
-                .args([
-                    "serve",
-                    "--config",
-                    &dir.path().join("cortex.toml").display().to_string(),
-                ])
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let url = format!("http://127.0.0.1:{gport}");
-        wait_healthy(&url).await;
-        Fleet {
-            _dir: dir,
-            neurons,
-            _gateway: gateway,
-            url,
-            metrics_url: format!("http://127.0.0.1:{mport}/metrics"),
-            http: reqwest::Client::new(),
-        }
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.url))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn catalogue(&self) -> Vec<Value> {
-        let v: Value = self
-            .http
-            .get(format!("{}/v1/models", self.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v["data"].as_array().unwrap().clone()
-    }
-
-    async fn wait_state(&self, model: &str, state: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let cat = self.catalogue().await;
-            let m = cat.iter().find(|m| m["id"] == model).unwrap().clone();
-            if m["state"] == state {
-                return m;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{model} never became {state}: {m}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Model loads a neuron reports in its metrics (successful ones).
-    async fn loads_on(&self, port: u16, model: &str) -> u32 {
-        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let prefix = format!(
-            "cortex_neuron_model_loads_total{{model_name=\"{model}\",result=\"success\"}} "
-        );
-        text.lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .map(|v| v.parse::<f64>().unwrap() as u32)
-            .unwrap_or(0)
-    }
-}
 
 fn chat(model: &str, prompt: &str) -> Value {
     json!({"model": model, "temperature": 0, "max_tokens": 30, "messages": [{"role": "user", "content": prompt}]})
@@ -300,7 +104,12 @@ async fn a_static_fleet_serves_loads_on_demand_and_survives_a_dead_neuron() {
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
 
     // The gateway's metrics saw all of it.
-    let m = reqwest::get(&fleet.metrics_url).await.unwrap().text().await.unwrap();
+    let m = reqwest::get(&fleet.metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for series in [
         "cortex_gateway_requests_total{model=\"gemma3\",neuron=",
         "dialect=\"openai\",status_class=\"2xx\"}",

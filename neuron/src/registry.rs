@@ -331,13 +331,15 @@ impl Registry {
     }
 
     /// Memory the device has for a new model of `needed` bytes, after what is loading already.
-    fn check_memory(&self, id: &str, device: &str, free_on_device: u64, needed: u64) -> Result<()> {
+    /// Bytes a new model may take on `device`: what the device has free, less what models still
+    /// loading there will allocate, and within `--max-memory` of what all models hold. `except`
+    /// leaves one model out of the count (the one being checked).
+    pub fn available(&self, device: &str, free_on_device: u64, except: Option<&str>) -> u64 {
         let models = self.models.lock().expect("models lock");
-        let others = models.values().filter(|e| e.id != id);
         let (mut pending, mut held) = (0u64, 0u64);
-        for e in others {
+        for e in models.values().filter(|e| Some(e.id.as_str()) != except) {
             let s = e.status.lock().expect("status lock");
-            if s.device != device {
+            if s.device != device || s.state == ModelState::Failed {
                 continue;
             }
             held += s.bytes;
@@ -345,10 +347,15 @@ impl Registry {
                 pending += s.bytes;
             }
         }
-        let mut free = free_on_device.saturating_sub(pending);
-        if let Some(cap) = self.settings.max_memory {
-            free = free.min(cap.saturating_sub(held));
+        let free = free_on_device.saturating_sub(pending);
+        match self.settings.max_memory {
+            Some(cap) => free.min(cap.saturating_sub(held)),
+            None => free,
         }
+    }
+
+    fn check_memory(&self, id: &str, device: &str, free_on_device: u64, needed: u64) -> Result<()> {
+        let free = self.available(device, free_on_device, Some(id));
         if needed > free {
             return Err(Error::InsufficientMemory {
                 id: id.to_string(),

@@ -82,7 +82,22 @@ pub async fn status(State(st): State<Arc<AppState>>) -> Json<NeuronStatus> {
     Json(NeuronStatus {
         node: st.node.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
-        devices: crate::devices::all(),
+        // Free memory as models may use it: within --max-memory and after loads under way.
+        devices: crate::devices::all()
+            .into_iter()
+            .map(|mut d| {
+                let name = if d.kind == "cpu" {
+                    "cpu".to_string()
+                } else {
+                    format!("{}:{}", d.kind, d.index)
+                };
+                d.memory_free = st.registry.available(&name, d.memory_free, None);
+                if let Some(cap) = st.registry.settings.max_memory {
+                    d.memory_total = d.memory_total.min(cap);
+                }
+                d
+            })
+            .collect(),
         models: entries.iter().map(|e| e.info()).collect(),
         inflight,
         queued,
