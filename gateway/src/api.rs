@@ -210,6 +210,52 @@ async fn messages(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     }
 }
 
+/// `/v1/messages/count_tokens`: the request translated like a message, counted by the neuron's
+/// tokenizer and chat template (loading the model if it is cold).
+async fn count_tokens(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+    let bad = |e: String| anthropic_error(axum::http::StatusCode::BAD_REQUEST, &e);
+    let mut v: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return bad(format!("request body is not valid JSON: {e}")),
+    };
+    // count_tokens takes no max_tokens; the translation wants one.
+    v["max_tokens"] = json!(1);
+    let req: cortex_core::anthropic::MessagesRequest = match serde_json::from_value(v) {
+        Ok(r) => r,
+        Err(e) => {
+            return bad(format!(
+                "request body is not a valid count_tokens request: {e}"
+            ));
+        }
+    };
+    let Some(p) = st.fleet.placement(&req.model).cloned() else {
+        return anthropic_error_of(Error::ModelNotFound(req.model.clone()));
+    };
+    let oa = match crate::anthropic::to_openai(&req) {
+        Ok(v) => v,
+        Err(e) => return anthropic_error_of(e),
+    };
+    let ask = json!({"model": p.name, "messages": oa["messages"], "tools": oa.get("tools")});
+    let resp = match crate::proxy::send(&st.fleet, &p, "/tokenize", &ask, "anthropic").await {
+        Ok(r) => r,
+        Err(e) => return anthropic_error_of(e),
+    };
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
+        .await
+        .unwrap_or_default();
+    let v: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    match v["count"].as_u64() {
+        Some(n) if status.is_success() => Json(json!({"input_tokens": n})).into_response(),
+        _ => anthropic_error(
+            status,
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or("the neuron could not count the tokens"),
+        ),
+    }
+}
+
 /// The fleet as `cortex status` prints it; neuron tokens are never included.
 async fn fleet(State(st): State<Arc<AppState>>) -> Json<Value> {
     let neurons: Vec<Value> = st
@@ -242,6 +288,7 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/messages", post(messages))
+        .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/cortex/fleet", get(fleet))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(not_found)

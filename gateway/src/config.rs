@@ -38,6 +38,12 @@ pub struct GatewayConfig {
     /// Longest a request waits for a cold model to load, in seconds.
     #[serde(default = "default_load_timeout")]
     pub load_timeout_secs: u64,
+    /// Longest wait, in seconds, for a neuron's answer to start (its first byte).
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_secs: u64,
+    /// Longest silence, in seconds, in the middle of a streamed answer.
+    #[serde(default = "default_stream_idle")]
+    pub stream_idle_timeout_secs: u64,
     /// Seconds between polls of each neuron's `/status`.
     #[serde(default = "default_poll")]
     pub poll_interval_secs: f64,
@@ -52,6 +58,12 @@ fn default_metrics_listen() -> String {
 fn default_load_timeout() -> u64 {
     600
 }
+fn default_request_timeout() -> u64 {
+    600
+}
+fn default_stream_idle() -> u64 {
+    60
+}
 fn default_poll() -> f64 {
     2.0
 }
@@ -64,6 +76,8 @@ impl Default for GatewayConfig {
             models: None,
             api_keys: Vec::new(),
             load_timeout_secs: default_load_timeout(),
+            request_timeout_secs: default_request_timeout(),
+            stream_idle_timeout_secs: default_stream_idle(),
             poll_interval_secs: default_poll(),
         }
     }

@@ -14,7 +14,7 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use serde_json::json;
 
-use crate::config::{NeuronConfig, Placement};
+use crate::config::{Config, NeuronConfig, Placement};
 use crate::error::Error;
 use crate::metrics::{LoadLabels, Metrics, ModelLabels, RouteLabelsNeuron};
 
@@ -73,17 +73,20 @@ pub struct Fleet {
     pub strategy: Strategy,
     pub http: reqwest::Client,
     pub load_timeout: Duration,
+    /// Longest wait for a neuron's answer to start.
+    pub request_timeout: Duration,
+    /// Longest silence in the middle of a streamed answer.
+    pub stream_idle_timeout: Duration,
     pub metrics: Arc<Metrics>,
     loads: Mutex<HashMap<String, LoadFuture>>,
 }
 
 impl Fleet {
-    pub fn new(
-        neurons: Vec<NeuronConfig>,
-        placements: Vec<Placement>,
-        strategy: Strategy,
-        load_timeout: Duration,
-    ) -> Arc<Self> {
+    /// The fleet of `cfg`'s neurons serving `placements`.
+    pub fn new(cfg: &Config, placements: Vec<Placement>) -> Arc<Self> {
+        let neurons = cfg.neurons.clone();
+        let strategy = cfg.eviction.strategy;
+        let gw = &cfg.gateway;
         let mut names = HashMap::new();
         for (i, p) in placements.iter().enumerate() {
             names.insert(p.served_name().to_string(), i);
@@ -110,7 +113,9 @@ impl Fleet {
                 .connect_timeout(Duration::from_secs(5))
                 .build()
                 .expect("building the HTTP client"),
-            load_timeout,
+            load_timeout: Duration::from_secs(gw.load_timeout_secs),
+            request_timeout: Duration::from_secs(gw.request_timeout_secs),
+            stream_idle_timeout: Duration::from_secs(gw.stream_idle_timeout_secs),
             metrics: Arc::new(Metrics::new()),
             loads: Mutex::new(HashMap::new()),
         })
@@ -192,7 +197,7 @@ impl Fleet {
                 .or_insert_with(|| {
                     let me = self.clone();
                     let p = p.clone();
-                    async move {
+                    let fut = async move {
                         let started = std::time::Instant::now();
                         let r = me.load_somewhere(&p).await;
                         me.loads.lock().expect("loads lock").remove(&p.name);
@@ -215,7 +220,11 @@ impl Fleet {
                         r
                     }
                     .boxed()
-                    .shared()
+                    .shared();
+                    // The load runs to its end even when every waiting request gives up, so
+                    // it never stays half-done in `loads`.
+                    tokio::spawn(fut.clone());
+                    fut
                 })
                 .clone()
         };
@@ -325,13 +334,10 @@ impl Fleet {
                 .send()
                 .await;
             match res {
+                // Accepted: follow the load there to its end (a large download may outlast the
+                // neuron's bounded wait) rather than starting another copy elsewhere.
                 Ok(r) if r.status().is_success() => {
-                    self.poll().await;
-                    if n.holds_ready(&p.name) {
-                        tracing::info!(neuron = %target, model = %p.name, "model loaded");
-                        return Ok(());
-                    }
-                    last_error = format!("{target} accepted '{}' but it is not ready", p.name);
+                    return self.follow_load(&n, &p.name).await;
                 }
                 Ok(r) => {
                     let status = r.status();
@@ -360,6 +366,54 @@ impl Fleet {
             }
         }
         Err(last_error)
+    }
+
+    /// Polls a neuron until `id` is ready there, or failed, for at most an hour.
+    async fn follow_load(&self, n: &Neuron, id: &str) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3600);
+        loop {
+            self.poll().await;
+            let state = n
+                .status
+                .read()
+                .expect("status lock")
+                .as_ref()
+                .and_then(|s| {
+                    s.models
+                        .iter()
+                        .find(|m| m.id == id)
+                        .map(|m| (m.state, m.error.clone()))
+                });
+            match state {
+                Some((ModelState::Ready, _)) => {
+                    tracing::info!(neuron = %n.cfg.name, model = %id, "model loaded");
+                    return Ok(());
+                }
+                Some((ModelState::Failed, error)) => {
+                    return Err(format!(
+                        "{} failed to load '{id}': {}",
+                        n.cfg.name,
+                        error.unwrap_or_default()
+                    ));
+                }
+                None if !n.up.load(Ordering::Relaxed) => {
+                    return Err(format!("{} went down while loading '{id}'", n.cfg.name));
+                }
+                None => {
+                    return Err(format!(
+                        "{} accepted '{id}' but no longer lists it",
+                        n.cfg.name
+                    ));
+                }
+                Some(_) if std::time::Instant::now() > deadline => {
+                    return Err(format!(
+                        "{} was still loading '{id}' after an hour",
+                        n.cfg.name
+                    ));
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
     }
 
     /// Loads the copies each placement keeps (`minReplicas`, else `replicas`) on distinct neurons.

@@ -6,8 +6,7 @@
 //! # async fn run() -> anyhow::Result<()> {
 //! use std::sync::Arc;
 //! let (cfg, placements) = cortex_gateway::config::load("cortex.toml".as_ref())?;
-//! let fleet = cortex_gateway::fleet::Fleet::new(cfg.neurons, placements, cfg.eviction.strategy,
-//!     std::time::Duration::from_secs(cfg.gateway.load_timeout_secs));
+//! let fleet = cortex_gateway::fleet::Fleet::new(&cfg, placements);
 //! let app = cortex_gateway::api::router(Arc::new(cortex_gateway::api::AppState {
 //!     fleet, api_keys: cfg.gateway.api_keys }));
 //! axum::serve(tokio::net::TcpListener::bind("127.0.0.1:31313").await?, app).await?;

@@ -65,12 +65,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Serve { config, listen } => {
             let (cfg, placements) = config::load(&config)?;
             let listen = listen.unwrap_or(cfg.gateway.listen.clone());
-            let fleet = Fleet::new(
-                cfg.neurons,
-                placements,
-                cfg.eviction.strategy,
-                Duration::from_secs(cfg.gateway.load_timeout_secs),
-            );
+            let fleet = Fleet::new(&cfg, placements);
             fleet.spawn_poller(Duration::from_secs_f64(
                 cfg.gateway.poll_interval_secs.max(0.1),
             ));

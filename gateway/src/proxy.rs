@@ -129,12 +129,16 @@ pub async fn send(
                 })?
             }
         };
-        let mut guard = RequestGuard::new(n.clone(), fleet.metrics.clone(), &p.name, dialect);
-        let res = n
-            .request(&fleet.http, reqwest::Method::POST, path)
-            .json(body)
-            .send()
-            .await;
+        let guard = RequestGuard::new(n.clone(), fleet.metrics.clone(), &p.name, dialect);
+        let res = tokio::time::timeout(
+            fleet.request_timeout,
+            n.request(&fleet.http, reqwest::Method::POST, path)
+                .json(body)
+                .send(),
+        )
+        .await
+        .map_err(|_| format!("no answer within {} s", fleet.request_timeout.as_secs()))
+        .and_then(|r| r.map_err(|e| e.to_string()));
         match res {
             Err(e) => {
                 guard.record(StatusCode::BAD_GATEWAY);
@@ -159,10 +163,10 @@ pub async fn send(
                     StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
                 guard.record(status);
                 let ctype = r.headers().get(reqwest::header::CONTENT_TYPE).cloned();
-                let stream = r.bytes_stream().map(move |c| {
-                    guard.chunk();
-                    c
-                });
+                let sse = ctype
+                    .as_ref()
+                    .is_some_and(|c| c.as_bytes().starts_with(b"text/event-stream"));
+                let stream = relay(r, guard, sse, fleet.stream_idle_timeout, n.cfg.name.clone());
                 let mut resp = Response::new(Body::from_stream(stream));
                 *resp.status_mut() = status;
                 if let Some(ct) = ctype.and_then(|c| HeaderValue::from_bytes(c.as_bytes()).ok()) {
@@ -176,6 +180,47 @@ pub async fn send(
         "no replica of '{}' answered; last: {last}",
         p.served_name()
     )))
+}
+
+/// The neuron's body, relayed: each chunk counts for time-to-first-token; a neuron that fails or
+/// stays silent past `idle` mid-stream ends an SSE answer with an error event in OpenAI's shape
+/// and `[DONE]`, so the caller never hangs.
+fn relay(
+    r: reqwest::Response,
+    guard: RequestGuard,
+    sse: bool,
+    idle: Duration,
+    neuron: String,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+    let body = r.bytes_stream().boxed();
+    futures::stream::unfold((body, guard, false), move |(mut body, mut guard, done)| {
+        let neuron = neuron.clone();
+        async move {
+            if done {
+                return None;
+            }
+            let failure = match tokio::time::timeout(idle, body.next()).await {
+                Ok(None) => return None,
+                Ok(Some(Ok(b))) => {
+                    guard.chunk();
+                    return Some((Ok(b), (body, guard, false)));
+                }
+                Ok(Some(Err(e))) => format!("neuron {neuron} failed mid-answer: {e}"),
+                Err(_) => format!(
+                    "neuron {neuron} sent nothing for {} s mid-answer",
+                    idle.as_secs()
+                ),
+            };
+            tracing::warn!(neuron = %neuron, error = %failure, "stream cut");
+            if !sse {
+                return Some((Err(std::io::Error::other(failure)), (body, guard, true)));
+            }
+            let err = Error::Upstream(failure).openai_body();
+            let mut bytes = sse_data(&serde_json::to_vec(&err).unwrap_or_default()).to_vec();
+            bytes.extend_from_slice(b"data: [DONE]\n\n");
+            Some((Ok(Bytes::from(bytes)), (body, guard, true)))
+        }
+    })
 }
 
 pub type Tx = futures::channel::mpsc::Sender<Result<Bytes, std::io::Error>>;

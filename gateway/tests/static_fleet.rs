@@ -158,3 +158,144 @@ async fn api_keys_are_required_when_configured() {
         .unwrap();
     assert_eq!(r.status(), 401);
 }
+
+/// The neuron holding smollm2 and its index in `fleet.neurons`.
+async fn holder(fleet: &Fleet) -> (usize, String) {
+    let smol = fleet.wait_state("smollm2", "ready").await;
+    let name = smol["loaded_on"][0]["neuron"].as_str().unwrap().to_string();
+    (if name == "n1" { 0 } else { 1 }, name)
+}
+
+fn signal(fleet: &Fleet, idx: usize, sig: &str) {
+    let pid = fleet.neurons[idx].1.as_ref().unwrap().0.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_neuron_times_out_and_the_request_goes_elsewhere() {
+    let fleet = Fleet::start("request_timeout_secs = 3").await;
+    let (idx, name) = holder(&fleet).await;
+    // A stopped process keeps its socket open and never answers: a real hang.
+    signal(&fleet, idx, "-STOP");
+    let started = std::time::Instant::now();
+    let (s, body) = fleet
+        .post(
+            "/v1/chat/completions",
+            chat(
+                "smollm2",
+                "What is the capital of France? Answer in one sentence.",
+            ),
+        )
+        .await;
+    signal(&fleet, idx, "-CONT");
+    assert_eq!(s, 200, "{body}");
+    assert!(
+        body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Paris")
+    );
+    let took = started.elapsed();
+    assert!(took.as_secs() < 30, "answered after {took:?}");
+    let cat = fleet.catalogue().await;
+    let on: Vec<&str> = cat[0]["loaded_on"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["neuron"].as_str().unwrap())
+        .collect();
+    assert!(
+        on.iter().any(|n| *n != name),
+        "a copy was loaded on the other neuron: {on:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_neuron_killed_mid_stream_ends_the_stream_with_an_error_event() {
+    let mut fleet = Fleet::start("").await;
+    let (idx, _) = holder(&fleet).await;
+    let res = fleet
+        .http
+        .post(format!("{}/v1/chat/completions", fleet.url))
+        .json(
+            &json!({"model": "smollm2", "stream": true, "max_tokens": 2000, "temperature": 0.8,
+            "messages": [{"role": "user", "content": "Write a very long essay about the sea."}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut s = res.bytes_stream();
+    let mut text = String::from_utf8(s.next().await.unwrap().unwrap().to_vec()).unwrap();
+    fleet.neurons[idx].1.take();
+    let rest = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(c) = s.next().await {
+            match c {
+                Ok(c) => text.push_str(std::str::from_utf8(&c).unwrap()),
+                Err(_) => break,
+            }
+        }
+    })
+    .await;
+    assert!(rest.is_ok(), "the stream hung after its neuron died");
+    assert!(text.contains("data: {\"error\""), "no error event: {text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_short_load_bound_answers_503_with_retry_after_and_the_load_goes_on() {
+    let fleet = Fleet::start("load_timeout_secs = 1").await;
+    fleet.wait_state("smollm2", "ready").await;
+    // Gemma 3 takes longer than a second to load here: the caller gets 503 with Retry-After.
+    let res = fleet
+        .http
+        .post(format!("{}/v1/completions", fleet.url))
+        .json(&json!({"model": "gemma3", "prompt": "Hi", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    assert!(res.headers().contains_key("retry-after"));
+    let body: Value = res.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("could not be loaded in 1 s"),
+        "{body}"
+    );
+    // The load goes on without anyone waiting, and the model is then served.
+    fleet.wait_state("gemma3", "ready").await;
+    let (s, _) = fleet
+        .post(
+            "/v1/completions",
+            json!({"model": "gemma3", "prompt": "Hi", "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(s, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_streaming_request_for_a_cold_model_starts_with_a_keep_alive() {
+    let fleet = Fleet::start("").await;
+    fleet.wait_state("smollm2", "ready").await;
+    let res = fleet
+        .http
+        .post(format!("{}/v1/completions", fleet.url))
+        .json(&json!({"model": "gemma3", "prompt": "Question: What is the capital of France?\nAnswer:", "max_tokens": 4, "temperature": 0, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    assert!(text.starts_with(": loading model\n\n"), "{text}");
+    assert!(
+        text.contains("Paris") && text.trim_end().ends_with("data: [DONE]"),
+        "{text}"
+    );
+}

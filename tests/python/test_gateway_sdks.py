@@ -85,3 +85,10 @@ def test_errors_come_in_each_callers_dialect(an, oa):
     assert "image block" in e.value.body["error"]["message"]
     with pytest.raises(openai.NotFoundError):
         oa.chat.completions.create(model="claude-nope", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_count_tokens_matches_the_prompt_tokens_of_a_message(an):
+    messages = [{"role": "user", "content": QUESTION}]
+    counted = an.messages.count_tokens(model="smollm2", system="You are a helpful assistant.", messages=messages)
+    used = an.messages.create(model="smollm2", max_tokens=2, system="You are a helpful assistant.", messages=messages)
+    assert counted.input_tokens == used.usage.input_tokens > 10

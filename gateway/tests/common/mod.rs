@@ -134,7 +134,7 @@ impl Fleet {
         std::fs::write(
             dir.path().join("cortex.toml"),
             format!(
-                "[gateway]\nlisten = \"127.0.0.1:{gport}\"\nmetrics_listen = \"127.0.0.1:{mport}\"\npoll_interval_secs = 0.2\nload_timeout_secs = 60\n{extra_gateway_toml}\n{neuron_toml}"
+                "[gateway]\nlisten = \"127.0.0.1:{gport}\"\nmetrics_listen = \"127.0.0.1:{mport}\"\npoll_interval_secs = 0.2\n{extra_gateway_toml}\n{neuron_toml}"
             ),
         )
         .unwrap();

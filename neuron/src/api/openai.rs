@@ -276,33 +276,68 @@ async fn collect(
     ))
 }
 
+/// The prompt tokens of a chat: the messages rendered with the model's template, tokenized.
+fn chat_prompt(
+    lm: &LoadedModel,
+    model: &str,
+    messages: &[ChatMessage],
+    tools: Option<&[serde_json::Value]>,
+) -> Result<Vec<u32>> {
+    let messages = template_messages(messages)?;
+    let template = lm.template.as_ref().ok_or_else(|| {
+        Error::invalid(
+            "messages",
+            format!("model '{model}' has no chat template (none in its GGUF or tokenizer_config.json); use /v1/completions"),
+        )
+    })?;
+    let special =
+        |t: &Option<(u32, String)>| t.as_ref().map(|(_, s)| s.clone()).unwrap_or_default();
+    let text = template.render(
+        &messages,
+        tools,
+        &special(&lm.tokenizer.bos),
+        &special(&lm.tokenizer.eos),
+    )?;
+    lm.tokenizer.encode(&text, false)
+}
+
+/// `POST /tokenize` (as vLLM has it): `{model, messages}` or `{model, prompt}` → the token count,
+/// so a gateway can answer Anthropic's `count_tokens` exactly.
+#[derive(serde::Deserialize)]
+pub struct TokenizeRequest {
+    model: String,
+    #[serde(default)]
+    messages: Option<Vec<ChatMessage>>,
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    tools: Option<Vec<serde_json::Value>>,
+}
+
+pub async fn tokenize(
+    State(st): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<TokenizeRequest>,
+) -> Result<Json<serde_json::Value>> {
+    let (_, lm) = find(&st, &req.model)?;
+    let tokens = match (&req.messages, &req.prompt) {
+        (Some(m), None) => chat_prompt(&lm, &req.model, m, req.tools.as_deref())?,
+        (None, Some(p)) => lm.tokenizer.encode(p, lm.tokenizer.add_bos)?,
+        _ => return Err(Error::invalid("messages", "send either messages or prompt")),
+    };
+    Ok(Json(serde_json::json!({
+        "count": tokens.len(),
+        "max_model_len": lm.model.max_len,
+        "tokens": tokens,
+    })))
+}
+
 pub async fn chat(
     State(st): State<Arc<AppState>>,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response> {
     let p = validate(&req.sampling)?;
     let (entry, lm) = find(&st, &req.model)?;
-    let messages = template_messages(&req.messages)?;
-    let template = lm.template.as_ref().ok_or_else(|| {
-        Error::invalid(
-            "messages",
-            format!("model '{}' has no chat template (none in its GGUF or tokenizer_config.json); use /v1/completions", req.model),
-        )
-    })?;
-    let bos = lm
-        .tokenizer
-        .bos
-        .as_ref()
-        .map(|(_, s)| s.as_str())
-        .unwrap_or("");
-    let eos = lm
-        .tokenizer
-        .eos
-        .as_ref()
-        .map(|(_, s)| s.as_str())
-        .unwrap_or("");
-    let text = template.render(&messages, req.tools.as_deref(), bos, eos)?;
-    let prompt = lm.tokenizer.encode(&text, false)?;
+    let prompt = chat_prompt(&lm, &req.model, &req.messages, req.tools.as_deref())?;
     let max_tokens = budget(&lm, prompt.len(), p.max_tokens)?;
     let rx = start(&st, &entry, prompt, max_tokens, &p)?;
     let id = request_id("chatcmpl");
