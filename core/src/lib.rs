@@ -11,6 +11,7 @@
 //! ```
 
 pub mod anthropic;
+pub mod exposition;
 pub mod neuron;
 pub mod openai;
 pub mod placement;

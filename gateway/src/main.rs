@@ -74,16 +74,14 @@ async fn main() -> anyhow::Result<()> {
             let metrics = fleet.metrics.clone();
             let metrics_app = axum::Router::new().route(
                 "/metrics",
-                axum::routing::get(move || {
+                axum::routing::get(move |headers: axum::http::HeaderMap| {
                     let m = metrics.clone();
                     async move {
-                        (
-                            [(
-                                axum::http::header::CONTENT_TYPE,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )],
-                            m.encode(),
-                        )
+                        let accept = headers
+                            .get(axum::http::header::ACCEPT)
+                            .and_then(|v| v.to_str().ok());
+                        let (ctype, body) = cortex_core::exposition::negotiate(accept, m.encode());
+                        ([(axum::http::header::CONTENT_TYPE, ctype)], body)
                     }
                 }),
             );

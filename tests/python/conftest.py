@@ -104,6 +104,8 @@ def gateway(tmp_path_factory):
         f'[[placements]]\nname = "gemma3"\nminReplicas = 0\ncontextLength = 2048\nmodel = {{ uri = "file://{model(GEMMA3)}" }}\n'
     )
     gw = Process([str(binary("cortex")), "serve", "--config", str(d / "cortex.toml")], f"http://127.0.0.1:{gport}")
+    gw.metrics_url = f"http://127.0.0.1:{mport}/metrics"
+    gw.neuron_url = neuron.url
     deadline = time.time() + 60
     while time.time() < deadline:
         _, body = http("GET", f"{gw.url}/v1/models")

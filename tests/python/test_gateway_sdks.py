@@ -92,3 +92,28 @@ def test_count_tokens_matches_the_prompt_tokens_of_a_message(an):
     counted = an.messages.count_tokens(model="smollm2", system="You are a helpful assistant.", messages=messages)
     used = an.messages.create(model="smollm2", max_tokens=2, system="You are a helpful assistant.", messages=messages)
     assert counted.input_tokens == used.usage.input_tokens > 10
+
+
+def promtool(text):
+    import shutil
+    import subprocess
+
+    if not shutil.which("promtool"):
+        pytest.fail("promtool is missing; install it with `apt-get install prometheus` (scripts/test does)")
+    return subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+
+
+def test_gateway_and_neuron_metrics_pass_promtool(gateway, oa):
+    import urllib.request
+
+    oa.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    text = urllib.request.urlopen(gateway.metrics_url).read().decode()
+    assert "cortex_gateway_requests_total{" in text
+    r = promtool(text)
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = urllib.request.urlopen(f"{gateway.neuron_url}/metrics").read().decode()
+    assert "vllm:time_to_first_token_seconds_bucket{" in text
+    r = promtool(text)
+    # vLLM's names carry a colon, which promtool's style lint flags; nothing else may be flagged.
+    problems = [l for l in (r.stdout + r.stderr).splitlines() if l.strip() and "should not contain ':'" not in l]
+    assert problems == [], problems

@@ -117,15 +117,10 @@ async fn count_errors(State(st): State<Arc<AppState>>, req: Request, next: Next)
     res
 }
 
-async fn metrics(State(st): State<Arc<AppState>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        st.metrics.encode(),
-    )
-        .into_response()
+async fn metrics(State(st): State<Arc<AppState>>, headers: axum::http::HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (ctype, body) = cortex_core::exposition::negotiate(accept, st.metrics.encode());
+    ([(header::CONTENT_TYPE, ctype)], body).into_response()
 }
 
 async fn healthz() -> &'static str {
