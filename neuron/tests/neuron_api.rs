@@ -547,7 +547,7 @@ async fn concurrent_requests_are_all_answered_and_a_full_queue_says_retry_after(
     let res = c
         .http
         .post(format!("{}/v1/chat/completions", c.base))
-        .json(&json!({"model": "smol", "messages": [{"role": "user", "content": "x"}]}))
+        .json(&json!({"model": "smol", "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]}))
         .send()
         .await
         .unwrap();
