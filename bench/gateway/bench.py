@@ -85,7 +85,7 @@ def wrk(url, body, conns, seconds):
     script = pathlib.Path(tempfile.mkstemp(suffix=".lua")[1])
     script.write_text(f"wrk.method = 'POST'\nwrk.body = '{nginx_escape(json.dumps(body))}'\n"
                       "wrk.headers['Content-Type'] = 'application/json'\n")
-    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "60s", "--latency", "-s", str(script), url],
                          capture_output=True, text=True).stdout
     script.unlink()
 
@@ -97,6 +97,8 @@ def wrk(url, body, conns, seconds):
         return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
 
     reqs = int(re.search(r"(\d+) requests in", out).group(1))
+    if reqs == 0:
+        raise SystemExit(f"{url}: no request completed in {seconds} s\n{out}")
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if non2xx:
         raise SystemExit(f"{url}: {non2xx.group(1)} failed responses\n{out}")
@@ -175,7 +177,9 @@ def main():
                 f"  - model_name: fake\n    litellm_params: {{model: openai/fake, api_base: 'http://127.0.0.1:{p_plain}/v1', api_key: x}}\n"
                 f"  - model_name: fake-stream\n    litellm_params: {{model: openai/fake, api_base: 'http://127.0.0.1:{p_sse}/v1', api_key: x}}\n")
             ll = subprocess.Popen(["taskset", "-c", "0", a.litellm, "--config", str(d / "litellm.yaml"), "--port", str(p_ll),
-                                   "--num_workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   "--num_workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  # A loopback bench needs no master key; LiteLLM refuses to start without one unless told.
+                                  env={**os.environ, "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true"})
             procs.append(ll)
             wait_http(f"http://127.0.0.1:{p_ll}/health/liveliness", timeout=120)
             targets.append(("litellm", f"http://127.0.0.1:{p_ll}", f"http://127.0.0.1:{p_ll}", tree(ll.pid), "fake"))
@@ -199,6 +203,7 @@ def main():
         neuron = subprocess.Popen([a.neuron, "--listen", f"127.0.0.1:{p_n}", "--model-dirs", a.model_dir, "--device", "cpu"],
                                   env={**os.environ, "RUST_LOG": "warn"})
         procs.append(neuron)
+        wait_http(f"http://127.0.0.1:{p_n}/healthz")
         (d / "real.toml").write_text(
             f'[gateway]\nlisten = "127.0.0.1:{p_gw2}"\nmetrics_listen = "127.0.0.1:{p_gw2_m}"\nmodels = "real-models.toml"\n'
             f'[[neurons]]\nname = "real"\nendpoint = "http://127.0.0.1:{p_n}"\n')
@@ -216,8 +221,9 @@ def main():
         for c in (1, 4):
             base = None
             for name, url in (("direct", f"http://127.0.0.1:{p_n}"), ("cortex", f"http://127.0.0.1:{p_gw2}")):
-                wrk(url + "/v1/chat/completions", body, c, 1)
-                r = wrk(url + "/v1/chat/completions", body, c, a.seconds)
+                req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"})
+                urllib.request.urlopen(req, timeout=60).read()  # warm-up: one whole answer
+                r = wrk(url + "/v1/chat/completions", body, c, max(a.seconds, 10))
                 base = base or r
                 real.append((c, name, r, base))
 

@@ -416,7 +416,8 @@ impl Fleet {
         }
     }
 
-    /// Loads the copies each placement keeps (`minReplicas`, else `replicas`) on distinct neurons.
+    /// Loads the copies each placement keeps (`minReplicas`, else `replicas`) on distinct neurons;
+    /// what cannot be loaded now is tried again on the next call.
     pub async fn load_initial(self: &Arc<Self>) {
         for p in &self.placements {
             let want = p.spec.min_copies() as usize;

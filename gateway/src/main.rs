@@ -70,7 +70,14 @@ async fn main() -> anyhow::Result<()> {
                 cfg.gateway.poll_interval_secs.max(0.1),
             ));
             let f = fleet.clone();
-            tokio::spawn(async move { f.load_initial().await });
+            // Keep each placement's minimum copies loaded: at start, and again whenever a neuron
+            // that was down (or not yet up) comes back or a copy was lost.
+            tokio::spawn(async move {
+                loop {
+                    f.load_initial().await;
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            });
             let metrics = fleet.metrics.clone();
             let metrics_app = axum::Router::new().route(
                 "/metrics",

@@ -299,3 +299,26 @@ async fn a_streaming_request_for_a_cold_model_starts_with_a_keep_alive() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pinned_models_are_loaded_once_a_neuron_comes_up_after_the_gateway() {
+    use common::{free_port, start_neuron, wait_healthy};
+    // The gateway starts first, pointing at a neuron that is not running yet.
+    let port = free_port();
+    let m = common::models_dir();
+    let placements = format!(
+        "[[placements]]\nname = \"smollm2\"\npinned = true\nmodel = {{ uri = \"file://{}/SmolLM2-135M-Instruct.Q4_1.gguf\" }}\n",
+        m.display()
+    );
+    let fleet = Fleet::start_with(
+        0,
+        &[],
+        &format!("[[neurons]]\nname = \"late\"\nendpoint = \"http://127.0.0.1:{port}\"\n"),
+        &placements,
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let _late = start_neuron(port, &[]);
+    wait_healthy(&format!("http://127.0.0.1:{port}")).await;
+    fleet.wait_state("smollm2", "ready").await;
+}
