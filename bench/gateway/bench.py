@@ -228,7 +228,7 @@ def main():
                 real.append((c, name, r, base))
 
         print(f"\n{a.seconds} s per cell; wrk on core 1, proxies and the fake backend on core 0; added = vs direct")
-        print(f"{'mode':7}{'c':>4}  {'target':8}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}{'req/s':>10}{'vs direct':>10}{'CPU µs/req':>12}")
+        print(f"{'mode':7}{'c':>4}  {'target':8}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}{'req/s':>10}{'vs direct':>10}  CPU µs/req")
         nginx_cpu = {}
         for mode, c, name, r, base in rows:
             if name == "nginx":
@@ -238,7 +238,7 @@ def main():
             if name not in ("direct", "nginx") and nginx_cpu.get((mode, c)):
                 cpu += f" ({r['cpu_us'] / nginx_cpu[(mode, c)]:.1f}× nginx)"
             print(f"{mode:7}{c:>4}  {name:8}{r['p50']:9.3f}{r['p99']:9.3f}{r['p50'] - base['p50']:9.3f}{r['p99'] - base['p99']:9.3f}"
-                  f"{r['rps']:10.0f}{r['rps'] / base['rps']:10.2f}{cpu:>12}")
+                  f"{r['rps']:10.0f}{r['rps'] / base['rps']:10.2f}  {cpu}")
         print("\nend to end on a real neuron (SmolLM2 Q4_1, CPU, 16 generated tokens per request)")
         print(f"{'c':>4}  {'target':8}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'req/s':>8}{'vs direct':>10}")
         for c, name, r, base in real:
