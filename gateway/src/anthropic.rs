@@ -226,6 +226,14 @@ pub fn from_openai(resp: &ChatCompletion, model: &str) -> MessagesResponse {
     }
 }
 
+/// The message of a neuron's OpenAI-shaped error body (or the body itself when it is not one),
+/// to pass on in Anthropic's shape.
+pub fn upstream_message(body: &[u8]) -> String {
+    serde_json::from_slice::<cortex_core::openai::ErrorBody>(body)
+        .map(|e| e.error.message)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned())
+}
+
 /// Anthropic's error type for an HTTP status.
 pub fn error_type(status: u16) -> &'static str {
     match status {
@@ -404,10 +412,7 @@ pub fn stream(
                 let bytes = axum::body::to_bytes(r.into_body(), 1 << 20)
                     .await
                     .unwrap_or_default();
-                let msg = serde_json::from_slice::<cortex_core::openai::ErrorBody>(&bytes)
-                    .map(|e| e.error.message)
-                    .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-                let _ = tx.send(Ok(fail(status, &msg))).await;
+                let _ = tx.send(Ok(fail(status, &upstream_message(&bytes)))).await;
                 return;
             }
             Err(e) => {
@@ -430,10 +435,9 @@ pub fn stream(
                     } else if let Ok(c) = serde_json::from_str::<ChatCompletionChunk>(data) {
                         tr.chunk(&c)
                     } else {
-                        let msg = serde_json::from_str::<cortex_core::openai::ErrorBody>(data)
-                            .map(|e| e.error.message)
-                            .unwrap_or_else(|_| data.to_string());
-                        let _ = tx.send(Ok(fail(502, &msg))).await;
+                        let _ = tx
+                            .send(Ok(fail(502, &upstream_message(data.as_bytes()))))
+                            .await;
                         return;
                     };
                     for e in &events {

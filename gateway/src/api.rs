@@ -196,10 +196,7 @@ async fn messages(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
         .await
         .unwrap_or_default();
     if !status.is_success() {
-        let msg = serde_json::from_slice::<cortex_core::openai::ErrorBody>(&bytes)
-            .map(|e| e.error.message)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-        return anthropic_error(status, &msg);
+        return anthropic_error(status, &crate::anthropic::upstream_message(&bytes));
     }
     match serde_json::from_slice::<cortex_core::openai::ChatCompletion>(&bytes) {
         Ok(c) => Json(crate::anthropic::from_openai(&c, &req.model)).into_response(),
