@@ -20,7 +20,8 @@ use crate::fleet::Fleet;
 
 pub struct AppState {
     pub fleet: Arc<Fleet>,
-    pub api_keys: Vec<String>,
+    /// SHA-256 (hex) of the accepted keys; empty = open.
+    pub key_hashes: Vec<String>,
 }
 
 pub fn error_response(e: Error) -> Response {
@@ -55,7 +56,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if !st.api_keys.is_empty() && req.uri().path() != "/healthz" {
+    if !st.key_hashes.is_empty() && req.uri().path() != "/healthz" {
         let h = req.headers();
         let given = h
             .get(header::AUTHORIZATION)
@@ -63,9 +64,10 @@ async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Resp
             .and_then(|v| v.strip_prefix("Bearer "))
             .or_else(|| h.get("x-api-key").and_then(|v| v.to_str().ok()));
         let ok = given.is_some_and(|g| {
-            st.api_keys
+            let h = crate::config::hash_key(g);
+            st.key_hashes
                 .iter()
-                .any(|k| constant_time_eq(k.as_bytes(), g.as_bytes()))
+                .any(|k| constant_time_eq(k.as_bytes(), h.as_bytes()))
         });
         if !ok {
             return if req.uri().path().starts_with("/v1/messages") {

@@ -32,9 +32,17 @@ pub struct GatewayConfig {
     /// Path of the placements file; relative paths are beside `cortex.toml`.
     #[serde(default)]
     pub models: Option<PathBuf>,
-    /// Keys clients must send (`Authorization: Bearer` or `x-api-key`); none = open.
+    /// Keys clients must send (`Authorization: Bearer` or `x-api-key`); none here nor in
+    /// `api_keys_file` = open.
     #[serde(default)]
     pub api_keys: Vec<String>,
+    /// A file of accepted keys as `sha256:<hex>` lines (`cortex hash-key KEY` prints one), so the
+    /// keys themselves need not be stored; relative paths are beside `cortex.toml`.
+    #[serde(default)]
+    pub api_keys_file: Option<PathBuf>,
+    /// SHA-256 (hex) of every accepted key: `api_keys` hashed plus `api_keys_file`'s lines.
+    #[serde(skip)]
+    pub key_hashes: Vec<String>,
     /// Longest a request waits for a cold model to load, in seconds.
     #[serde(default = "default_load_timeout")]
     pub load_timeout_secs: u64,
@@ -75,6 +83,8 @@ impl Default for GatewayConfig {
             metrics_listen: default_metrics_listen(),
             models: None,
             api_keys: Vec::new(),
+            api_keys_file: None,
+            key_hashes: Vec::new(),
             load_timeout_secs: default_load_timeout(),
             request_timeout_secs: default_request_timeout(),
             stream_idle_timeout_secs: default_stream_idle(),
@@ -128,9 +138,37 @@ fn read(path: &Path) -> Result<String, Error> {
         .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))
 }
 
+/// The `sha256:<hex>` line for a key, as `api_keys_file` holds it.
+pub fn hash_key(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn read_key_hashes(path: &Path) -> Result<Vec<String>, Error> {
+    read(path)?
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (i, l.trim()))
+        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+        .map(|(i, l)| match l.strip_prefix("sha256:") {
+            Some(h) if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) => {
+                Ok(h.to_ascii_lowercase())
+            }
+            _ => Err(Error::Config(format!(
+                "{}:{}: expected 'sha256:<64 hex digits>' (print one with `cortex hash-key KEY`)",
+                path.display(),
+                i + 1
+            ))),
+        })
+        .collect()
+}
+
 /// Reads `cortex.toml` and its placements.
 pub fn load(path: &Path) -> Result<(Config, Vec<Placement>), Error> {
-    let cfg: Config = toml::from_str(&read(path)?)
+    let mut cfg: Config = toml::from_str(&read(path)?)
         .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
     if cfg.neurons.is_empty() {
         return Err(Error::Config(format!(
@@ -149,6 +187,12 @@ pub fn load(path: &Path) -> Result<(Config, Vec<Placement>), Error> {
         }
     }
     let dir = path.parent().unwrap_or(Path::new("."));
+    cfg.gateway.key_hashes = cfg.gateway.api_keys.iter().map(|k| hash_key(k)).collect();
+    if let Some(f) = &cfg.gateway.api_keys_file {
+        cfg.gateway
+            .key_hashes
+            .extend(read_key_hashes(&dir.join(f))?);
+    }
     let models = match &cfg.gateway.models {
         Some(p) if p.is_absolute() => p.clone(),
         Some(p) => dir.join(p),
@@ -229,6 +273,33 @@ model = { repo = "unsloth/Qwen3-0.6B-GGUF", quant = "Q4_K_M" }
         assert!(p[0].spec.pinned);
         assert_eq!(p[0].spec.min_copies(), 1);
         assert_eq!(p[1].spec.min_copies(), 0);
+    }
+
+    #[test]
+    fn api_keys_and_a_file_of_hashes_are_both_accepted_and_a_bad_line_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        write(
+            d.path(),
+            "keys.txt",
+            &format!("# team keys\nsha256:{}\n\n", hash_key("sk-file")),
+        );
+        let cfg = write(
+            d.path(),
+            "cortex.toml",
+            "[gateway]\napi_keys = [\"sk-plain\"]\napi_keys_file = \"keys.txt\"\n[[neurons]]\nname = \"a\"\nendpoint = \"http://a\"\n",
+        );
+        let (c, _) = load(&cfg).unwrap();
+        assert_eq!(
+            c.gateway.key_hashes,
+            vec![hash_key("sk-plain"), hash_key("sk-file")]
+        );
+        assert_eq!(
+            hash_key("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        write(d.path(), "keys.txt", "sk-plaintext-key\n");
+        let e = load(&cfg).unwrap_err().to_string();
+        assert!(e.contains("keys.txt:1: expected 'sha256:"), "{e}");
     }
 
     #[test]

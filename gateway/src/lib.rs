@@ -8,7 +8,7 @@
 //! let (cfg, placements) = cortex_gateway::config::load("cortex.toml".as_ref())?;
 //! let fleet = cortex_gateway::fleet::Fleet::new(&cfg, placements);
 //! let app = cortex_gateway::api::router(Arc::new(cortex_gateway::api::AppState {
-//!     fleet, api_keys: cfg.gateway.api_keys }));
+//!     fleet, key_hashes: cfg.gateway.key_hashes }));
 //! axum::serve(tokio::net::TcpListener::bind("127.0.0.1:31313").await?, app).await?;
 //! # Ok(()) }
 //! ```

@@ -36,6 +36,8 @@ enum Cmd {
         #[arg(long, env = "CORTEX_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
     },
+    /// Print the `sha256:` line that lets KEY in through a cortex.toml `api_keys_file`.
+    HashKey { key: String },
     /// Print the catalogue of models.
     Models {
         #[arg(long, env = "CORTEX_GATEWAY", default_value = "http://127.0.0.1:31313")]
@@ -100,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
             tokio::spawn(async move { axum::serve(metrics_listener, metrics_app).await });
             let app = api::router(Arc::new(api::AppState {
                 fleet,
-                api_keys: cfg.gateway.api_keys,
+                key_hashes: cfg.gateway.key_hashes,
             }));
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
@@ -115,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Status { gateway, api_key } => {
             print!("{}", cli::status(&gateway, api_key.as_deref()).await?)
         }
+        Cmd::HashKey { key } => println!("sha256:{}", config::hash_key(&key)),
         Cmd::Models { gateway, api_key } => {
             print!("{}", cli::models(&gateway, api_key.as_deref()).await?)
         }

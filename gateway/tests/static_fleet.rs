@@ -126,7 +126,23 @@ async fn a_static_fleet_serves_loads_on_demand_and_survives_a_dead_neuron() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn api_keys_are_required_when_configured() {
-    let fleet = Fleet::start("api_keys = [\"sk-test\"]").await;
+    // A second key is accepted through a file of hashes, written with `cortex hash-key`.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cortex"))
+        .args(["hash-key", "sk-hashed"])
+        .output()
+        .unwrap();
+    let line = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        line.starts_with("sha256:") && line.trim().len() == 71,
+        "{line}"
+    );
+    let keys = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(keys.path(), format!("# keys\n{line}")).unwrap();
+    let fleet = Fleet::start(&format!(
+        "api_keys = [\"sk-test\"]\napi_keys_file = \"{}\"",
+        keys.path().display()
+    ))
+    .await;
     let r = fleet
         .http
         .get(format!("{}/v1/models", fleet.url))
@@ -139,6 +155,8 @@ async fn api_keys_are_required_when_configured() {
     for (h, v) in [
         ("authorization", "Bearer sk-test"),
         ("x-api-key", "sk-test"),
+        ("x-api-key", "sk-hashed"),
+        ("authorization", "Bearer sk-hashed"),
     ] {
         let r = fleet
             .http
