@@ -107,17 +107,24 @@ pub fn run_loop(
             .get_or_create(&label)
             .observe(req.arrived.elapsed().as_secs_f64());
         let tx = req.tx.clone();
-        let outcome = generate(&lm, &mut cache, req, &stop, &load, &metrics);
-        if let Err(e) = outcome {
-            tracing::warn!(model = %lm.id, error = %e, "generation failed");
-            let _ = tx.send(GenEvent::Error(e.to_string()));
-        }
+        let last = match generate(&lm, &mut cache, req, &stop, &load, &metrics) {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::warn!(model = %lm.id, error = %e, "generation failed");
+                Some(GenEvent::Error(e.to_string()))
+            }
+        };
         cache.clear();
         load.kv_used.store(0, Ordering::Relaxed);
         metrics.kv_usage.get_or_create(&label).set(0.0);
         load.inflight.fetch_sub(1, Ordering::Relaxed);
         metrics.running.get_or_create(&label).dec();
         load.last_used.store(crate::now_secs(), Ordering::Relaxed);
+        // The closing event goes out last, so a client that has its answer finds /status and
+        // /metrics already counting it.
+        if let Some(ev) = last {
+            let _ = tx.send(ev);
+        }
     }
     // Whatever is still queued when the model goes away gets an answer rather than a hang.
     while let Ok(req) = rx.try_recv() {
@@ -135,14 +142,14 @@ fn generate(
     stop: &AtomicBool,
     load: &Load,
     metrics: &Metrics,
-) -> Result<()> {
+) -> Result<Option<GenEvent>> {
     let label = Metrics::label(&lm.id);
     let started = Instant::now();
     let cancelled = || req.tx.is_closed() || stop.load(Ordering::Relaxed);
     let mut logits = None;
     for chunk in req.prompt.chunks(PREFILL_CHUNK) {
         if cancelled() {
-            return Ok(());
+            return Ok(None);
         }
         logits = Some(lm.model.forward(chunk, cache)?);
     }
@@ -188,7 +195,7 @@ fn generate(
         let piece = decoder.push(&lm.tokenizer, tok)?;
         let (text, hit) = stops.push(&piece);
         if !text.is_empty() && req.tx.send(GenEvent::Text(text)).is_err() {
-            return Ok(());
+            return Ok(None);
         }
         if hit.is_some() {
             matched_stop = hit;
@@ -198,7 +205,7 @@ fn generate(
             break FinishReason::Length;
         }
         if cancelled() {
-            return Ok(());
+            return Ok(None);
         }
         logits = lm.model.forward(&[tok], cache)?;
         load.kv_used.store(cache.len(), Ordering::Relaxed);
@@ -212,12 +219,12 @@ fn generate(
     if matched_stop.is_none() && !rest.is_empty() {
         let _ = req.tx.send(GenEvent::Text(rest));
     }
-    let _ = req.tx.send(GenEvent::Done {
+    let done = GenEvent::Done {
         finish,
         stop: matched_stop,
         prompt_tokens: req.prompt.len(),
         completion_tokens: generated,
-    });
+    };
     let reason = match finish {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",
@@ -248,7 +255,7 @@ fn generate(
         .req_gen_tokens
         .get_or_create(&label)
         .observe(generated as f64);
-    Ok(())
+    Ok(Some(done))
 }
 
 /// How long a client should wait before retrying when the queue is full.
