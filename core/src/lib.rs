@@ -16,3 +16,8 @@ pub mod neuron;
 pub mod openai;
 pub mod placement;
 pub mod planner;
+
+/// Compares secrets (tokens, key hashes) in time that does not depend on where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -51,10 +51,6 @@ fn anthropic_error_of(e: Error) -> Response {
     res
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if !st.key_hashes.is_empty() && req.uri().path() != "/healthz" {
         let h = req.headers();
@@ -67,7 +63,7 @@ async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Resp
             let h = crate::config::hash_key(g);
             st.key_hashes
                 .iter()
-                .any(|k| constant_time_eq(k.as_bytes(), h.as_bytes()))
+                .any(|k| cortex_core::constant_time_eq(k.as_bytes(), h.as_bytes()))
         });
         if !ok {
             return if req.uri().path().starts_with("/v1/messages") {
@@ -166,6 +162,37 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     }
 }
 
+/// The placement an Anthropic request names and the request in the neurons' OpenAI dialect.
+fn route_anthropic(
+    st: &AppState,
+    req: &cortex_core::anthropic::MessagesRequest,
+) -> Result<(crate::config::Placement, Value), Error> {
+    let p = st
+        .fleet
+        .placement(&req.model)
+        .cloned()
+        .ok_or_else(|| Error::ModelNotFound(req.model.clone()))?;
+    let mut oa = crate::anthropic::to_openai(req)?;
+    oa["model"] = json!(p.name);
+    Ok((p, oa))
+}
+
+/// Sends to a neuron holding `p` and reads the whole answer; a neuron's own error answer comes
+/// back as its status and body.
+async fn ask_neuron(
+    st: &AppState,
+    p: &crate::config::Placement,
+    path: &str,
+    body: &Value,
+) -> Result<(axum::http::StatusCode, Bytes), Error> {
+    let resp = crate::proxy::send(&st.fleet, p, path, body, "anthropic").await?;
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
+        .await
+        .unwrap_or_default();
+    Ok((status, bytes))
+}
+
 /// `/v1/messages`: translated to the neurons' OpenAI dialect and back; errors in Anthropic's shape.
 async fn messages(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     let req: cortex_core::anthropic::MessagesRequest = match serde_json::from_slice(&body) {
@@ -177,26 +204,17 @@ async fn messages(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
             );
         }
     };
-    let Some(p) = st.fleet.placement(&req.model).cloned() else {
-        return anthropic_error_of(Error::ModelNotFound(req.model.clone()));
-    };
-    let mut oa = match crate::anthropic::to_openai(&req) {
-        Ok(v) => v,
+    let (p, oa) = match route_anthropic(&st, &req) {
+        Ok(r) => r,
         Err(e) => return anthropic_error_of(e),
     };
-    oa["model"] = json!(p.name);
     if req.stream == Some(true) {
         return crate::anthropic::stream(st.fleet.clone(), p, oa, req.model);
     }
-    let resp =
-        match crate::proxy::send(&st.fleet, &p, "/v1/chat/completions", &oa, "anthropic").await {
-            Ok(r) => r,
-            Err(e) => return anthropic_error_of(e),
-        };
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
-        .await
-        .unwrap_or_default();
+    let (status, bytes) = match ask_neuron(&st, &p, "/v1/chat/completions", &oa).await {
+        Ok(r) => r,
+        Err(e) => return anthropic_error_of(e),
+    };
     if !status.is_success() {
         return anthropic_error(status, &crate::anthropic::upstream_message(&bytes));
     }
@@ -227,31 +245,21 @@ async fn count_tokens(State(st): State<Arc<AppState>>, body: Bytes) -> Response 
             ));
         }
     };
-    let Some(p) = st.fleet.placement(&req.model).cloned() else {
-        return anthropic_error_of(Error::ModelNotFound(req.model.clone()));
-    };
-    let oa = match crate::anthropic::to_openai(&req) {
-        Ok(v) => v,
-        Err(e) => return anthropic_error_of(e),
-    };
-    let ask = json!({"model": p.name, "messages": oa["messages"], "tools": oa.get("tools")});
-    let resp = match crate::proxy::send(&st.fleet, &p, "/tokenize", &ask, "anthropic").await {
+    let (p, oa) = match route_anthropic(&st, &req) {
         Ok(r) => r,
         Err(e) => return anthropic_error_of(e),
     };
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
-        .await
-        .unwrap_or_default();
-    let v: Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    match v["count"].as_u64() {
+    let ask = json!({"model": p.name, "messages": oa["messages"], "tools": oa.get("tools")});
+    let (status, bytes) = match ask_neuron(&st, &p, "/tokenize", &ask).await {
+        Ok(r) => r,
+        Err(e) => return anthropic_error_of(e),
+    };
+    let count = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v["count"].as_u64());
+    match count {
         Some(n) if status.is_success() => Json(json!({"input_tokens": n})).into_response(),
-        _ => anthropic_error(
-            status,
-            v["error"]["message"]
-                .as_str()
-                .unwrap_or("the neuron could not count the tokens"),
-        ),
+        _ => anthropic_error(status, &crate::anthropic::upstream_message(&bytes)),
     }
 }
 

@@ -79,10 +79,6 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Bearer-token check for everything but health and metrics.
 async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if let Some(token) = &st.token {
@@ -93,7 +89,9 @@ async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Resp
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if !open && !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+        if !open
+            && !given.is_some_and(|g| cortex_core::constant_time_eq(g.as_bytes(), token.as_bytes()))
+        {
             return Error::Unauthorized.into_response();
         }
     }
