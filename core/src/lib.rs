@@ -1,6 +1,6 @@
 //! Types shared by every part of cortex: the neuron's lifecycle API ([`neuron`]), the OpenAI
-//! wire format ([`openai`]), what a placement asks for ([`placement`]) and the placement planner
-//! ([`planner`]). `core` does no I/O and depends on no other cortex crate.
+//! wire format ([`openai`]), what a placement asks for ([`placement`]), the custom resources
+//! ([`crd`]) and the placement planner ([`planner`]). `core` does no I/O and depends on no other cortex crate.
 //!
 //! ```
 //! use cortex_core::neuron::{LoadRequest, ModelSource};
@@ -11,6 +11,7 @@
 //! ```
 
 pub mod anthropic;
+pub mod crd;
 pub mod exposition;
 pub mod neuron;
 pub mod openai;
