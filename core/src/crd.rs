@@ -15,6 +15,7 @@ pub const GROUP: &str = "cortex.helexa.io";
 pub const FINALIZER: &str = "cortex.helexa.io/unload";
 
 /// Spec of a ModelPlacement: the same fields as a static `models.toml` placement.
+#[allow(clippy::duplicated_attributes)] // one printcolumn(...) per column
 #[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "cortex.helexa.io",
@@ -34,7 +35,11 @@ pub const FINALIZER: &str = "cortex.helexa.io/unload";
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(transparent)]
 pub struct ModelPlacementSpec(pub PlacementSpec);
@@ -139,6 +144,7 @@ pub struct PlacementStatus {
 }
 
 /// One inference host: a pod of the neuron DaemonSet, or a host outside the cluster applied by hand.
+#[allow(clippy::duplicated_attributes)] // one printcolumn(...) per column
 #[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "cortex.helexa.io",
@@ -152,7 +158,11 @@ pub struct PlacementStatus {
     printcolumn(name = "Devices", type_ = "integer", json_path = ".status.deviceCount"),
     printcolumn(name = "Free", type_ = "string", json_path = ".status.memoryFree"),
     printcolumn(name = "Models", type_ = "integer", json_path = ".status.modelCount"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct NeuronSpec {
@@ -252,7 +262,10 @@ mod tests {
     fn the_crds_have_scale_status_and_short_names() {
         let mp = serde_json::to_value(ModelPlacement::crd()).unwrap();
         let v = &mp["spec"]["versions"][0];
-        assert_eq!(v["subresources"]["scale"]["specReplicasPath"], ".spec.replicas");
+        assert_eq!(
+            v["subresources"]["scale"]["specReplicasPath"],
+            ".spec.replicas"
+        );
         assert!(v["subresources"]["status"].is_object());
         assert_eq!(mp["spec"]["names"]["shortNames"][0], "mp");
         let n = serde_json::to_value(Neuron::crd()).unwrap();

@@ -19,7 +19,13 @@ pub struct Elector {
 }
 
 impl Elector {
-    pub fn new(client: Client, namespace: &str, name: &str, identity: &str, duration: Duration) -> Self {
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        name: &str,
+        identity: &str,
+        duration: Duration,
+    ) -> Self {
         Elector {
             api: Api::namespaced(client, namespace),
             name: name.to_string(),
@@ -58,9 +64,10 @@ impl Elector {
         let mine = spec.holder_identity.as_deref() == Some(&self.identity);
         if !mine {
             let held_for = spec.lease_duration_seconds.unwrap_or(secs).max(1) as i64;
-            let expired = spec.renew_time.as_ref().is_none_or(|t| {
-                Timestamp::now().as_second() - t.0.as_second() > held_for
-            });
+            let expired = spec
+                .renew_time
+                .as_ref()
+                .is_none_or(|t| Timestamp::now().as_second() - t.0.as_second() > held_for);
             if !expired {
                 return Ok(false);
             }
@@ -71,7 +78,11 @@ impl Elector {
         }
         spec.renew_time = Some(now);
         spec.lease_duration_seconds = Some(secs);
-        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(_) => Ok(true),
             // Someone else wrote it since we read it: they won this round.
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),

@@ -38,7 +38,11 @@ struct Args {
     pod_namespace: String,
     /// Label selector of the neuron DaemonSet's pods; empty turns pod discovery off (Neurons are
     /// then only those applied by hand).
-    #[arg(long, env = "CORTEX_NEURON_PODS", default_value = "app.kubernetes.io/component=neuron")]
+    #[arg(
+        long,
+        env = "CORTEX_NEURON_PODS",
+        default_value = "app.kubernetes.io/component=neuron"
+    )]
     neuron_pods: String,
     /// Port of the neuron API on its pods.
     #[arg(long, env = "CORTEX_NEURON_PORT", default_value_t = 13131)]
@@ -63,7 +67,9 @@ fn parse_strategy(s: &str) -> Result<Strategy, String> {
     match s {
         "lru" => Ok(Strategy::Lru),
         "priority" => Ok(Strategy::Priority),
-        other => Err(format!("unknown eviction strategy '{other}'; use lru or priority")),
+        other => Err(format!(
+            "unknown eviction strategy '{other}'; use lru or priority"
+        )),
     }
 }
 

@@ -122,7 +122,8 @@ impl Metrics {
 
     pub fn encode(&self) -> String {
         let mut s = String::new();
-        prometheus_client::encoding::text::encode(&mut s, &self.registry).expect("encoding metrics");
+        prometheus_client::encoding::text::encode(&mut s, &self.registry)
+            .expect("encoding metrics");
         s
     }
 

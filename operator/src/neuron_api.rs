@@ -17,7 +17,10 @@ pub enum LoadAnswer {
     /// Accepted (202) or already there (200).
     Accepted,
     /// 409: not enough memory; the bytes it needs, when said.
-    NoRoom { needed: Option<u64>, message: String },
+    NoRoom {
+        needed: Option<u64>,
+        message: String,
+    },
     /// Any other refusal, with the neuron's message.
     Refused { status: u16, message: String },
 }
@@ -34,7 +37,12 @@ impl NeuronClient {
         }
     }
 
-    fn request(&self, method: reqwest::Method, endpoint: &str, path: &str) -> reqwest::RequestBuilder {
+    fn request(
+        &self,
+        method: reqwest::Method,
+        endpoint: &str,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
         let rb = self
             .http
             .request(method, format!("{}{path}", endpoint.trim_end_matches('/')));
@@ -53,7 +61,9 @@ impl NeuronClient {
         if !r.status().is_success() {
             return Err(format!("/status answered {}", r.status()));
         }
-        r.json().await.map_err(|e| format!("unreadable /status: {e}"))
+        r.json()
+            .await
+            .map_err(|e| format!("unreadable /status: {e}"))
     }
 
     pub async fn load(&self, endpoint: &str, req: &LoadRequest) -> Result<LoadAnswer, String> {

@@ -93,10 +93,11 @@ pub async fn poll_all(ctx: &Arc<Ctx>) -> bool {
         if before.as_ref().map(placement_facts) != Some(placement_facts(&after)) {
             changed = true;
         }
-        if let Some(error) = res.as_ref().err() {
-            if before.as_ref().is_some_and(|b| b.ready) && !after.ready {
-                tracing::warn!(neuron = %name, %error, "neuron not ready");
-            }
+        if let Some(error) = res.as_ref().err()
+            && before.as_ref().is_some_and(|b| b.ready)
+            && !after.ready
+        {
+            tracing::warn!(neuron = %name, %error, "neuron not ready");
         }
         if let Err(e) = write_status(ctx, &n, &after, res.err()).await {
             tracing::warn!(neuron = %name, error = %e, "writing Neuron status");
@@ -120,10 +121,18 @@ pub async fn poll_all(ctx: &Arc<Ctx>) -> bool {
     changed
 }
 
+/// Readiness, schedulability, labels, and (id, state, bytes) of each model.
+type Facts = (
+    bool,
+    bool,
+    BTreeMap<String, String>,
+    Vec<(String, String, u64)>,
+);
+
 /// What the placement controller decides on: readiness, schedulability, labels and each model's
 /// state and size. (Free memory and last use move with every request; the periodic requeue
 /// covers them.)
-fn placement_facts(o: &Observed) -> (bool, bool, BTreeMap<String, String>, Vec<(String, String, u64)>) {
+fn placement_facts(o: &Observed) -> Facts {
     let models = o
         .status
         .as_ref()
@@ -137,7 +146,11 @@ fn placement_facts(o: &Observed) -> (bool, bool, BTreeMap<String, String>, Vec<(
     (o.ready, o.unschedulable, o.labels.clone(), models)
 }
 
-fn status_of(o: &Observed, error: Option<&str>, prev: Option<&NeuronResourceStatus>) -> NeuronResourceStatus {
+fn status_of(
+    o: &Observed,
+    error: Option<&str>,
+    prev: Option<&NeuronResourceStatus>,
+) -> NeuronResourceStatus {
     let s = o.status.as_ref();
     let devices = s.map(|s| s.devices.clone()).unwrap_or_default();
     let models: Vec<NeuronModel> = s
@@ -175,11 +188,7 @@ fn status_of(o: &Observed, error: Option<&str>, prev: Option<&NeuronResourceStat
         } else {
             prev.and_then(|p| p.last_seen.clone())
         },
-        memory_free: devices
-            .iter()
-            .map(|d| d.memory_free)
-            .max()
-            .map(human_bytes),
+        memory_free: devices.iter().map(|d| d.memory_free).max().map(human_bytes),
         device_count: devices.len() as u32,
         model_count: models.len() as u32,
         devices,
@@ -196,7 +205,12 @@ fn status_of(o: &Observed, error: Option<&str>, prev: Option<&NeuronResourceStat
     }
 }
 
-async fn write_status(ctx: &Ctx, n: &Neuron, o: &Observed, error: Option<String>) -> Result<(), kube::Error> {
+async fn write_status(
+    ctx: &Ctx,
+    n: &Neuron,
+    o: &Observed,
+    error: Option<String>,
+) -> Result<(), kube::Error> {
     let prev = n.status.as_ref();
     let mut next = status_of(o, error.as_deref(), prev);
     if let Some(p) = prev {
@@ -232,7 +246,8 @@ pub async fn sync_pods(ctx: &Ctx, pods: &Store<Pod>, port: u16) {
     let mut wanted: HashMap<String, (String, String, String)> = HashMap::new();
     for p in pods.state() {
         let st = p.status.as_ref();
-        let running = st.and_then(|s| s.phase.as_deref()) == Some("Running");
+        let running = st.and_then(|s| s.phase.as_deref()) == Some("Running")
+            && p.metadata.deletion_timestamp.is_none();
         let ip = st.and_then(|s| s.pod_ip.clone());
         let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
         if let (true, Some(ip), Some(node)) = (running, ip, node) {
@@ -247,7 +262,9 @@ pub async fn sync_pods(ctx: &Ctx, pods: &Store<Pod>, port: u16) {
     let existing = ctx.neurons.state();
     for (name, (endpoint, node, pod)) in &wanted {
         let current = existing.iter().find(|n| &n.name_any() == name);
-        if current.is_some_and(|n| n.spec.endpoint == *endpoint && n.spec.node_name.as_deref() == Some(node)) {
+        if current.is_some_and(|n| {
+            n.spec.endpoint == *endpoint && n.spec.node_name.as_deref() == Some(node)
+        }) {
             continue;
         }
         let mut neuron = Neuron::new(

@@ -128,6 +128,11 @@ fn copies(id: &str, observed: &BTreeMap<String, Observed>) -> Vec<Copy> {
     out
 }
 
+/// Copies of `id` loaded or loading on ready neurons.
+fn live_copies(id: &str, observed: &BTreeMap<String, Observed>) -> u32 {
+    copies(id, observed).iter().filter(|c| c.live()).count() as u32
+}
+
 fn selects(mp: &ModelPlacement, labels: &BTreeMap<String, String>) -> bool {
     match &mp.spec.neuron_selector {
         None => true,
@@ -163,7 +168,10 @@ async fn apply(mp: &ModelPlacement, ctx: &Ctx, api: &Api<ModelPlacement>) -> Res
             if m == &id {
                 all.push(Copy {
                     neuron: n.clone(),
-                    endpoint: observed.get(n).map(|o| o.endpoint.clone()).unwrap_or_default(),
+                    endpoint: observed
+                        .get(n)
+                        .map(|o| o.endpoint.clone())
+                        .unwrap_or_default(),
                     state: ModelState::Loading,
                     progress: 0.0,
                     error: None,
@@ -227,7 +235,10 @@ async fn apply(mp: &ModelPlacement, ctx: &Ctx, api: &Api<ModelPlacement>) -> Res
                 mp,
                 EventType::Normal,
                 "ScaledDown",
-                format!("idle for {}s (idleTimeout {idle}s): scaled to {floor}", now - last),
+                format!(
+                    "idle for {}s (idleTimeout {idle}s): scaled to {floor}",
+                    now - last
+                ),
             )
             .await;
             return Ok(Action::requeue(Duration::from_secs(1)));
@@ -241,22 +252,36 @@ async fn apply(mp: &ModelPlacement, ctx: &Ctx, api: &Api<ModelPlacement>) -> Res
             .filter(|c| c.live())
             .map(|c| c.neuron.clone())
             .collect();
-        {
+        // Neurons where the load failed lately wait out their backoff.
+        let backing_off: Vec<(String, String, Duration)> = {
             let failures = ctx.failures.lock().expect("failures lock");
-            for ((m, n), f) in failures.iter() {
-                if m == &id && Instant::now() < f.retry_at {
-                    exclude.push(n.clone());
-                }
-            }
-        }
+            failures
+                .iter()
+                .filter(|((m, _), f)| m == &id && Instant::now() < f.retry_at)
+                .map(|((_, n), f)| (n.clone(), f.message.clone(), f.retry_at - Instant::now()))
+                .collect()
+        };
+        exclude.extend(backing_off.iter().map(|(n, ..)| n.clone()));
         while live_count < want {
             match place_one(mp, ctx, &observed, &mut exclude).await {
                 Ok(neuron) => {
                     live_count += 1;
                     exclude.push(neuron);
                 }
-                Err(why) => {
-                    notes = Some(why);
+                Err((reason, _)) if reason == "NoRoom" && !backing_off.is_empty() => {
+                    // Nowhere else to go: the failure is the news, not the lack of room.
+                    let (n, m, wait) = &backing_off[0];
+                    notes = Some((
+                        "LoadFailed".into(),
+                        format!("{n}: {m} (retrying in {}s)", wait.as_secs() + 1),
+                    ));
+                    break;
+                }
+                Err((reason, message)) => {
+                    if reason == "NoRoom" {
+                        publish(ctx, mp, EventType::Warning, "NoRoom", message.clone()).await;
+                    }
+                    notes = Some((reason, message));
                     break;
                 }
             }
@@ -282,7 +307,9 @@ async fn apply(mp: &ModelPlacement, ctx: &Ctx, api: &Api<ModelPlacement>) -> Res
                     )
                     .await;
                 }
-                Err(e) => tracing::warn!(placement = %name, neuron = %c.neuron, error = %e, "unloading a surplus copy"),
+                Err(e) => {
+                    tracing::warn!(placement = %name, neuron = %c.neuron, error = %e, "unloading a surplus copy")
+                }
             }
         }
     }
@@ -297,14 +324,16 @@ async fn apply(mp: &ModelPlacement, ctx: &Ctx, api: &Api<ModelPlacement>) -> Res
     };
     let status = status_for(mp, &all, want, notes.clone(), failure);
     write_status(mp, api, status.clone()).await?;
-    let loading = all.iter().any(|c| {
-        matches!(c.state, ModelState::Downloading | ModelState::Loading) || c.pending
-    });
-    Ok(Action::requeue(if loading || status.ready_replicas < want {
-        Duration::from_secs(2)
-    } else {
-        Duration::from_secs(mp.spec.idle_timeout.map_or(10, |t| t.clamp(1, 10)))
-    }))
+    let loading = all
+        .iter()
+        .any(|c| matches!(c.state, ModelState::Downloading | ModelState::Loading) || c.pending);
+    Ok(Action::requeue(
+        if loading || status.ready_replicas < want {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_secs(mp.spec.idle_timeout.map_or(10, |t| t.clamp(1, 10)))
+        },
+    ))
 }
 
 /// Puts one more copy somewhere; returns the neuron, or (reason, message) for the condition.
@@ -339,7 +368,12 @@ async fn place_one(
                                     bytes: m.bytes,
                                     last_used: m.last_used_at.or(m.loaded_at).unwrap_or(0),
                                     inflight: m.inflight + m.queued,
-                                    pinned: owner.is_some_and(|p| p.spec.pinned),
+                                    // Never below a placement's minReplicas either.
+                                    pinned: owner.is_some_and(|p| {
+                                        p.spec.pinned
+                                            || live_copies(&p.model_id(), observed)
+                                                <= p.spec.min_replicas.unwrap_or(0)
+                                    }),
                                     priority: owner.map_or(0, |p| p.spec.priority),
                                 }
                             })
@@ -366,7 +400,6 @@ async fn place_one(
                 } else {
                     format!("{reason}; last attempt: {last}")
                 };
-                publish(ctx, mp, EventType::Warning, "NoRoom", message.clone()).await;
                 return Err(("NoRoom".into(), message));
             }
         };
@@ -379,7 +412,32 @@ async fn place_one(
                     tracing::info!("{note}");
                     publish(ctx, mp, EventType::Normal, "Evicted", note.clone()).await;
                     if let Some(owner) = placements.iter().find(|p| p.model_id() == *victim) {
-                        publish(ctx, owner, EventType::Warning, "Evicted", note).await;
+                        // The evicted placement gives the copy up for good (until a request wakes
+                        // it through the gateway), so the two do not take turns evicting each other.
+                        let floor = owner.spec.min_replicas.unwrap_or(0);
+                        let keep = desired(owner).saturating_sub(1).max(floor);
+                        let owner_api: Api<ModelPlacement> = Api::namespaced(
+                            ctx.client.clone(),
+                            &owner.namespace().unwrap_or_else(|| "default".into()),
+                        );
+                        if let Err(e) = owner_api
+                            .patch_scale(
+                                &owner.name_any(),
+                                &PatchParams::default(),
+                                &Patch::Merge(json!({"spec": {"replicas": keep}})),
+                            )
+                            .await
+                        {
+                            tracing::warn!(placement = %owner.name_any(), error = %e, "scaling an evicted placement down");
+                        }
+                        publish(
+                            ctx,
+                            owner,
+                            EventType::Warning,
+                            "Evicted",
+                            format!("{note}; scaled to {keep}"),
+                        )
+                        .await;
                     }
                 }
                 Err(e) => tracing::warn!(neuron = %target, %victim, error = %e, "evicting"),
@@ -439,12 +497,14 @@ async fn place_one(
                 let message = format!("{target} refused the load ({status}): {message}");
                 {
                     let mut failures = ctx.failures.lock().expect("failures lock");
-                    let f = failures.entry((id.clone(), target.clone())).or_insert(Failure {
-                        count: 0,
-                        retry_at: Instant::now(),
-                        message: String::new(),
-                        retrying: false,
-                    });
+                    let f = failures
+                        .entry((id.clone(), target.clone()))
+                        .or_insert(Failure {
+                            count: 0,
+                            retry_at: Instant::now(),
+                            message: String::new(),
+                            retrying: false,
+                        });
                     f.count += 1;
                     f.retry_at = Instant::now() + backoff(f.count);
                     f.message = message.clone();
@@ -463,7 +523,9 @@ async fn place_one(
 }
 
 fn rfc3339(epoch: u64) -> Option<String> {
-    Timestamp::from_second(epoch as i64).ok().map(|t| t.to_string())
+    Timestamp::from_second(epoch as i64)
+        .ok()
+        .map(|t| t.to_string())
 }
 
 /// The status a placement gets from its copies.
@@ -499,7 +561,10 @@ fn status_for(
             "Loading".to_string(),
             format!("{ready}/{want} copies ready, the rest loading"),
         ),
-        _ => (phase.as_str().to_string(), format!("{ready}/{want} copies ready")),
+        _ => (
+            phase.as_str().to_string(),
+            format!("{ready}/{want} copies ready"),
+        ),
     };
     let ok = phase == Phase::Ready || phase == Phase::Idle;
     let status = if ok { "True" } else { "False" };
@@ -570,8 +635,14 @@ async fn cleanup(mp: &ModelPlacement, ctx: &Ctx) -> Result<Action, Error> {
             Err(e) => tracing::warn!(neuron = %c.neuron, error = %e, "unloading on delete"),
         }
     }
-    ctx.pending.lock().expect("pending lock").retain(|(m, _), _| m != &id);
-    ctx.failures.lock().expect("failures lock").retain(|(m, _), _| m != &id);
+    ctx.pending
+        .lock()
+        .expect("pending lock")
+        .retain(|(m, _), _| m != &id);
+    ctx.failures
+        .lock()
+        .expect("failures lock")
+        .retain(|(m, _), _| m != &id);
     Ok(Action::await_change())
 }
 
@@ -582,7 +653,8 @@ mod tests {
     use cortex_core::placement::PlacementSpec;
 
     fn mp(replicas: Option<u32>, min: Option<u32>, max: Option<u32>) -> ModelPlacement {
-        let mut spec: PlacementSpec = serde_json::from_value(json!({"model": {"uri": "file:///m.gguf"}})).unwrap();
+        let mut spec: PlacementSpec =
+            serde_json::from_value(json!({"model": {"uri": "file:///m.gguf"}})).unwrap();
         spec.replicas = replicas;
         spec.min_replicas = min;
         spec.max_replicas = max;
@@ -617,19 +689,43 @@ mod tests {
         let m = mp(Some(2), None, None);
         let ready = copy(ModelState::Ready);
         let loading = copy(ModelState::Loading);
-        assert_eq!(status_for(&m, &[ready.clone(), ready.clone()], 2, None, None).phase, Phase::Ready);
-        assert_eq!(status_for(&m, &[ready.clone(), loading], 2, None, None).phase, Phase::Loading);
-        assert_eq!(status_for(&m, &[ready.clone()], 2, None, None).phase, Phase::Degraded);
+        assert_eq!(
+            status_for(&m, &[ready.clone(), ready.clone()], 2, None, None).phase,
+            Phase::Ready
+        );
+        assert_eq!(
+            status_for(&m, &[ready.clone(), loading], 2, None, None).phase,
+            Phase::Loading
+        );
+        assert_eq!(
+            status_for(&m, std::slice::from_ref(&ready), 2, None, None).phase,
+            Phase::Degraded
+        );
         assert_eq!(status_for(&m, &[], 0, None, None).phase, Phase::Idle);
         assert_eq!(status_for(&m, &[], 2, None, None).phase, Phase::Pending);
-        let failed = status_for(&m, &[copy(ModelState::Failed)], 2, None, Some("n: no such file".into()));
+        let failed = status_for(
+            &m,
+            &[copy(ModelState::Failed)],
+            2,
+            None,
+            Some("n: no such file".into()),
+        );
         assert_eq!(failed.phase, Phase::Failed);
         assert_eq!(failed.conditions[0].reason, "LoadFailed");
         assert!(failed.conditions[0].message.contains("no such file"));
-        let s = status_for(&m, &[ready], 2, Some(("NoRoom".into(), "full".into())), None);
+        let s = status_for(
+            &m,
+            &[ready],
+            2,
+            Some(("NoRoom".into(), "full".into())),
+            None,
+        );
         assert_eq!((s.replicas, s.ready_replicas), (1, 1));
         assert_eq!(s.conditions[0].reason, "NoRoom");
-        assert_eq!(s.placements[0].loaded_at.as_deref(), Some("2023-11-14T22:13:20Z"));
+        assert_eq!(
+            s.placements[0].loaded_at.as_deref(),
+            Some("2023-11-14T22:13:20Z")
+        );
     }
 
     #[test]

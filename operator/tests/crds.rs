@@ -24,7 +24,12 @@ fn apply(cp: &ControlPlane, yaml: &str) -> std::process::Output {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(yaml.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
     child.wait_with_output().unwrap()
 }
 
@@ -55,7 +60,11 @@ async fn the_api_server_accepts_the_crds_and_enforces_their_schema() {
             "  model:\n    uri: file:///var/lib/cortex/models/SmolLM2-135M-Instruct.Q4_1.gguf\n  pinned: true\n",
         ),
     );
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let ok = apply(
         &cp,
         &placement(
@@ -63,14 +72,21 @@ async fn the_api_server_accepts_the_crds_and_enforces_their_schema() {
             "  model:\n    repo: unsloth/Qwen3-0.6B-GGUF\n    quant: Q4_K_M\n  minReplicas: 0\n  idleTimeout: 600\n  device: cuda\n  neuronSelector:\n    matchLabels:\n      gpu: a100\n",
         ),
     );
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert_eq!(
         cp.kubectl_ok(&["get", "mp", "smollm2", "-o", "jsonpath={.spec.replicas}"]),
         "1"
     );
     let table = cp.kubectl_ok(&["get", "modelplacements"]);
     for col in ["SERVED", "REPLICAS", "READY", "PHASE", "AGE"] {
-        assert!(table.contains(col), "printer column {col} missing:\n{table}");
+        assert!(
+            table.contains(col),
+            "printer column {col} missing:\n{table}"
+        );
     }
     // The scale subresource works (kubectl scale goes through it).
     cp.kubectl_ok(&["scale", "mp/qwen3", "--replicas=3"]);
@@ -97,7 +113,10 @@ async fn the_api_server_accepts_the_crds_and_enforces_their_schema() {
             "  model:\n    uri: file:///a.gguf\n    quant: Q4_0\n",
             "go with repo, not uri",
         ),
-        ("  model:\n    repo: x/y\n  color: red\n", "unknown field \"spec.color\""),
+        (
+            "  model:\n    repo: x/y\n  color: red\n",
+            "unknown field \"spec.color\"",
+        ),
     ];
     for (i, (spec, want)) in cases.iter().enumerate() {
         let out = apply(&cp, &placement(&format!("bad-{i}"), spec));
@@ -113,12 +132,19 @@ async fn the_api_server_accepts_the_crds_and_enforces_their_schema() {
         )
     };
     let ok = apply(&cp, &neuron("beast", "http://beast.internal:13131"));
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let bad = apply(&cp, &neuron("typo", "beast.internal:13131"));
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("spec.endpoint"));
     let table = cp.kubectl_ok(&["get", "neurons"]);
     for col in ["ENDPOINT", "READY", "DEVICES", "FREE", "MODELS"] {
-        assert!(table.contains(col), "printer column {col} missing:\n{table}");
+        assert!(
+            table.contains(col),
+            "printer column {col} missing:\n{table}"
+        );
     }
 }

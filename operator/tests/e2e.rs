@@ -7,151 +7,15 @@
 //! Neuron turns not ready, the copy moves) → the operator replaced by a standby replica (leader
 //! election; nothing loaded twice) → delete (unloaded by the finalizer).
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::*;
 use cortex_core::crd::{ModelPlacement, Neuron, Phase};
-use cortex_testkit::{ControlPlane, free_port, workspace_root};
+use cortex_testkit::{ControlPlane, free_port};
 use kube::Api;
-use serde_json::Value;
-
-const TOKEN: &str = "e2e-neuron-token";
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn bin(name: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_cortex-operator")).with_file_name(name);
-    assert!(
-        p.is_file(),
-        "{} is missing; run `cargo build --workspace` first",
-        p.display()
-    );
-    p
-}
-
-fn models_dir() -> PathBuf {
-    let cache = std::env::var("CORTEX_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cortex"));
-    let d = cache.join("models");
-    assert!(
-        d.join("SmolLM2-135M-Instruct.Q4_1.gguf").is_file(),
-        "test model SmolLM2-135M-Instruct.Q4_1.gguf is missing; run scripts/fetch-test-models first"
-    );
-    d
-}
-
-fn python() -> PathBuf {
-    let cache = std::env::var("CORTEX_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cortex"));
-    let p = cache.join("venv/bin/python");
-    assert!(
-        p.is_file(),
-        "{} is missing; run scripts/python-env first (it installs the openai SDK)",
-        p.display()
-    );
-    p
-}
-
-fn start_neuron(port: u16) -> Proc {
-    Proc(
-        Command::new(bin("neuron"))
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--device", "cpu"])
-            .args(["--model-dirs", &models_dir().display().to_string()])
-            .args(["--token", TOKEN])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-fn start_operator(cp: &ControlPlane, metrics_port: u16, identity: &str) -> Proc {
-    Proc(
-        Command::new(bin("cortex-operator"))
-            .env("KUBECONFIG", &cp.kubeconfig)
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .args(["--neuron-token", TOKEN, "--poll-interval", "0.5"])
-            .args(["--lease-seconds", "4", "--identity", identity])
-            .args(["--neuron-pods", ""])
-            .env("RUST_LOG", "info,kube=warn")
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::File::create(cp.dir().join(format!("operator-{identity}.log"))).unwrap(),
-            )
-            .spawn()
-            .unwrap(),
-    )
-}
-
-async fn wait_until<F, Fut>(what: &str, secs: u64, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        match f().await {
-            Ok(()) => return,
-            Err(why) if Instant::now() > deadline => panic!("{what}: not after {secs}s: {why}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-}
-
-async fn get(url: &str) -> Option<Value> {
-    let r = reqwest::Client::new()
-        .get(url)
-        .bearer_auth(TOKEN)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .ok()?;
-    r.json().await.ok()
-}
-
-/// The ids a neuron lists, with their state.
-async fn neuron_models(port: u16) -> Vec<(String, String, Option<u64>)> {
-    let v = get(&format!("http://127.0.0.1:{port}/models"))
-        .await
-        .unwrap_or(Value::Null);
-    v["data"]
-        .as_array()
-        .or(v.as_array())
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(|m| {
-            (
-                m["id"].as_str().unwrap_or_default().to_string(),
-                m["state"].as_str().unwrap_or_default().to_string(),
-                m["loadedAt"].as_u64(),
-            )
-        })
-        .collect()
-}
-
-async fn scrape(port: u16, metric: &str) -> f64 {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(metric))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 /// One chat completion through the gateway with the official openai SDK.
 fn ask_with_openai_sdk(gateway: &str, model: &str) -> String {
@@ -179,41 +43,21 @@ print(r.choices[0].message.content)
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-async fn placement(api: &Api<ModelPlacement>, name: &str) -> Option<ModelPlacement> {
-    api.get_opt(name).await.ok().flatten()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_placement_lives_its_whole_life_on_a_real_cluster() {
-    let models = models_dir();
     let cp = ControlPlane::start().await;
     let client = cp.client().await;
-    cp.kubectl_ok(&[
-        "apply",
-        "-f",
-        workspace_root().join("crds").to_str().unwrap(),
-    ]);
-    cp.kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/modelplacements.cortex.helexa.io",
-        "crd/neurons.cortex.helexa.io",
-        "--timeout=60s",
-    ]);
+    install_crds(&cp);
 
     // Two neurons, registered by hand as hosts outside the cluster would be.
     let ports = [free_port(), free_port()];
-    let mut neurons: Vec<Option<Proc>> = ports.iter().map(|&p| Some(start_neuron(p))).collect();
+    let mut neurons: Vec<Option<Proc>> =
+        ports.iter().map(|&p| Some(start_neuron(p, &[]))).collect();
     for (name, port) in [("alpha", ports[0]), ("beta", ports[1])] {
-        let yaml = format!(
-            "apiVersion: cortex.helexa.io/v1alpha1\nkind: Neuron\nmetadata:\n  name: {name}\nspec:\n  endpoint: http://127.0.0.1:{port}\n"
-        );
-        let f = cp.dir().join(format!("{name}.yaml"));
-        std::fs::write(&f, yaml).unwrap();
-        cp.kubectl_ok(&["apply", "-f", f.to_str().unwrap()]);
+        apply(&cp, name, &neuron_yaml(name, port));
     }
     let op_metrics = free_port();
-    let operator = start_operator(&cp, op_metrics, "op-a");
+    let operator = start_operator(&cp, op_metrics, "op-a", &[]);
     let (gport, gmport) = (free_port(), free_port());
     let _gateway = Proc(
         Command::new(bin("cortex"))
@@ -247,18 +91,13 @@ async fn a_placement_lives_its_whole_life_on_a_real_cluster() {
     .await;
 
     // apply → Ready
-    let mp_yaml = cp.dir().join("smollm2.yaml");
-    std::fs::write(
-        &mp_yaml,
-        format!(
-            "apiVersion: cortex.helexa.io/v1alpha1\nkind: ModelPlacement\nmetadata:\n  name: smollm2\nspec:\n  aliases: [smol]\n  contextLength: 2048\n  model:\n    uri: file://{}/SmolLM2-135M-Instruct.Q4_1.gguf\n",
-            models.display()
-        ),
-    )
-    .unwrap();
     let api: Api<ModelPlacement> = Api::namespaced(client.clone(), "default");
     let applied = Instant::now();
-    cp.kubectl_ok(&["apply", "-f", mp_yaml.to_str().unwrap()]);
+    apply(
+        &cp,
+        "smollm2",
+        &smollm2_placement("smollm2", "  aliases: [smol]\n  contextLength: 2048\n"),
+    );
     let ready_phase = |want: u32| {
         let api = api.clone();
         move || {
@@ -294,7 +133,8 @@ async fn a_placement_lives_its_whole_life_on_a_real_cluster() {
     for p in ports {
         let m = neuron_models(p).await;
         assert!(
-            m.iter().any(|(id, s, _)| id == "smollm2.default" && s == "ready"),
+            m.iter()
+                .any(|(id, s, _)| id == "smollm2.default" && s == "ready"),
             "neuron :{p} holds {m:?}"
         );
     }
@@ -303,7 +143,11 @@ async fn a_placement_lives_its_whole_life_on_a_real_cluster() {
     cp.kubectl_ok(&["scale", "mp/smollm2", "--replicas=0"]);
     wait_until("unloaded at zero", 60, || async {
         for p in ports {
-            if neuron_models(p).await.iter().any(|(id, ..)| id == "smollm2.default") {
+            if neuron_models(p)
+                .await
+                .iter()
+                .any(|(id, ..)| id == "smollm2.default")
+            {
                 return Err(format!("still on :{p}"));
             }
         }
@@ -324,16 +168,14 @@ async fn a_placement_lives_its_whole_life_on_a_real_cluster() {
     assert_eq!(mp.spec.replicas, Some(1), "the gateway scaled it to one");
 
     // An idle placement with minReplicas 0 scales itself to zero after idleTimeout.
-    let idle_yaml = cp.dir().join("idle.yaml");
-    std::fs::write(
-        &idle_yaml,
-        format!(
-            "apiVersion: cortex.helexa.io/v1alpha1\nkind: ModelPlacement\nmetadata:\n  name: napper\nspec:\n  minReplicas: 0\n  idleTimeout: 3\n  contextLength: 1024\n  model:\n    uri: file://{}/SmolLM2-135M-Instruct.Q4_1.gguf\n",
-            models.display()
+    apply(
+        &cp,
+        "napper",
+        &smollm2_placement(
+            "napper",
+            "  minReplicas: 0\n  idleTimeout: 3\n  contextLength: 1024\n",
         ),
-    )
-    .unwrap();
-    cp.kubectl_ok(&["apply", "-f", idle_yaml.to_str().unwrap()]);
+    );
     wait_until("napper scaled itself to zero", 120, || async {
         let mp = placement(&api, "napper").await.ok_or("gone")?;
         let st = mp.status.clone().unwrap_or_default();
@@ -344,8 +186,18 @@ async fn a_placement_lives_its_whole_life_on_a_real_cluster() {
         }
     })
     .await;
-    let events = cp.kubectl_ok(&["get", "events", "--field-selector", "involvedObject.name=napper", "-o", "json"]);
-    assert!(events.contains("ScaledDown"), "no ScaledDown event: {events}");
+    let events = cp.kubectl_ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=napper",
+        "-o",
+        "json",
+    ]);
+    assert!(
+        events.contains("ScaledDown"),
+        "no ScaledDown event: {events}"
+    );
     cp.kubectl_ok(&["delete", "mp/napper", "--wait=true", "--timeout=60s"]);
 
     // A neuron killed → its Neuron turns not ready and the copy moves to the other neuron.
@@ -388,11 +240,19 @@ async fn a_placement_lives_its_whole_life_on_a_real_cluster() {
 
     // The operator replaced: a standby replica takes the lease over; nothing is loaded twice.
     let op_metrics_b = free_port();
-    let _operator_b = start_operator(&cp, op_metrics_b, "op-b");
+    let _operator_b = start_operator(&cp, op_metrics_b, "op-b", &[]);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(scrape(op_metrics_b, "cortex_operator_leader").await, 0.0, "two leaders");
+    assert_eq!(
+        scrape(op_metrics_b, "cortex_operator_leader").await,
+        0.0,
+        "two leaders"
+    );
     let reconcile_secs = scrape(op_metrics, "cortex_operator_reconcile_duration_seconds_sum").await;
-    let reconciles = scrape(op_metrics, "cortex_operator_reconcile_duration_seconds_count").await;
+    let reconciles = scrape(
+        op_metrics,
+        "cortex_operator_reconcile_duration_seconds_count",
+    )
+    .await;
     drop(operator);
     wait_until("the standby leads", 30, || async {
         if scrape(op_metrics_b, "cortex_operator_leader").await == 1.0 {
@@ -413,7 +273,10 @@ async fn a_placement_lives_its_whole_life_on_a_real_cluster() {
         "the model was loaded again: {before:?} → {after:?}"
     );
     assert_eq!(
-        after.iter().filter(|(id, ..)| id == "smollm2.default").count(),
+        after
+            .iter()
+            .filter(|(id, ..)| id == "smollm2.default")
+            .count(),
         1
     );
     wait_until("still Ready under the new leader", 30, ready_phase(1)).await;
