@@ -28,6 +28,7 @@ pub mod registry;
 pub mod source;
 pub mod template;
 pub mod tokenizer;
+pub mod toolcall;
 
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> u64 {

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use cortex_core::openai::{
     ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage,
     ChunkChoice, Completion, CompletionChoice, CompletionRequest, Delta, FinishReason,
-    MessageContent, ModelCard, ModelList, SamplingFields, Usage,
+    MessageContent, ModelCard, ModelList, SamplingFields, ToolCall, Usage,
 };
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -24,6 +24,7 @@ use crate::engine::{GenEvent, GenRequest, LoadedModel};
 use crate::error::{Error, Result};
 use crate::registry::Entry;
 use crate::template::TemplateMessage;
+use crate::toolcall::ToolParser;
 
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 
@@ -341,10 +342,33 @@ pub async fn chat(
     let max_tokens = budget(&lm, prompt.len(), p.max_tokens)?;
     let rx = start(&st, &entry, prompt, max_tokens, &p)?;
     let id = request_id("chatcmpl");
+    // Tool calls in the output are parsed when the caller offered tools and did not turn them off.
+    let tools = req.tools.as_ref().is_some_and(|t| !t.is_empty())
+        && req.tool_choice.as_ref().and_then(|c| c.as_str()) != Some("none");
     if p.stream {
-        return Ok(sse(ChunkKind::Chat, id, req.model, rx, p.include_usage));
+        let parser = tools.then(ToolParser::default);
+        return Ok(sse(
+            ChunkKind::Chat,
+            id,
+            req.model,
+            rx,
+            p.include_usage,
+            parser,
+        ));
     }
-    let (text, finish, stop_reason, usage) = collect(rx).await?;
+    let (mut text, mut finish, mut stop_reason, usage) = collect(rx).await?;
+    let mut tool_calls = None;
+    if tools {
+        let mut parser = ToolParser::default();
+        let head = parser.push(&text);
+        let (rest, calls) = parser.finish();
+        if !calls.is_empty() {
+            text = head + &rest;
+            finish = FinishReason::ToolCalls;
+            stop_reason = None;
+            tool_calls = Some(calls);
+        }
+    }
     Ok(Json(ChatCompletion {
         id,
         object: "chat.completion".into(),
@@ -354,7 +378,9 @@ pub async fn chat(
             index: 0,
             message: ChatMessage {
                 role: "assistant".into(),
-                content: Some(MessageContent::Text(text)),
+                content: (tool_calls.is_none() || !text.is_empty())
+                    .then_some(MessageContent::Text(text)),
+                tool_calls,
                 ..Default::default()
             },
             finish_reason: Some(finish),
@@ -392,7 +418,14 @@ pub async fn completions(
     let rx = start(&st, &entry, prompt, max_tokens, &p)?;
     let id = request_id("cmpl");
     if p.stream {
-        return Ok(sse(ChunkKind::Text, id, req.model, rx, p.include_usage));
+        return Ok(sse(
+            ChunkKind::Text,
+            id,
+            req.model,
+            rx,
+            p.include_usage,
+            None,
+        ));
     }
     let (text, finish, stop_reason, usage) = collect(rx).await?;
     Ok(Json(Completion {
@@ -427,6 +460,8 @@ struct StreamState {
     include_usage: bool,
     pending: VecDeque<Event>,
     finished: bool,
+    /// Set when the caller offered tools: holds back text that may be a tool call.
+    tools: Option<ToolParser>,
 }
 
 impl StreamState {
@@ -436,6 +471,17 @@ impl StreamState {
         role: bool,
         finish: Option<(FinishReason, Option<String>)>,
         usage: Option<Usage>,
+    ) -> Event {
+        self.chunk_with(text, role, finish, usage, None)
+    }
+
+    fn chunk_with(
+        &self,
+        text: Option<String>,
+        role: bool,
+        finish: Option<(FinishReason, Option<String>)>,
+        usage: Option<Usage>,
+        tool_calls: Option<Vec<ToolCall>>,
     ) -> Event {
         let data = match self.kind {
             ChunkKind::Chat => serde_json::to_string(&ChatCompletionChunk {
@@ -451,7 +497,7 @@ impl StreamState {
                         delta: Delta {
                             role: role.then(|| "assistant".into()),
                             content: text,
-                            tool_calls: None,
+                            tool_calls,
                         },
                         finish_reason: finish.as_ref().map(|f| f.0),
                         stop_reason: finish.as_ref().and_then(|f| f.1.clone()),
@@ -492,6 +538,7 @@ fn sse(
     model: String,
     rx: mpsc::UnboundedReceiver<GenEvent>,
     include_usage: bool,
+    tools: Option<ToolParser>,
 ) -> Response {
     let mut st = StreamState {
         kind,
@@ -502,6 +549,7 @@ fn sse(
         include_usage,
         pending: VecDeque::new(),
         finished: false,
+        tools,
     };
     if matches!(kind, ChunkKind::Chat) {
         let first = st.chunk(Some(String::new()), true, None, None);
@@ -517,15 +565,34 @@ fn sse(
             }
             match st.rx.recv().await {
                 Some(GenEvent::Text(t)) => {
-                    let ev = st.chunk(Some(t), false, None, None);
-                    st.pending.push_back(ev);
+                    let t = match st.tools.as_mut() {
+                        Some(p) => p.push(&t),
+                        None => t,
+                    };
+                    if !t.is_empty() {
+                        let ev = st.chunk(Some(t), false, None, None);
+                        st.pending.push_back(ev);
+                    }
                 }
                 Some(GenEvent::Done {
-                    finish,
-                    stop,
+                    mut finish,
+                    mut stop,
                     prompt_tokens,
                     completion_tokens,
                 }) => {
+                    if let Some(p) = st.tools.take() {
+                        let (rest, calls) = p.finish();
+                        if !rest.is_empty() {
+                            let ev = st.chunk(Some(rest), false, None, None);
+                            st.pending.push_back(ev);
+                        }
+                        if !calls.is_empty() {
+                            let ev = st.chunk_with(None, false, None, None, Some(calls));
+                            st.pending.push_back(ev);
+                            finish = FinishReason::ToolCalls;
+                            stop = None;
+                        }
+                    }
                     let usage = Usage::new(prompt_tokens as u32, completion_tokens as u32);
                     let text = matches!(st.kind, ChunkKind::Text).then(String::new);
                     let ev = st.chunk(text, false, Some((finish, stop)), None);
