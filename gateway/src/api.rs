@@ -80,28 +80,18 @@ async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Resp
 async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
     let fleet = &st.fleet;
     let data: Vec<Value> = fleet
+        .catalogue()
         .placements
         .iter()
         .flat_map(|p| {
             let mut on = Vec::new();
             let mut state = "not_loaded";
-            for n in &fleet.neurons {
-                if !n.up.load(Ordering::Relaxed) {
-                    continue;
-                }
-                if let Some(m) = n
-                    .status
-                    .read()
-                    .expect("status lock")
-                    .as_ref()
-                    .and_then(|s| s.models.iter().find(|m| m.id == p.name).cloned())
-                {
-                    on.push(json!({"neuron": n.cfg.name, "state": m.state}));
-                    if m.state == ModelState::Ready {
-                        state = "ready";
-                    } else if state != "ready" && m.state != ModelState::Failed {
-                        state = "loading";
-                    }
+            for (n, s) in fleet.copies(p) {
+                on.push(json!({"neuron": n.cfg.name, "state": s}));
+                if s == ModelState::Ready {
+                    state = "ready";
+                } else if state != "ready" && s != ModelState::Failed {
+                    state = "loading";
                 }
             }
             let card = json!({
@@ -109,13 +99,11 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
                 "state": state, "placement": p.name, "loaded_on": on,
                 "pinned": p.spec.pinned, "min_replicas": p.spec.min_copies(),
             });
-            std::iter::once(p.served_name().to_string())
-                .chain(p.spec.aliases.iter().cloned())
-                .map(move |id| {
-                    let mut c = card.clone();
-                    c["id"] = json!(id);
-                    c
-                })
+            p.names().map(move |id| {
+                let mut c = card.clone();
+                c["id"] = json!(id);
+                c
+            })
         })
         .collect();
     Json(json!({"object": "list", "data": data}))
@@ -137,8 +125,7 @@ fn route(st: &AppState, body: &Bytes) -> Result<(crate::config::Placement, Value
     let p = st
         .fleet
         .placement(model)
-        .ok_or_else(|| Error::ModelNotFound(model.to_string()))?
-        .clone();
+        .ok_or_else(|| Error::ModelNotFound(model.to_string()))?;
     let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
     v["model"] = json!(p.name);
     Ok((p, v, stream))
@@ -170,7 +157,6 @@ fn route_anthropic(
     let p = st
         .fleet
         .placement(&req.model)
-        .cloned()
         .ok_or_else(|| Error::ModelNotFound(req.model.clone()))?;
     let mut oa = crate::anthropic::to_openai(req)?;
     oa["model"] = json!(p.name);
@@ -267,7 +253,7 @@ async fn count_tokens(State(st): State<Arc<AppState>>, body: Bytes) -> Response 
 async fn fleet(State(st): State<Arc<AppState>>) -> Json<Value> {
     let neurons: Vec<Value> = st
         .fleet
-        .neurons
+        .neurons()
         .iter()
         .map(|n| {
             json!({
@@ -275,7 +261,7 @@ async fn fleet(State(st): State<Arc<AppState>>) -> Json<Value> {
                 "endpoint": n.cfg.endpoint,
                 "up": n.up.load(Ordering::Relaxed),
                 "outstanding": n.outstanding.load(Ordering::Relaxed),
-                "status": *n.status.read().expect("status lock"),
+                "status": st.fleet.describe(n),
             })
         })
         .collect();
@@ -287,6 +273,32 @@ async fn not_found() -> Response {
         message: "no such endpoint; see /v1/models, /v1/chat/completions, /v1/completions".into(),
         param: None,
     })
+}
+
+/// Serves the API on `listen` and the metrics on `metrics_listen` until Ctrl-C.
+pub async fn serve(
+    st: Arc<AppState>,
+    listen: &str,
+    metrics_listen: &str,
+) -> Result<(), std::io::Error> {
+    let bind = |addr: &str| {
+        let addr = addr.to_string();
+        async move {
+            tokio::net::TcpListener::bind(&addr)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("binding {addr}: {e}")))
+        }
+    };
+    let metrics_listener = bind(metrics_listen).await?;
+    let metrics_app = crate::metrics::router(st.fleet.metrics.clone());
+    tokio::spawn(async move { axum::serve(metrics_listener, metrics_app).await });
+    let listener = bind(listen).await?;
+    tracing::info!(listen = %listener.local_addr()?, "gateway serving");
+    axum::serve(listener, router(st))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
 }
 
 pub fn router(st: Arc<AppState>) -> Router {

@@ -102,7 +102,7 @@ pub struct EvictionConfig {
     pub defrag_after_cycles: Option<u32>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NeuronConfig {
     pub name: String,
@@ -123,6 +123,11 @@ pub struct Placement {
 impl Placement {
     pub fn served_name(&self) -> &str {
         self.spec.served_name.as_deref().unwrap_or(&self.name)
+    }
+
+    /// Every name clients may send for it: the served name, then the aliases.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.served_name()).chain(self.spec.aliases.iter().map(String::as_str))
     }
 }
 
@@ -147,7 +152,8 @@ pub fn hash_key(key: &str) -> String {
         .collect()
 }
 
-fn read_key_hashes(path: &Path) -> Result<Vec<String>, Error> {
+/// The accepted key hashes of an `api_keys_file`: `sha256:<hex>` lines, `#` comments, blank lines.
+pub fn read_key_hashes(path: &Path) -> Result<Vec<String>, Error> {
     read(path)?
         .lines()
         .enumerate()
@@ -207,9 +213,7 @@ pub fn load(path: &Path) -> Result<(Config, Vec<Placement>), Error> {
     };
     let mut served = HashSet::new();
     for p in &placements {
-        for name in
-            std::iter::once(p.served_name()).chain(p.spec.aliases.iter().map(String::as_str))
-        {
+        for name in p.names() {
             if !served.insert(name.to_string()) {
                 return Err(Error::Config(format!(
                     "{}: the name '{name}' is served by two placements; served names and aliases must be unique",

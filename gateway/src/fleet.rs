@@ -1,6 +1,13 @@
-//! The fleet as the gateway sees it: each neuron's last `/status`, whether it answers, the
-//! requests the gateway has outstanding on it; and loading a placement where the planner says,
-//! evicting first when it must. Concurrent requests for the same cold model share one load.
+//! The fleet as the gateway routes over it, the same in both modes: the neurons and the requests
+//! the gateway has outstanding on each, the catalogue of placements by served name and alias,
+//! the ready copy with the fewest outstanding requests, and getting a copy ready when there is
+//! none, where concurrent requests for the same cold model share one attempt.
+//!
+//! Where the neurons, the catalogue and the copies come from, and how a copy is made ready, is a
+//! [`Backend`]'s: static mode polls the neurons of `cortex.toml` and loads where the planner says
+//! ([`crate::static_mode`]); Kubernetes mode reads Neuron and ModelPlacement objects and scales
+//! ModelPlacements ([`crate::kubernetes`]). Both swap the neurons and the catalogue whole, so a
+//! request always sees one consistent list.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -8,18 +15,17 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use cortex_core::neuron::{ModelState, NeuronStatus};
-use cortex_core::openai::ErrorBody;
-use cortex_core::planner::{self, LoadAsk, ModelView, NeuronView, Plan, Strategy};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use serde_json::json;
+use serde_json::Value;
 
-use crate::config::{Config, NeuronConfig, Placement};
+use crate::config::{GatewayConfig, NeuronConfig, Placement};
 use crate::error::Error;
 use crate::metrics::{LoadLabels, Metrics, ModelLabels, RouteLabelsNeuron};
 
 pub struct Neuron {
     pub cfg: NeuronConfig,
+    /// Its last `/status` answer, in static mode (Kubernetes mode reads the Neuron object instead).
     pub status: RwLock<Option<NeuronStatus>>,
     pub up: AtomicBool,
     /// Requests the gateway is proxying to this neuron now.
@@ -27,6 +33,15 @@ pub struct Neuron {
 }
 
 impl Neuron {
+    pub fn new(cfg: NeuronConfig) -> Self {
+        Neuron {
+            cfg,
+            status: RwLock::new(None),
+            up: AtomicBool::new(false),
+            outstanding: AtomicU32::new(0),
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.cfg.endpoint.trim_end_matches('/'))
     }
@@ -50,27 +65,61 @@ impl Neuron {
             tracing::warn!(neuron = %self.cfg.name, reason = why, "neuron marked down");
         }
     }
+}
 
-    fn holds_ready(&self, id: &str) -> bool {
-        self.status
-            .read()
-            .expect("status lock")
-            .as_ref()
-            .is_some_and(|s| {
-                s.models
-                    .iter()
-                    .any(|m| m.id == id && m.state == ModelState::Ready)
-            })
+/// The placements served, by served name and alias.
+#[derive(Default)]
+pub struct Catalogue {
+    pub placements: Vec<Placement>,
+    names: HashMap<String, usize>,
+}
+
+impl Catalogue {
+    /// The catalogue of `placements`, and the names more than one of them asks for: such a name
+    /// goes to the first that asks.
+    pub fn new(placements: Vec<Placement>) -> (Catalogue, Vec<String>) {
+        let mut names = HashMap::new();
+        let mut shadowed = Vec::new();
+        for (i, p) in placements.iter().enumerate() {
+            for name in p.names() {
+                if names.contains_key(name) {
+                    shadowed.push(name.to_string());
+                } else {
+                    names.insert(name.to_string(), i);
+                }
+            }
+        }
+        (Catalogue { placements, names }, shadowed)
     }
+
+    /// The placement serving a name or alias.
+    pub fn get(&self, name: &str) -> Option<&Placement> {
+        self.names.get(name).map(|&i| &self.placements[i])
+    }
+}
+
+/// Where the fleet's copies come from and how one is made ready: one per mode.
+pub trait Backend: Send + Sync {
+    /// Every copy of `p` the backend knows of, with its state; the fleet keeps those on up neurons.
+    fn copies(&self, fleet: &Fleet, p: &Placement) -> Vec<(Arc<Neuron>, ModelState)>;
+
+    /// Gets one more copy of `p` ready, or says why it cannot.
+    fn make_ready(&self, fleet: Arc<Fleet>, p: Placement)
+    -> BoxFuture<'static, Result<(), String>>;
+
+    /// Brings the fleet up to date after a neuron answered that it no longer holds a model.
+    fn refresh<'a>(&'a self, fleet: &'a Fleet) -> BoxFuture<'a, ()>;
+
+    /// The neuron's status as `/cortex/fleet` shows it.
+    fn describe(&self, n: &Neuron) -> Value;
 }
 
 type LoadFuture = Shared<BoxFuture<'static, Result<(), String>>>;
 
 pub struct Fleet {
-    pub neurons: Vec<Arc<Neuron>>,
-    pub placements: Vec<Placement>,
-    names: HashMap<String, usize>,
-    pub strategy: Strategy,
+    neurons: RwLock<Arc<Vec<Arc<Neuron>>>>,
+    catalogue: RwLock<Arc<Catalogue>>,
+    backend: Box<dyn Backend>,
     pub http: reqwest::Client,
     pub load_timeout: Duration,
     /// Longest wait for a neuron's answer to start.
@@ -82,33 +131,12 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// The fleet of `cfg`'s neurons serving `placements`.
-    pub fn new(cfg: &Config, placements: Vec<Placement>) -> Arc<Self> {
-        let neurons = cfg.neurons.clone();
-        let strategy = cfg.eviction.strategy;
-        let gw = &cfg.gateway;
-        let mut names = HashMap::new();
-        for (i, p) in placements.iter().enumerate() {
-            names.insert(p.served_name().to_string(), i);
-            for a in &p.spec.aliases {
-                names.insert(a.clone(), i);
-            }
-        }
+    /// An empty fleet with `gw`'s timeouts, filled and served by `backend`.
+    pub fn new(gw: &GatewayConfig, backend: impl Backend + 'static) -> Arc<Self> {
         Arc::new(Fleet {
-            neurons: neurons
-                .into_iter()
-                .map(|cfg| {
-                    Arc::new(Neuron {
-                        cfg,
-                        status: RwLock::new(None),
-                        up: AtomicBool::new(false),
-                        outstanding: AtomicU32::new(0),
-                    })
-                })
-                .collect(),
-            placements,
-            names,
-            strategy,
+            neurons: RwLock::default(),
+            catalogue: RwLock::default(),
+            backend: Box::new(backend),
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
                 .build()
@@ -121,74 +149,105 @@ impl Fleet {
         })
     }
 
+    pub fn neurons(&self) -> Arc<Vec<Arc<Neuron>>> {
+        self.neurons.read().expect("neurons lock").clone()
+    }
+
+    pub fn neuron(&self, name: &str) -> Option<Arc<Neuron>> {
+        self.neurons().iter().find(|n| n.cfg.name == name).cloned()
+    }
+
+    /// Replaces the neurons with `cfgs` and returns them in that order; a neuron whose
+    /// configuration is unchanged is kept, with its outstanding requests, state and status.
+    pub fn set_neurons(&self, cfgs: Vec<NeuronConfig>) -> Arc<Vec<Arc<Neuron>>> {
+        let mut guard = self.neurons.write().expect("neurons lock");
+        let old = guard.clone();
+        let new: Vec<Arc<Neuron>> = cfgs
+            .into_iter()
+            .map(|cfg| match old.iter().find(|n| n.cfg == cfg) {
+                Some(n) => n.clone(),
+                None => Arc::new(Neuron::new(cfg)),
+            })
+            .collect();
+        for gone in old
+            .iter()
+            .filter(|o| !new.iter().any(|n| n.cfg.name == o.cfg.name))
+        {
+            self.metrics.neuron_up.remove(&RouteLabelsNeuron {
+                neuron: gone.cfg.name.clone(),
+            });
+        }
+        *guard = Arc::new(new);
+        guard.clone()
+    }
+
+    /// Records whether a neuron answers (static mode) or is ready (Kubernetes mode).
+    pub fn set_up(&self, n: &Neuron, up: bool, why: &str) {
+        if up {
+            if !n.up.swap(true, Ordering::Relaxed) {
+                tracing::info!(neuron = %n.cfg.name, "neuron up");
+            }
+        } else {
+            n.mark_down(why);
+        }
+        self.metrics
+            .neuron_up
+            .get_or_create(&RouteLabelsNeuron {
+                neuron: n.cfg.name.clone(),
+            })
+            .set(i64::from(up));
+    }
+
+    pub fn catalogue(&self) -> Arc<Catalogue> {
+        self.catalogue.read().expect("catalogue lock").clone()
+    }
+
+    pub fn set_catalogue(&self, c: Catalogue) {
+        *self.catalogue.write().expect("catalogue lock") = Arc::new(c);
+    }
+
     /// The placement serving a name or alias.
-    pub fn placement(&self, name: &str) -> Option<&Placement> {
-        self.names.get(name).map(|&i| &self.placements[i])
+    pub fn placement(&self, name: &str) -> Option<Placement> {
+        self.catalogue().get(name).cloned()
     }
 
-    /// Asks every neuron for its status; those that do not answer are marked down.
-    pub async fn poll(&self) {
-        let polls = self.neurons.iter().map(|n| async move {
-            let res = n
-                .request(&self.http, reqwest::Method::GET, "/status")
-                .timeout(Duration::from_secs(5))
-                .send()
-                .await;
-            match res {
-                Ok(r) if r.status().is_success() => match r.json::<NeuronStatus>().await {
-                    Ok(s) => {
-                        *n.status.write().expect("status lock") = Some(s);
-                        if !n.up.swap(true, Ordering::Relaxed) {
-                            tracing::info!(neuron = %n.cfg.name, "neuron up");
-                        }
-                    }
-                    Err(e) => n.mark_down(&format!("unreadable /status: {e}")),
-                },
-                Ok(r) => n.mark_down(&format!("/status answered {}", r.status())),
-                Err(e) => n.mark_down(&e.to_string()),
-            }
-            self.metrics
-                .neuron_up
-                .get_or_create(&RouteLabelsNeuron {
-                    neuron: n.cfg.name.clone(),
-                })
-                .set(i64::from(n.up.load(Ordering::Relaxed)));
-        });
-        futures::future::join_all(polls).await;
+    /// The copies of `p` on up neurons, in any state.
+    pub fn copies(&self, p: &Placement) -> Vec<(Arc<Neuron>, ModelState)> {
+        let mut copies = self.backend.copies(self, p);
+        copies.retain(|(n, _)| n.up.load(Ordering::Relaxed));
+        copies
     }
 
-    pub fn spawn_poller(self: &Arc<Self>, every: Duration) {
-        let me = self.clone();
-        tokio::spawn(async move {
-            loop {
-                me.poll().await;
-                tokio::time::sleep(every).await;
-            }
-        });
+    fn ready_copies(&self, p: &Placement) -> impl Iterator<Item = Arc<Neuron>> {
+        self.copies(p)
+            .into_iter()
+            .filter(|(_, s)| *s == ModelState::Ready)
+            .map(|(n, _)| n)
     }
 
     /// The up neuron holding the placement ready with the fewest outstanding requests, leaving
     /// out the neurons named in `skip` (they just failed this request).
     pub fn pick(&self, p: &Placement, skip: &[String]) -> Option<Arc<Neuron>> {
-        self.neurons
-            .iter()
-            .filter(|n| {
-                n.up.load(Ordering::Relaxed)
-                    && n.holds_ready(&p.name)
-                    && !skip.contains(&n.cfg.name)
-            })
+        self.ready_copies(p)
+            .filter(|n| !skip.contains(&n.cfg.name))
             .min_by_key(|n| n.outstanding.load(Ordering::Relaxed))
-            .cloned()
     }
 
     pub fn ready_replicas(&self, p: &Placement) -> usize {
-        self.neurons
-            .iter()
-            .filter(|n| n.up.load(Ordering::Relaxed) && n.holds_ready(&p.name))
-            .count()
+        self.ready_copies(p).count()
     }
 
-    /// Loads one more copy of the placement; concurrent calls for the same placement share it.
+    /// Brings the fleet up to date after a neuron answered that it no longer holds a model.
+    pub async fn refresh(&self) {
+        self.backend.refresh(self).await
+    }
+
+    /// The neuron's status as `/cortex/fleet` shows it.
+    pub fn describe(&self, n: &Neuron) -> Value {
+        self.backend.describe(n)
+    }
+
+    /// Gets one more copy of the placement ready; concurrent calls for the same placement share it.
     pub async fn load_copy(self: &Arc<Self>, p: &Placement) -> Result<(), Error> {
         let fut = {
             let mut loads = self.loads.lock().expect("loads lock");
@@ -199,7 +258,7 @@ impl Fleet {
                     let p = p.clone();
                     let fut = async move {
                         let started = std::time::Instant::now();
-                        let r = me.load_somewhere(&p).await;
+                        let r = me.backend.make_ready(me.clone(), p.clone()).await;
                         me.loads.lock().expect("loads lock").remove(&p.name);
                         let result = if r.is_ok() { "success" } else { "failure" };
                         me.metrics
@@ -221,7 +280,7 @@ impl Fleet {
                     }
                     .boxed()
                     .shared();
-                    // The load runs to its end even when every waiting request gives up, so
+                    // The attempt runs to its end even when every waiting request gives up, so
                     // it never stays half-done in `loads`.
                     tokio::spawn(fut.clone());
                     fut
@@ -237,196 +296,26 @@ impl Fleet {
             }),
         }
     }
+}
 
-    fn views(&self) -> Vec<NeuronView> {
-        self.neurons
-            .iter()
-            .map(|n| {
-                let st = n.status.read().expect("status lock");
-                let (free, models) = match st.as_ref() {
-                    Some(s) => (
-                        s.devices.iter().map(|d| d.memory_free).max().unwrap_or(0),
-                        s.models
-                            .iter()
-                            // A failed load holds nothing and must not block a retry.
-                            .filter(|m| m.state != ModelState::Failed)
-                            .map(|m| {
-                                let p = self.placements.iter().find(|p| p.name == m.id);
-                                ModelView {
-                                    id: m.id.clone(),
-                                    bytes: m.bytes,
-                                    last_used: m.last_used_at.or(m.loaded_at).unwrap_or(0),
-                                    inflight: m.inflight + m.queued,
-                                    pinned: p.is_some_and(|p| p.spec.pinned),
-                                    priority: p.map(|p| p.spec.priority).unwrap_or(0),
-                                }
-                            })
-                            .collect(),
-                    ),
-                    None => (0, Vec::new()),
-                };
-                NeuronView {
-                    name: n.cfg.name.clone(),
-                    ready: n.up.load(Ordering::Relaxed),
-                    free,
-                    models,
-                }
-            })
-            .collect()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn placement(name: &str, aliases: &[&str]) -> Placement {
+        serde_json::from_value(serde_json::json!({
+            "name": name, "aliases": aliases, "model": {"uri": "file:///m.gguf"}
+        }))
+        .unwrap()
     }
 
-    fn neuron(&self, name: &str) -> Option<&Arc<Neuron>> {
-        self.neurons.iter().find(|n| n.cfg.name == name)
-    }
-
-    /// Plans, evicts and loads until the placement has one more ready copy, or says why not.
-    async fn load_somewhere(&self, p: &Placement) -> Result<(), String> {
-        let mut bytes = None;
-        let mut exclude = Vec::new();
-        let mut last_error = String::new();
-        for _ in 0..4 {
-            self.poll().await;
-            let ask = LoadAsk {
-                model: p.name.clone(),
-                bytes,
-                priority: p.spec.priority,
-                exclude: exclude.clone(),
-            };
-            let (target, evict) = match planner::plan_load(&self.views(), &ask, self.strategy) {
-                Plan::Load { neuron } => (neuron, vec![]),
-                Plan::EvictThenLoad { neuron, evict } => (neuron, evict),
-                Plan::NoRoom { reason } if last_error.is_empty() => return Err(reason),
-                Plan::NoRoom { reason } => {
-                    return Err(format!("{reason}; last attempt: {last_error}"));
-                }
-            };
-            let n = self.neuron(&target).expect("planned neuron exists").clone();
-            for victim in &evict {
-                tracing::info!(neuron = %target, evicted = %victim, for_model = %p.name, "evicting to make room");
-                self.metrics
-                    .evictions
-                    .get_or_create(&ModelLabels {
-                        model: victim.clone(),
-                    })
-                    .inc();
-                let _ = n
-                    .request(&self.http, reqwest::Method::POST, "/models/unload")
-                    .json(&json!({"id": victim}))
-                    .send()
-                    .await;
-            }
-            let body = json!({
-                "id": p.name,
-                "source": p.spec.model,
-                "contextLength": p.spec.context_length,
-                "device": p.spec.device,
-            });
-            let res = n
-                .request(
-                    &self.http,
-                    reqwest::Method::POST,
-                    &format!(
-                        "/models/load?wait=true&timeout={}",
-                        self.load_timeout.as_secs()
-                    ),
-                )
-                .json(&body)
-                .send()
-                .await;
-            match res {
-                // Accepted: follow the load there to its end (a large download may outlast the
-                // neuron's bounded wait) rather than starting another copy elsewhere.
-                Ok(r) if r.status().is_success() => {
-                    return self.follow_load(&n, &p.name).await;
-                }
-                Ok(r) => {
-                    let status = r.status();
-                    let err: Option<ErrorBody> = r.json().await.ok();
-                    let message = err
-                        .as_ref()
-                        .map(|e| e.error.message.clone())
-                        .unwrap_or_default();
-                    last_error = format!("{target} answered {status}: {message}");
-                    match err.as_ref().and_then(|e| e.error.needed_bytes) {
-                        Some(needed) if status == reqwest::StatusCode::CONFLICT => {
-                            bytes = Some(needed)
-                        }
-                        // A model that fails to load fails everywhere: say why at once.
-                        _ => return Err(last_error),
-                    }
-                    if !evict.is_empty() {
-                        exclude.push(target);
-                    }
-                }
-                Err(e) => {
-                    n.mark_down(&e.to_string());
-                    last_error = format!("{target} unreachable: {e}");
-                    exclude.push(target);
-                }
-            }
-        }
-        Err(last_error)
-    }
-
-    /// Polls a neuron until `id` is ready there, or failed, for at most an hour.
-    async fn follow_load(&self, n: &Neuron, id: &str) -> Result<(), String> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(3600);
-        loop {
-            self.poll().await;
-            let state = n
-                .status
-                .read()
-                .expect("status lock")
-                .as_ref()
-                .and_then(|s| {
-                    s.models
-                        .iter()
-                        .find(|m| m.id == id)
-                        .map(|m| (m.state, m.error.clone()))
-                });
-            match state {
-                Some((ModelState::Ready, _)) => {
-                    tracing::info!(neuron = %n.cfg.name, model = %id, "model loaded");
-                    return Ok(());
-                }
-                Some((ModelState::Failed, error)) => {
-                    return Err(format!(
-                        "{} failed to load '{id}': {}",
-                        n.cfg.name,
-                        error.unwrap_or_default()
-                    ));
-                }
-                None if !n.up.load(Ordering::Relaxed) => {
-                    return Err(format!("{} went down while loading '{id}'", n.cfg.name));
-                }
-                None => {
-                    return Err(format!(
-                        "{} accepted '{id}' but no longer lists it",
-                        n.cfg.name
-                    ));
-                }
-                Some(_) if std::time::Instant::now() > deadline => {
-                    return Err(format!(
-                        "{} was still loading '{id}' after an hour",
-                        n.cfg.name
-                    ));
-                }
-                Some(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-            }
-        }
-    }
-
-    /// Loads the copies each placement keeps (`minReplicas`, else `replicas`) on distinct neurons;
-    /// what cannot be loaded now is tried again on the next call.
-    pub async fn load_initial(self: &Arc<Self>) {
-        for p in &self.placements {
-            let want = p.spec.min_copies() as usize;
-            while self.ready_replicas(p) < want {
-                if let Err(e) = self.load_copy(p).await {
-                    tracing::warn!(model = %p.name, error = %e, "could not load at start");
-                    break;
-                }
-            }
-        }
+    #[test]
+    fn a_name_two_placements_ask_for_goes_to_the_first_and_is_reported() {
+        let (c, shadowed) =
+            Catalogue::new(vec![placement("a", &["x"]), placement("b", &["x", "y"])]);
+        assert_eq!(c.get("x").unwrap().name, "a");
+        assert_eq!(c.get("y").unwrap().name, "b");
+        assert!(c.get("z").is_none());
+        assert_eq!(shadowed, vec!["x".to_string()]);
     }
 }

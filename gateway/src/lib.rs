@@ -1,15 +1,18 @@
 //! cortex gateway: one OpenAI-compatible endpoint for a fleet of neurons. In static mode
 //! (`cortex serve --config cortex.toml`) it polls the neurons listed in the config, loads the
 //! placements of `models.toml` where the planner says, and routes each request to a ready replica.
+//! In Kubernetes mode (`cortex serve --kubernetes`) it watches ModelPlacement and Neuron objects
+//! and routes from their status, waking a model at zero by scaling its ModelPlacement.
 //!
 //! ```no_run
 //! # async fn run() -> anyhow::Result<()> {
 //! use std::sync::Arc;
-//! let (cfg, placements) = cortex_gateway::config::load("cortex.toml".as_ref())?;
-//! let fleet = cortex_gateway::fleet::Fleet::new(&cfg, placements);
-//! let app = cortex_gateway::api::router(Arc::new(cortex_gateway::api::AppState {
-//!     fleet, key_hashes: cfg.gateway.key_hashes }));
-//! axum::serve(tokio::net::TcpListener::bind("127.0.0.1:31313").await?, app).await?;
+//! use cortex_gateway::{api, config, static_mode};
+//! let (cfg, placements) = config::load("cortex.toml".as_ref())?;
+//! let fleet = static_mode::fleet(&cfg, placements);
+//! static_mode::spawn(&fleet, std::time::Duration::from_secs(2));
+//! let st = Arc::new(api::AppState { fleet, key_hashes: cfg.gateway.key_hashes });
+//! api::serve(st, "127.0.0.1:31313", "127.0.0.1:31314").await?;
 //! # Ok(()) }
 //! ```
 
@@ -19,5 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod fleet;
+pub mod kubernetes;
 pub mod metrics;
 pub mod proxy;
+pub mod static_mode;

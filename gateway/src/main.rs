@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use cortex_gateway::{api, cli, config, fleet::Fleet};
+use cortex_gateway::{api, cli, config, kubernetes, static_mode};
+
+mod probe;
 
 #[derive(Parser)]
 #[command(
@@ -21,13 +23,19 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Serve the fleet described by a cortex.toml (static mode).
+    /// Serve the fleet described by a cortex.toml (static mode), or by the cluster's
+    /// ModelPlacement and Neuron objects (--kubernetes).
     Serve {
         #[arg(long, env = "CORTEX_CONFIG", default_value = "cortex.toml")]
         config: PathBuf,
-        /// Overrides [gateway] listen.
+        /// Overrides [gateway] listen (default 0.0.0.0:31313).
         #[arg(long, env = "CORTEX_LISTEN")]
         listen: Option<String>,
+        /// Overrides [gateway] metrics_listen (default 0.0.0.0:31314).
+        #[arg(long, env = "CORTEX_METRICS_LISTEN")]
+        metrics_listen: Option<String>,
+        #[command(flatten)]
+        kube: kubernetes::KubeArgs,
     },
     /// Print the fleet: neurons, devices, free memory, models and their states.
     Status {
@@ -45,6 +53,9 @@ enum Cmd {
         #[arg(long, env = "CORTEX_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
     },
+    /// Load a model on a neuron (or ask a gateway) and send one chat request: prints the answer,
+    /// TTFT and tok/s, or the status and body of whatever failed.
+    Probe(probe::ProbeArgs),
 }
 
 fn init_tracing() {
@@ -64,55 +75,34 @@ fn init_tracing() {
 async fn main() -> anyhow::Result<()> {
     init_tracing();
     match Args::parse().cmd {
-        Cmd::Serve { config, listen } => {
-            let (cfg, placements) = config::load(&config)?;
-            let listen = listen.unwrap_or(cfg.gateway.listen.clone());
-            let fleet = Fleet::new(&cfg, placements);
-            fleet.spawn_poller(Duration::from_secs_f64(
-                cfg.gateway.poll_interval_secs.max(0.1),
-            ));
-            let f = fleet.clone();
-            // Keep each placement's minimum copies loaded: at start, and again whenever a neuron
-            // that was down (or not yet up) comes back or a copy was lost.
-            tokio::spawn(async move {
-                loop {
-                    f.load_initial().await;
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                }
-            });
-            let metrics = fleet.metrics.clone();
-            let metrics_app = axum::Router::new().route(
-                "/metrics",
-                axum::routing::get(move |headers: axum::http::HeaderMap| {
-                    let m = metrics.clone();
-                    async move {
-                        let accept = headers
-                            .get(axum::http::header::ACCEPT)
-                            .and_then(|v| v.to_str().ok());
-                        let (ctype, body) = cortex_core::exposition::negotiate(accept, m.encode());
-                        ([(axum::http::header::CONTENT_TYPE, ctype)], body)
-                    }
-                }),
-            );
-            let metrics_listener = tokio::net::TcpListener::bind(&cfg.gateway.metrics_listen)
-                .await
-                .with_context(|| {
-                    format!("binding metrics_listen {}", cfg.gateway.metrics_listen)
-                })?;
-            tokio::spawn(async move { axum::serve(metrics_listener, metrics_app).await });
-            let app = api::router(Arc::new(api::AppState {
+        Cmd::Serve {
+            config,
+            listen,
+            metrics_listen,
+            kube,
+        } => {
+            let (mut gw, fleet) = if kube.kubernetes {
+                let gw = kube.gateway_config()?;
+                let fleet = kubernetes::start(&kube, &gw)
+                    .await
+                    .context("starting Kubernetes mode")?;
+                (gw, fleet)
+            } else {
+                let (cfg, placements) = config::load(&config)?;
+                let fleet = static_mode::fleet(&cfg, placements);
+                static_mode::spawn(
+                    &fleet,
+                    Duration::from_secs_f64(cfg.gateway.poll_interval_secs.max(0.1)),
+                );
+                (cfg.gateway, fleet)
+            };
+            gw.listen = listen.unwrap_or(gw.listen);
+            gw.metrics_listen = metrics_listen.unwrap_or(gw.metrics_listen);
+            let st = Arc::new(api::AppState {
                 fleet,
-                key_hashes: cfg.gateway.key_hashes,
-            }));
-            let listener = tokio::net::TcpListener::bind(&listen)
-                .await
-                .with_context(|| format!("binding {listen}"))?;
-            tracing::info!(listen = %listener.local_addr()?, "gateway serving");
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = tokio::signal::ctrl_c().await;
-                })
-                .await?;
+                key_hashes: gw.key_hashes,
+            });
+            api::serve(st, &gw.listen, &gw.metrics_listen).await?;
         }
         Cmd::Status { gateway, api_key } => {
             print!("{}", cli::status(&gateway, api_key.as_deref()).await?)
@@ -120,6 +110,13 @@ async fn main() -> anyhow::Result<()> {
         Cmd::HashKey { key } => println!("sha256:{}", config::hash_key(&key)),
         Cmd::Models { gateway, api_key } => {
             print!("{}", cli::models(&gateway, api_key.as_deref()).await?)
+        }
+        Cmd::Probe(args) => {
+            // The failure is the probe's report: print it as is (no backtrace) and exit 1.
+            if let Err(e) = probe::run(&args).await {
+                eprintln!("probe failed: {e}");
+                std::process::exit(1);
+            }
         }
     }
     Ok(())

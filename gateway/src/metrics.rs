@@ -1,7 +1,7 @@
 //! The gateway's Prometheus metrics (`cortex_gateway_*`, on `metrics_listen`). Names follow vLLM's
 //! where an equivalent exists (`time_to_first_token_seconds`, `e2e_request_latency_seconds`), with
-//! units in the names; label values are bounded: placement names, neuron names from the config,
-//! the dialect (`openai`, `anthropic`) and the status class.
+//! units in the names; label values are bounded: placement names, neuron names (from the config or
+//! the Neuron objects), the dialect (`openai`, `anthropic`) and the status class.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -137,4 +137,21 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         out
     }
+}
+
+/// `GET /metrics`, in the exposition format the scraper asks for.
+pub fn router(metrics: std::sync::Arc<Metrics>) -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
+            let m = metrics.clone();
+            async move {
+                let accept = headers
+                    .get(axum::http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok());
+                let (ctype, body) = cortex_core::exposition::negotiate(accept, m.encode());
+                ([(axum::http::header::CONTENT_TYPE, ctype)], body)
+            }
+        }),
+    )
 }

@@ -156,7 +156,7 @@ pub async fn send(
                 );
                 last = format!("{} answered {}", n.cfg.name, r.status());
                 skip.push(n.cfg.name.clone());
-                fleet.poll().await;
+                fleet.refresh().await;
             }
             Ok(r) => {
                 let status =

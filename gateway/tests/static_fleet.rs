@@ -197,7 +197,8 @@ fn signal(fleet: &Fleet, idx: usize, sig: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hung_neuron_times_out_and_the_request_goes_elsewhere() {
-    let fleet = Fleet::start("request_timeout_secs = 3").await;
+    // Long enough for the other neuron to load a copy and answer on a busy 2-core machine.
+    let fleet = Fleet::start("request_timeout_secs = 8").await;
     let (idx, name) = holder(&fleet).await;
     // A stopped process keeps its socket open and never answers: a real hang.
     signal(&fleet, idx, "-STOP");

@@ -1,0 +1,304 @@
+//! Static mode (`cortex serve --config cortex.toml`): the neurons of the config, polled for their
+//! `/status`; a copy is where a neuron's status lists the model. A model with no ready copy is
+//! loaded where the planner from `core` says, evicting first when it must, and each placement's
+//! minimum copies are kept loaded.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use cortex_core::neuron::{ModelState, NeuronStatus};
+use cortex_core::openai::ErrorBody;
+use cortex_core::planner::{self, LoadAsk, ModelView, NeuronView, Plan, Strategy};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde_json::{Value, json};
+
+use crate::config::{Config, Placement};
+use crate::fleet::{Backend, Catalogue, Fleet, Neuron};
+use crate::metrics::ModelLabels;
+
+/// Static mode's [`Backend`]: the planner decides where a copy goes, the gateway loads it.
+#[derive(Clone, Copy)]
+pub struct Planned {
+    pub strategy: Strategy,
+}
+
+/// The fleet of `cfg`'s neurons serving `placements` (names already checked unique by
+/// [`crate::config::load`]). Nothing runs until [`spawn`].
+pub fn fleet(cfg: &Config, placements: Vec<Placement>) -> Arc<Fleet> {
+    let fleet = Fleet::new(
+        &cfg.gateway,
+        Planned {
+            strategy: cfg.eviction.strategy,
+        },
+    );
+    fleet.set_neurons(cfg.neurons.clone());
+    fleet.set_catalogue(Catalogue::new(placements).0);
+    fleet
+}
+
+/// Polls the neurons every `poll_every` and keeps each placement's minimum copies loaded: at
+/// start, and again whenever a neuron that was down (or not yet up) comes back or a copy was lost.
+pub fn spawn(fleet: &Arc<Fleet>, poll_every: Duration) {
+    let f = fleet.clone();
+    tokio::spawn(async move {
+        loop {
+            poll(&f).await;
+            tokio::time::sleep(poll_every).await;
+        }
+    });
+    let f = fleet.clone();
+    tokio::spawn(async move {
+        loop {
+            load_initial(&f).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    });
+}
+
+/// Asks every neuron for its status; those that do not answer are marked down.
+pub async fn poll(fleet: &Fleet) {
+    let neurons = fleet.neurons();
+    let polls = neurons.iter().map(|n| async move {
+        let res = n
+            .request(&fleet.http, reqwest::Method::GET, "/status")
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        let down = match res {
+            Ok(r) if r.status().is_success() => match r.json::<NeuronStatus>().await {
+                Ok(s) => {
+                    *n.status.write().expect("status lock") = Some(s);
+                    None
+                }
+                Err(e) => Some(format!("unreadable /status: {e}")),
+            },
+            Ok(r) => Some(format!("/status answered {}", r.status())),
+            Err(e) => Some(e.to_string()),
+        };
+        fleet.set_up(n, down.is_none(), down.as_deref().unwrap_or_default());
+    });
+    futures::future::join_all(polls).await;
+}
+
+/// Loads the copies each placement keeps (`minReplicas`, else `replicas`) on distinct neurons;
+/// what cannot be loaded now is tried again on the next call.
+pub async fn load_initial(fleet: &Arc<Fleet>) {
+    for p in &fleet.catalogue().placements {
+        let want = p.spec.min_copies() as usize;
+        while fleet.ready_replicas(p) < want {
+            if let Err(e) = fleet.load_copy(p).await {
+                tracing::warn!(model = %p.name, error = %e, "could not load at start");
+                break;
+            }
+        }
+    }
+}
+
+impl Backend for Planned {
+    fn copies(&self, fleet: &Fleet, p: &Placement) -> Vec<(Arc<Neuron>, ModelState)> {
+        fleet
+            .neurons()
+            .iter()
+            .filter_map(|n| {
+                let st = n.status.read().expect("status lock");
+                let m = st.as_ref()?.models.iter().find(|m| m.id == p.name)?;
+                Some((n.clone(), m.state))
+            })
+            .collect()
+    }
+
+    fn make_ready(
+        &self,
+        fleet: Arc<Fleet>,
+        p: Placement,
+    ) -> BoxFuture<'static, Result<(), String>> {
+        let strategy = self.strategy;
+        async move { load_somewhere(&fleet, &p, strategy).await }.boxed()
+    }
+
+    fn refresh<'a>(&'a self, fleet: &'a Fleet) -> BoxFuture<'a, ()> {
+        poll(fleet).boxed()
+    }
+
+    fn describe(&self, n: &Neuron) -> Value {
+        json!(*n.status.read().expect("status lock"))
+    }
+}
+
+/// The neurons as the planner sees them.
+fn views(fleet: &Fleet) -> Vec<NeuronView> {
+    let catalogue = fleet.catalogue();
+    fleet
+        .neurons()
+        .iter()
+        .map(|n| {
+            let st = n.status.read().expect("status lock");
+            let (free, models) = match st.as_ref() {
+                Some(s) => (
+                    s.devices.iter().map(|d| d.memory_free).max().unwrap_or(0),
+                    s.models
+                        .iter()
+                        // A failed load holds nothing and must not block a retry.
+                        .filter(|m| m.state != ModelState::Failed)
+                        .map(|m| {
+                            let p = catalogue.placements.iter().find(|p| p.name == m.id);
+                            ModelView {
+                                id: m.id.clone(),
+                                bytes: m.bytes,
+                                last_used: m.last_used_at.or(m.loaded_at).unwrap_or(0),
+                                inflight: m.inflight + m.queued,
+                                pinned: p.is_some_and(|p| p.spec.pinned),
+                                priority: p.map(|p| p.spec.priority).unwrap_or(0),
+                            }
+                        })
+                        .collect(),
+                ),
+                None => (0, Vec::new()),
+            };
+            NeuronView {
+                name: n.cfg.name.clone(),
+                ready: n.up.load(Ordering::Relaxed),
+                free,
+                models,
+            }
+        })
+        .collect()
+}
+
+/// Plans, evicts and loads until the placement has one more ready copy, or says why not.
+async fn load_somewhere(fleet: &Fleet, p: &Placement, strategy: Strategy) -> Result<(), String> {
+    let mut bytes = None;
+    let mut exclude = Vec::new();
+    let mut last_error = String::new();
+    for _ in 0..4 {
+        poll(fleet).await;
+        let ask = LoadAsk {
+            model: p.name.clone(),
+            bytes,
+            priority: p.spec.priority,
+            exclude: exclude.clone(),
+        };
+        let (target, evict) = match planner::plan_load(&views(fleet), &ask, strategy) {
+            Plan::Load { neuron } => (neuron, vec![]),
+            Plan::EvictThenLoad { neuron, evict } => (neuron, evict),
+            Plan::NoRoom { reason } if last_error.is_empty() => return Err(reason),
+            Plan::NoRoom { reason } => {
+                return Err(format!("{reason}; last attempt: {last_error}"));
+            }
+        };
+        let n = fleet.neuron(&target).expect("planned neuron exists");
+        for victim in &evict {
+            tracing::info!(neuron = %target, evicted = %victim, for_model = %p.name, "evicting to make room");
+            fleet
+                .metrics
+                .evictions
+                .get_or_create(&ModelLabels {
+                    model: victim.clone(),
+                })
+                .inc();
+            let _ = n
+                .request(&fleet.http, reqwest::Method::POST, "/models/unload")
+                .json(&json!({"id": victim}))
+                .send()
+                .await;
+        }
+        let body = json!({
+            "id": p.name,
+            "source": p.spec.model,
+            "contextLength": p.spec.context_length,
+            "device": p.spec.device,
+        });
+        let res = n
+            .request(
+                &fleet.http,
+                reqwest::Method::POST,
+                &format!(
+                    "/models/load?wait=true&timeout={}",
+                    fleet.load_timeout.as_secs()
+                ),
+            )
+            .json(&body)
+            .send()
+            .await;
+        match res {
+            // Accepted: follow the load there to its end (a large download may outlast the
+            // neuron's bounded wait) rather than starting another copy elsewhere.
+            Ok(r) if r.status().is_success() => {
+                return follow_load(fleet, &n, &p.name).await;
+            }
+            Ok(r) => {
+                let status = r.status();
+                let err: Option<ErrorBody> = r.json().await.ok();
+                let message = err
+                    .as_ref()
+                    .map(|e| e.error.message.clone())
+                    .unwrap_or_default();
+                last_error = format!("{target} answered {status}: {message}");
+                match err.as_ref().and_then(|e| e.error.needed_bytes) {
+                    Some(needed) if status == reqwest::StatusCode::CONFLICT => bytes = Some(needed),
+                    // A model that fails to load fails everywhere: say why at once.
+                    _ => return Err(last_error),
+                }
+                if !evict.is_empty() {
+                    exclude.push(target);
+                }
+            }
+            Err(e) => {
+                n.mark_down(&e.to_string());
+                last_error = format!("{target} unreachable: {e}");
+                exclude.push(target);
+            }
+        }
+    }
+    Err(last_error)
+}
+
+/// Polls a neuron until `id` is ready there, or failed, for at most an hour.
+async fn follow_load(fleet: &Fleet, n: &Neuron, id: &str) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3600);
+    loop {
+        poll(fleet).await;
+        let state = n
+            .status
+            .read()
+            .expect("status lock")
+            .as_ref()
+            .and_then(|s| {
+                s.models
+                    .iter()
+                    .find(|m| m.id == id)
+                    .map(|m| (m.state, m.error.clone()))
+            });
+        match state {
+            Some((ModelState::Ready, _)) => {
+                tracing::info!(neuron = %n.cfg.name, model = %id, "model loaded");
+                return Ok(());
+            }
+            Some((ModelState::Failed, error)) => {
+                return Err(format!(
+                    "{} failed to load '{id}': {}",
+                    n.cfg.name,
+                    error.unwrap_or_default()
+                ));
+            }
+            None if !n.up.load(Ordering::Relaxed) => {
+                return Err(format!("{} went down while loading '{id}'", n.cfg.name));
+            }
+            None => {
+                return Err(format!(
+                    "{} accepted '{id}' but no longer lists it",
+                    n.cfg.name
+                ));
+            }
+            Some(_) if std::time::Instant::now() > deadline => {
+                return Err(format!(
+                    "{} was still loading '{id}' after an hour",
+                    n.cfg.name
+                ));
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
