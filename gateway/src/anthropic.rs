@@ -401,7 +401,8 @@ pub fn stream(
         let resp = match crate::proxy::wait_ready(&fleet, &p, &mut tx, &ping).await {
             Ok(false) => return,
             Ok(true) => {
-                crate::proxy::send(&fleet, &p, "/v1/chat/completions", &body, "anthropic").await
+                let call = crate::proxy::Call::new("anthropic");
+                crate::proxy::send(&fleet, &p, "/v1/chat/completions", &body, &call).await
             }
             Err(e) => Err(e),
         };

@@ -110,7 +110,13 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
 }
 
 /// Parses the body enough to route it; the neuron validates the rest and answers in OpenAI's shape.
-fn route(st: &AppState, body: &Bytes) -> Result<(crate::config::Placement, Value, bool), Error> {
+/// A stream always asks the neuron for usage (to count tokens); the gateway drops that chunk again
+/// when the client did not ask for it.
+fn route(
+    st: &AppState,
+    body: &Bytes,
+) -> Result<(crate::config::Placement, Value, bool, crate::proxy::Call), Error> {
+    let mut call = crate::proxy::Call::new("openai");
     let mut v: Value = serde_json::from_slice(body).map_err(|e| Error::InvalidRequest {
         message: format!("request body is not valid JSON: {e}"),
         param: None,
@@ -126,15 +132,31 @@ fn route(st: &AppState, body: &Bytes) -> Result<(crate::config::Placement, Value
         .fleet
         .placement(model)
         .ok_or_else(|| Error::ModelNotFound(model.to_string()))?;
+    if p.name != model {
+        call.rename = Some((p.name.clone(), model.to_string()));
+    }
     let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    if stream {
+        let asked = v["stream_options"]["include_usage"].as_bool() == Some(true);
+        if !asked {
+            match v.get_mut("stream_options").and_then(Value::as_object_mut) {
+                Some(o) => {
+                    o.insert("include_usage".into(), json!(true));
+                }
+                None => v["stream_options"] = json!({"include_usage": true}),
+            }
+            call.strip_usage = true;
+        }
+    }
     v["model"] = json!(p.name);
-    Ok((p, v, stream))
+    Ok((p, v, stream, call))
 }
 
 async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     match route(&st, &body) {
-        Ok((p, v, stream)) => {
-            crate::proxy::forward(st.fleet.clone(), p, "/v1/chat/completions", v, stream).await
+        Ok((p, v, stream, call)) => {
+            crate::proxy::forward(st.fleet.clone(), p, "/v1/chat/completions", v, stream, call)
+                .await
         }
         Err(e) => error_response(e),
     }
@@ -142,8 +164,8 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
 
 async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     match route(&st, &body) {
-        Ok((p, v, stream)) => {
-            crate::proxy::forward(st.fleet.clone(), p, "/v1/completions", v, stream).await
+        Ok((p, v, stream, call)) => {
+            crate::proxy::forward(st.fleet.clone(), p, "/v1/completions", v, stream, call).await
         }
         Err(e) => error_response(e),
     }
@@ -171,7 +193,14 @@ async fn ask_neuron(
     path: &str,
     body: &Value,
 ) -> Result<(axum::http::StatusCode, Bytes), Error> {
-    let resp = crate::proxy::send(&st.fleet, p, path, body, "anthropic").await?;
+    let resp = crate::proxy::send(
+        &st.fleet,
+        p,
+        path,
+        body,
+        &crate::proxy::Call::new("anthropic"),
+    )
+    .await?;
     let status = resp.status();
     let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
         .await

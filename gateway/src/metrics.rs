@@ -57,6 +57,10 @@ pub struct Metrics {
     pub in_flight: Family<ModelLabels, Gauge>,
     pub ttfb: Hist<RouteLabels>,
     pub e2e: Hist<RouteLabels>,
+    pub itl: Hist<RouteLabels>,
+    pub queue_time: Hist<RouteLabels>,
+    pub prompt_tokens: Family<RouteLabels, Counter>,
+    pub generation_tokens: Family<RouteLabels, Counter>,
     pub cold_loads: Family<LoadLabels, Counter>,
     pub cold_load_seconds: Hist<ModelLabels>,
     pub evictions: Family<ModelLabels, Counter>,
@@ -82,6 +86,10 @@ impl Metrics {
             in_flight: Family::default(),
             ttfb: Family::new_with_constructor(latency),
             e2e: Family::new_with_constructor(latency),
+            itl: Family::new_with_constructor(latency),
+            queue_time: Family::new_with_constructor(latency),
+            prompt_tokens: Family::default(),
+            generation_tokens: Family::default(),
             cold_loads: Family::default(),
             cold_load_seconds: Family::new_with_constructor(load),
             evictions: Family::default(),
@@ -107,6 +115,26 @@ impl Metrics {
             "cortex_gateway_e2e_request_latency_seconds",
             "Time from the request to the end of the answer",
             m.e2e.clone(),
+        );
+        r.register(
+            "cortex_gateway_inter_token_latency_seconds",
+            "Time between two streamed chunks of an answer (about one token each)",
+            m.itl.clone(),
+        );
+        r.register(
+            "cortex_gateway_request_queue_time_seconds",
+            "Time from the request's arrival to its dispatch to a neuron (cold loads included)",
+            m.queue_time.clone(),
+        );
+        r.register(
+            "cortex_gateway_prompt_tokens",
+            "Prompt tokens of answered requests, as the neuron counted them",
+            m.prompt_tokens.clone(),
+        );
+        r.register(
+            "cortex_gateway_generation_tokens",
+            "Tokens generated for answered requests, as the neuron counted them",
+            m.generation_tokens.clone(),
         );
         r.register(
             "cortex_gateway_cold_loads",

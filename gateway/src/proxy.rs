@@ -27,6 +27,7 @@ struct RequestGuard {
     route: RouteLabels,
     started: std::time::Instant,
     first_byte: bool,
+    last_chunk: std::time::Instant,
 }
 
 impl RequestGuard {
@@ -48,6 +49,7 @@ impl RequestGuard {
             metrics,
             started: std::time::Instant::now(),
             first_byte: false,
+            last_chunk: std::time::Instant::now(),
         }
     }
 
@@ -61,14 +63,57 @@ impl RequestGuard {
         self.metrics.requests.get_or_create(&labels).inc();
     }
 
-    fn chunk(&mut self) {
+    /// A chunk of the answer arrived: the first is the time to first token; later chunks of a
+    /// stream (one per token or so) give the inter-token latency.
+    fn chunk(&mut self, sse: bool) {
+        let now = std::time::Instant::now();
         if !self.first_byte {
             self.first_byte = true;
             self.metrics
                 .ttfb
                 .get_or_create(&self.route)
                 .observe(self.started.elapsed().as_secs_f64());
+        } else if sse {
+            self.metrics
+                .itl
+                .get_or_create(&self.route)
+                .observe((now - self.last_chunk).as_secs_f64());
         }
+        self.last_chunk = now;
+    }
+
+    /// Counts the tokens of the usage object in `b`, if it has one; drops an SSE usage event the
+    /// client did not ask for.
+    fn usage(&self, b: Bytes, strip: bool) -> Bytes {
+        let Some(at) = find(&b, b"\"usage\":{") else {
+            return b;
+        };
+        let u = &b[at..];
+        if let (Some(prompt), Some(completion)) = (
+            number_after(u, "prompt_tokens"),
+            number_after(u, "completion_tokens"),
+        ) {
+            self.metrics
+                .prompt_tokens
+                .get_or_create(&self.route)
+                .inc_by(prompt);
+            self.metrics
+                .generation_tokens
+                .get_or_create(&self.route)
+                .inc_by(completion);
+        }
+        if !strip {
+            return b;
+        }
+        // The usage event is `data: {…"choices":[],"usage":{…}}\n\n`, alone in its event.
+        let start = b[..at]
+            .windows(6)
+            .rposition(|w| w == b"data: ")
+            .unwrap_or(0);
+        let end = find(&b[at..], b"\n\n").map_or(b.len(), |i| at + i + 2);
+        let mut out = b[..start].to_vec();
+        out.extend_from_slice(&b[end..]);
+        Bytes::from(out)
     }
 }
 
@@ -91,17 +136,42 @@ impl Drop for RequestGuard {
 /// How often a waiting stream gets a keep-alive comment.
 const KEEPALIVE: Duration = Duration::from_secs(5);
 
+/// What the gateway knows about one client request while it proxies it.
+#[derive(Clone)]
+pub struct Call {
+    pub dialect: &'static str,
+    /// When the request reached the gateway (for the queue-time histogram).
+    pub arrived: std::time::Instant,
+    /// The gateway asked the neuron for a usage chunk the client did not ask for: drop it.
+    pub strip_usage: bool,
+    /// The model name the client sent, when the neuron knows the model by another id: answers
+    /// carry the client's name.
+    pub rename: Option<(String, String)>,
+}
+
+impl Call {
+    pub fn new(dialect: &'static str) -> Self {
+        Call {
+            dialect,
+            arrived: std::time::Instant::now(),
+            strip_usage: false,
+            rename: None,
+        }
+    }
+}
+
 pub async fn forward(
     fleet: Arc<Fleet>,
     p: Placement,
     path: &'static str,
     body: Value,
     stream: bool,
+    call: Call,
 ) -> Response {
     if stream && fleet.pick(&p, &[]).is_none() {
-        return stream_while_loading(fleet, p, path, body);
+        return stream_while_loading(fleet, p, path, body, call);
     }
-    match send(&fleet, &p, path, &body, "openai").await {
+    match send(&fleet, &p, path, &body, &call).await {
         Ok(r) => r,
         Err(e) => crate::api::error_response(e),
     }
@@ -112,8 +182,9 @@ pub async fn send(
     p: &Placement,
     path: &str,
     body: &Value,
-    dialect: &'static str,
+    call: &Call,
 ) -> Result<Response, Error> {
+    let dialect = call.dialect;
     let mut skip: Vec<String> = Vec::new();
     let mut last = String::new();
     for _ in 0..3 {
@@ -130,6 +201,13 @@ pub async fn send(
             }
         };
         let guard = RequestGuard::new(n.clone(), fleet.metrics.clone(), &p.name, dialect);
+        if skip.is_empty() {
+            fleet
+                .metrics
+                .queue_time
+                .get_or_create(&guard.route)
+                .observe(call.arrived.elapsed().as_secs_f64());
+        }
         let res = tokio::time::timeout(
             fleet.request_timeout,
             n.request(&fleet.http, reqwest::Method::POST, path)
@@ -166,7 +244,7 @@ pub async fn send(
                 let sse = ctype
                     .as_ref()
                     .is_some_and(|c| c.as_bytes().starts_with(b"text/event-stream"));
-                let stream = relay(r, guard, sse, fleet.stream_idle_timeout, n.cfg.name.clone());
+                let stream = relay(r, guard, sse, fleet.stream_idle_timeout, call.clone());
                 let mut resp = Response::new(Body::from_stream(stream));
                 *resp.status_mut() = status;
                 if let Some(ct) = ctype.and_then(|c| HeaderValue::from_bytes(c.as_bytes()).ok()) {
@@ -182,19 +260,22 @@ pub async fn send(
     )))
 }
 
-/// The neuron's body, relayed: each chunk counts for time-to-first-token; a neuron that fails or
-/// stays silent past `idle` mid-stream ends an SSE answer with an error event in OpenAI's shape
-/// and `[DONE]`, so the caller never hangs.
+/// The neuron's body, relayed: each chunk counts for time-to-first-token and inter-token latency,
+/// the usage the neuron reports counts the request's tokens; a neuron that fails or stays silent
+/// past `idle` mid-stream ends an SSE answer with an error event in OpenAI's shape and `[DONE]`, so
+/// the caller never hangs.
 fn relay(
     r: reqwest::Response,
     guard: RequestGuard,
     sse: bool,
     idle: Duration,
-    neuron: String,
+    call: Call,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
     let body = r.bytes_stream().boxed();
+    let neuron = guard.route.neuron.clone();
     futures::stream::unfold((body, guard, false), move |(mut body, mut guard, done)| {
         let neuron = neuron.clone();
+        let call = call.clone();
         async move {
             if done {
                 return None;
@@ -202,7 +283,12 @@ fn relay(
             let failure = match tokio::time::timeout(idle, body.next()).await {
                 Ok(None) => return None,
                 Ok(Some(Ok(b))) => {
-                    guard.chunk();
+                    guard.chunk(sse);
+                    let b = guard.usage(b, sse && call.strip_usage);
+                    let b = match &call.rename {
+                        Some((from, to)) => rename_model(b, from, to),
+                        None => b,
+                    };
                     return Some((Ok(b), (body, guard, false)));
                 }
                 Ok(Some(Err(e))) => format!("neuron {neuron} failed mid-answer: {e}"),
@@ -221,6 +307,41 @@ fn relay(
             Some((Ok(Bytes::from(bytes)), (body, guard, true)))
         }
     })
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// `"model":"<from>"` → `"model":"<to>"` in a chunk of the neuron's JSON (compact, as serde writes it).
+fn rename_model(b: Bytes, from: &str, to: &str) -> Bytes {
+    let from = format!("\"model\":\"{from}\"");
+    if find(&b, from.as_bytes()).is_none() {
+        return b;
+    }
+    let to = format!("\"model\":\"{to}\"");
+    let mut out = Vec::with_capacity(b.len());
+    let mut rest = &b[..];
+    while let Some(i) = find(rest, from.as_bytes()) {
+        out.extend_from_slice(&rest[..i]);
+        out.extend_from_slice(to.as_bytes());
+        rest = &rest[i + from.len()..];
+    }
+    out.extend_from_slice(rest);
+    Bytes::from(out)
+}
+
+/// The number after `"key":` in `b`.
+fn number_after(b: &[u8], key: &str) -> Option<u64> {
+    let k = format!("\"{key}\":");
+    let i = find(b, k.as_bytes())? + k.len();
+    let digits: Vec<u8> = b[i..]
+        .iter()
+        .copied()
+        .skip_while(|c| *c == b' ')
+        .take_while(u8::is_ascii_digit)
+        .collect();
+    std::str::from_utf8(&digits).ok()?.parse().ok()
 }
 
 pub type Tx = futures::channel::mpsc::Sender<Result<Bytes, std::io::Error>>;
@@ -273,12 +394,13 @@ fn stream_while_loading(
     p: Placement,
     path: &'static str,
     body: Value,
+    call: Call,
 ) -> Response {
     channel_stream(|mut tx| async move {
         let keepalive = Bytes::from_static(b": loading model\n\n");
         let result = match wait_ready(&fleet, &p, &mut tx, &keepalive).await {
             Ok(false) => return,
-            Ok(true) => send(&fleet, &p, path, &body, "openai").await,
+            Ok(true) => send(&fleet, &p, path, &body, &call).await,
             Err(e) => Err(e),
         };
         match result {

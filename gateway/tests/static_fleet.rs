@@ -32,6 +32,10 @@ async fn a_static_fleet_serves_loads_on_demand_and_survives_a_dead_neuron() {
         )
         .await;
     assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        body["model"], "smol",
+        "answers carry the name the client sent"
+    );
     assert!(
         body["choices"][0]["message"]["content"]
             .as_str()

@@ -117,3 +117,47 @@ def test_gateway_and_neuron_metrics_pass_promtool(gateway, oa):
     # vLLM's names carry a colon, which promtool's style lint flags; nothing else may be flagged.
     problems = [l for l in (r.stdout + r.stderr).splitlines() if l.strip() and "should not contain ':'" not in l]
     assert problems == [], problems
+
+
+def metric_sum(text, name):
+    """Sum of the samples of `name` (any labels)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_gateway_counts_tokens_itl_and_queue_time_and_keeps_usage_opt_in(gateway, oa):
+    import urllib.request
+
+    def scrape():
+        return urllib.request.urlopen(gateway.metrics_url).read().decode()
+
+    before = scrape()
+    msgs = [{"role": "user", "content": QUESTION}]
+    # A stream without include_usage gets no usage chunk, though the gateway asked the neuron for one.
+    chunks = list(oa.chat.completions.create(model="smollm2", messages=msgs, max_tokens=12, temperature=0, stream=True))
+    assert all(c.usage is None for c in chunks)
+    assert all(c.model == "smollm2" for c in chunks)
+    streamed_tokens = sum(1 for c in chunks if c.choices and c.choices[0].delta.content)
+    # With include_usage it gets exactly one.
+    chunks = list(oa.chat.completions.create(model="smollm2", messages=msgs, max_tokens=12, temperature=0, stream=True,
+                                             stream_options={"include_usage": True}))
+    usages = [c.usage for c in chunks if c.usage is not None]
+    assert len(usages) == 1 and usages[0].completion_tokens > 3
+    r = oa.chat.completions.create(model="smollm2", messages=msgs, max_tokens=12, temperature=0)
+    # Greedy: all three answers are the same tokens.
+    assert r.usage.completion_tokens == usages[0].completion_tokens
+    after = scrape()
+
+    def delta(name):
+        return metric_sum(after, name) - metric_sum(before, name)
+
+    assert delta("cortex_gateway_generation_tokens_total") == 3 * r.usage.completion_tokens
+    assert delta("cortex_gateway_prompt_tokens_total") == 3 * r.usage.prompt_tokens
+    # One gap per streamed chunk after the first, for both streams.
+    assert delta("cortex_gateway_inter_token_latency_seconds_count") >= 2 * (streamed_tokens - 1)
+    assert delta("cortex_gateway_request_queue_time_seconds_count") == 3
+    r = promtool(after)
+    assert r.returncode == 0, r.stdout + r.stderr
