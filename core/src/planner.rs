@@ -137,6 +137,57 @@ pub fn plan_load(neurons: &[NeuronView], ask: &LoadAsk, strategy: Strategy) -> P
     }
 }
 
+/// A model to move from one neuron to another: load it on `to`, then unload it from `from`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    pub model: String,
+    pub from: String,
+    pub to: String,
+}
+
+/// Consolidation ("defragmentation"): empties the least-used neuron whose every model fits into
+/// the free memory of the other ready neurons that already hold models, so a whole device is free
+/// for the next large model. Best fit, largest model first; a model with requests in flight is never
+/// moved, and a neuron that could not end empty is left as it is. At most one neuron per call.
+pub fn plan_defrag(neurons: &[NeuronView]) -> Vec<Move> {
+    let busy: Vec<&NeuronView> = neurons
+        .iter()
+        .filter(|n| n.ready && !n.models.is_empty())
+        .collect();
+    let mut sources = busy.clone();
+    sources.sort_by_key(|n| n.models.iter().map(|m| m.bytes).sum::<u64>());
+    'source: for src in sources {
+        if src.models.iter().any(|m| m.inflight > 0) {
+            continue;
+        }
+        let mut free: Vec<(&str, u64, &NeuronView)> = busy
+            .iter()
+            .filter(|n| n.name != src.name)
+            .map(|n| (n.name.as_str(), n.free, *n))
+            .collect();
+        let mut models: Vec<&ModelView> = src.models.iter().collect();
+        models.sort_by_key(|m| std::cmp::Reverse(m.bytes));
+        let mut moves = Vec::new();
+        for m in models {
+            let target = free
+                .iter_mut()
+                .filter(|(_, f, n)| *f >= m.bytes && !n.models.iter().any(|x| x.id == m.id))
+                .min_by_key(|(_, f, _)| *f);
+            let Some(t) = target else {
+                continue 'source;
+            };
+            t.1 -= m.bytes;
+            moves.push(Move {
+                model: m.id.clone(),
+                from: src.name.clone(),
+                to: t.0.to_string(),
+            });
+        }
+        return moves;
+    }
+    Vec::new()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,6 +320,51 @@ mod tests {
                 evict: vec!["b1".into()]
             }
         );
+    }
+
+    #[test]
+    fn defrag_empties_the_least_used_neuron_onto_the_others() {
+        let fleet = [
+            n("a", 100, vec![m("a1", 50, 1)]),
+            n("b", 30, vec![m("b1", 20, 1), m("b2", 10, 1)]),
+            n("empty", 500, vec![]),
+        ];
+        let mut moves = plan_defrag(&fleet);
+        moves.sort_by(|x, y| x.model.cmp(&y.model));
+        assert_eq!(
+            moves,
+            vec![
+                Move {
+                    model: "b1".into(),
+                    from: "b".into(),
+                    to: "a".into()
+                },
+                Move {
+                    model: "b2".into(),
+                    from: "b".into(),
+                    to: "a".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn defrag_leaves_busy_models_and_neurons_that_cannot_be_emptied() {
+        let mut busy = m("b1", 10, 1);
+        busy.inflight = 2;
+        // b cannot move (in flight); a does not fit into b.
+        let fleet = [
+            n("a", 5, vec![m("a1", 60, 1)]),
+            n("b", 50, vec![busy]),
+        ];
+        assert_eq!(plan_defrag(&fleet), vec![]);
+        // One neuron alone has nowhere to go; a model already on the target is not doubled.
+        assert_eq!(plan_defrag(&[n("a", 5, vec![m("x", 1, 1)])]), vec![]);
+        let fleet = [
+            n("a", 100, vec![m("x", 10, 1)]),
+            n("b", 100, vec![m("x", 10, 1), m("y", 50, 1)]),
+        ];
+        assert_eq!(plan_defrag(&fleet), vec![]);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! use cortex_gateway::{api, config, static_mode};
 //! let (cfg, placements) = config::load("cortex.toml".as_ref())?;
 //! let fleet = static_mode::fleet(&cfg, placements);
-//! static_mode::spawn(&fleet, std::time::Duration::from_secs(2));
+//! static_mode::spawn(&fleet, std::time::Duration::from_secs(2), cfg.eviction.defrag_after_cycles);
 //! let st = Arc::new(api::AppState { fleet, key_hashes: cfg.gateway.key_hashes });
 //! api::serve(st, "127.0.0.1:31313", "127.0.0.1:31314").await?;
 //! # Ok(()) }

@@ -93,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
                 static_mode::spawn(
                     &fleet,
                     Duration::from_secs_f64(cfg.gateway.poll_interval_secs.max(0.1)),
+                    cfg.eviction.defrag_after_cycles,
                 );
                 (cfg.gateway, fleet)
             };

@@ -64,6 +64,7 @@ pub struct Metrics {
     pub cold_loads: Family<LoadLabels, Counter>,
     pub cold_load_seconds: Hist<ModelLabels>,
     pub evictions: Family<ModelLabels, Counter>,
+    pub defrag_moves: Counter,
     pub neuron_up: Family<RouteLabelsNeuron, Gauge>,
 }
 
@@ -93,6 +94,7 @@ impl Metrics {
             cold_loads: Family::default(),
             cold_load_seconds: Family::new_with_constructor(load),
             evictions: Family::default(),
+            defrag_moves: Counter::default(),
             neuron_up: Family::default(),
         };
         let mut r = Registry::default();
@@ -150,6 +152,11 @@ impl Metrics {
             "cortex_gateway_evictions",
             "Models unloaded to make room, by evicted model",
             m.evictions.clone(),
+        );
+        r.register(
+            "cortex_gateway_defrag_moves",
+            "Models moved to another neuron to free a whole one (defrag_after_cycles)",
+            m.defrag_moves.clone(),
         );
         r.register(
             "cortex_gateway_neuron_up",

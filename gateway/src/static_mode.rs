@@ -40,7 +40,9 @@ pub fn fleet(cfg: &Config, placements: Vec<Placement>) -> Arc<Fleet> {
 
 /// Polls the neurons every `poll_every` and keeps each placement's minimum copies loaded: at
 /// start, and again whenever a neuron that was down (or not yet up) comes back or a copy was lost.
-pub fn spawn(fleet: &Arc<Fleet>, poll_every: Duration) {
+/// Every `defrag_after` of these planning cycles (every 5 s), it consolidates models to free a whole
+/// neuron ([`defrag`]).
+pub fn spawn(fleet: &Arc<Fleet>, poll_every: Duration, defrag_after: Option<u32>) {
     let f = fleet.clone();
     tokio::spawn(async move {
         loop {
@@ -50,11 +52,90 @@ pub fn spawn(fleet: &Arc<Fleet>, poll_every: Duration) {
     });
     let f = fleet.clone();
     tokio::spawn(async move {
+        let mut cycles: u64 = 0;
         loop {
             load_initial(&f).await;
+            cycles += 1;
+            if let Some(n) = defrag_after.filter(|n| *n > 0)
+                && cycles.is_multiple_of(u64::from(n))
+            {
+                defrag(&f).await;
+            }
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
     });
+}
+
+/// Moves models off the least-used neuron onto the others where they all fit (the planner's
+/// [`planner::plan_defrag`]): each is loaded on its new neuron first and unloaded from the old one
+/// once its requests there are done, so it is never unavailable.
+pub async fn defrag(fleet: &Arc<Fleet>) {
+    poll(fleet).await;
+    let moves = planner::plan_defrag(&views(fleet));
+    let catalogue = fleet.catalogue();
+    let neurons = fleet.neurons();
+    for mv in moves {
+        let p = catalogue.placements.iter().find(|p| p.name == mv.model);
+        let from = neurons.iter().find(|n| n.cfg.name == mv.from);
+        let to = neurons.iter().find(|n| n.cfg.name == mv.to);
+        let (Some(p), Some(from), Some(to)) = (p, from, to) else {
+            continue; // a model loaded by someone else, or a neuron gone since
+        };
+        tracing::info!(model = %p.name, from = %mv.from, to = %mv.to, "defrag: moving to free a neuron");
+        let loaded = match load_request(fleet, to, p).send().await {
+            Ok(r) if r.status().is_success() => follow_load(fleet, to, &p.name).await,
+            Ok(r) => Err(format!("{} answered {}", mv.to, r.status())),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = loaded {
+            tracing::warn!(model = %p.name, to = %mv.to, error = %e, "defrag: move failed; nothing unloaded");
+            return;
+        }
+        // Let the requests on the old copy finish (new ones already go to either copy).
+        for _ in 0..40 {
+            poll(fleet).await;
+            let busy = from
+                .status
+                .read()
+                .expect("status lock")
+                .as_ref()
+                .is_some_and(|s| {
+                    s.models
+                        .iter()
+                        .any(|m| m.id == p.name && m.inflight + m.queued > 0)
+                });
+            if !busy {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let _ = from
+            .request(&fleet.http, reqwest::Method::POST, "/models/unload")
+            .json(&json!({"id": p.name}))
+            .send()
+            .await;
+        fleet.metrics.defrag_moves.inc();
+    }
+    poll(fleet).await;
+}
+
+/// `POST /models/load?wait=true` of the placement on a neuron (bounded by the load timeout).
+fn load_request(fleet: &Fleet, n: &Neuron, p: &Placement) -> reqwest::RequestBuilder {
+    let body = json!({
+        "id": p.name,
+        "source": p.spec.model,
+        "contextLength": p.spec.context_length,
+        "device": p.spec.device,
+    });
+    n.request(
+        &fleet.http,
+        reqwest::Method::POST,
+        &format!(
+            "/models/load?wait=true&timeout={}",
+            fleet.load_timeout.as_secs()
+        ),
+    )
+    .json(&body)
 }
 
 /// Asks every neuron for its status; those that do not answer are marked down.
@@ -204,24 +285,7 @@ async fn load_somewhere(fleet: &Fleet, p: &Placement, strategy: Strategy) -> Res
                 .send()
                 .await;
         }
-        let body = json!({
-            "id": p.name,
-            "source": p.spec.model,
-            "contextLength": p.spec.context_length,
-            "device": p.spec.device,
-        });
-        let res = n
-            .request(
-                &fleet.http,
-                reqwest::Method::POST,
-                &format!(
-                    "/models/load?wait=true&timeout={}",
-                    fleet.load_timeout.as_secs()
-                ),
-            )
-            .json(&body)
-            .send()
-            .await;
+        let res = load_request(fleet, &n, p).send().await;
         match res {
             // Accepted: follow the load there to its end (a large download may outlast the
             // neuron's bounded wait) rather than starting another copy elsewhere.

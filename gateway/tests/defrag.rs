@@ -1,0 +1,87 @@
+//! `[eviction] defrag_after_cycles` in static mode, on two real neurons: the planner spreads two
+//! models over both, then a defragmentation cycle moves the smaller one beside the other so a whole
+//! neuron is free, without the model ever being unavailable.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Fleet, models_dir};
+use serde_json::{Value, json};
+
+fn holders(cat: &[Value], model: &str) -> Vec<String> {
+    let m = cat.iter().find(|m| m["id"] == model).unwrap();
+    m["loaded_on"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["state"] == "ready")
+        .map(|c| c["neuron"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn defrag_consolidates_models_to_free_a_whole_neuron() {
+    let m = models_dir();
+    let placements = format!(
+        "[[placements]]\nname = \"smollm2\"\ncontextLength = 1024\nmodel = {{ uri = \"file://{m}/SmolLM2-135M-Instruct.Q4_1.gguf\" }}\n\
+         [[placements]]\nname = \"gemma3\"\ncontextLength = 1024\nmodel = {{ uri = \"file://{m}/gemma-3-270m-Q4_K_M.gguf\" }}\n",
+        m = m.display()
+    );
+    // Both neurons run on this one host: a memory cap gives each its own free memory to report.
+    let fleet = Fleet::start_with(
+        2,
+        &["--max-memory", "2000000000"],
+        "\n[eviction]\ndefrag_after_cycles = 2\n",
+        &placements,
+    )
+    .await;
+    // Both load at start, one on each neuron (the planner picks the one with most free memory).
+    let spread_at = Instant::now();
+    let (smol_on, gemma_on) = loop {
+        let cat = fleet.catalogue().await;
+        let (s, g) = (holders(&cat, "smollm2"), holders(&cat, "gemma3"));
+        if s.len() == 1 && g.len() == 1 {
+            break (s, g);
+        }
+        assert!(spread_at.elapsed() < Duration::from_secs(60), "{cat:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_ne!(smol_on, gemma_on, "the planner spreads copies first");
+
+    // Meanwhile requests keep working; after a defrag cycle both sit on gemma3's neuron.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (s, b) = fleet
+            .post(
+                "/v1/completions",
+                json!({"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 2, "temperature": 0}),
+            )
+            .await;
+        assert_eq!(s, 200, "{b}");
+        let cat = fleet.catalogue().await;
+        if holders(&cat, "smollm2") == gemma_on && holders(&cat, "gemma3") == gemma_on {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not consolidated: {cat:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = fleet
+        .http
+        .get(&fleet.metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("cortex_gateway_defrag_moves_total 1"),
+        "{metrics}"
+    );
+    // Stable afterwards: a later cycle has nothing to move.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let cat = fleet.catalogue().await;
+    assert_eq!(holders(&cat, "smollm2"), gemma_on);
+    assert_eq!(holders(&cat, "gemma3"), gemma_on);
+}
