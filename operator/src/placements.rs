@@ -729,6 +729,32 @@ mod tests {
     }
 
     #[test]
+    fn neuron_selectors_match_labels_and_expressions() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let mut m = mp(None, None, None);
+        assert!(
+            selects(&m, &labels(&[])),
+            "no selector selects every neuron"
+        );
+        m.spec.0.neuron_selector = Some(
+            serde_json::from_value(json!({
+                "matchLabels": {"gpu": "h100"},
+                "matchExpressions": [{"key": "zone", "operator": "NotIn", "values": ["eu-2"]}]
+            }))
+            .unwrap(),
+        );
+        assert!(selects(&m, &labels(&[("gpu", "h100"), ("zone", "eu-1")])));
+        assert!(selects(&m, &labels(&[("gpu", "h100")])));
+        assert!(!selects(&m, &labels(&[("gpu", "a100")])));
+        assert!(!selects(&m, &labels(&[("gpu", "h100"), ("zone", "eu-2")])));
+    }
+
+    #[test]
     fn backoff_grows_and_is_bounded() {
         assert!(backoff(1) < backoff(2));
         assert_eq!(backoff(30), Duration::from_secs(300));

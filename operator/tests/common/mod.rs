@@ -203,3 +203,76 @@ pub fn neuron_yaml(name: &str, port: u16) -> String {
         "apiVersion: cortex.helexa.io/v1alpha1\nkind: Neuron\nmetadata:\n  name: {name}\nspec:\n  endpoint: http://127.0.0.1:{port}\n"
     )
 }
+
+/// The chart under test.
+pub fn chart() -> PathBuf {
+    cortex_testkit::workspace_root().join("helm/cortex")
+}
+
+/// `helm` from `scripts/envtest-assets`, with its caches and settings in `home` (never the
+/// user's), talking to `cp` when given.
+pub fn helm(home: &std::path::Path, cp: Option<&ControlPlane>) -> Command {
+    let mut c = Command::new(cortex_testkit::assets().join("helm"));
+    for (var, dir) in [
+        ("HELM_CACHE_HOME", "cache"),
+        ("HELM_CONFIG_HOME", "config"),
+        ("HELM_DATA_HOME", "data"),
+    ] {
+        c.env(var, home.join(dir));
+    }
+    match cp {
+        Some(cp) => c.env("KUBECONFIG", &cp.kubeconfig),
+        None => c.env("KUBECONFIG", home.join("no-cluster")),
+    };
+    c
+}
+
+/// Runs `cmd`; panics with the command line and its output unless it succeeds; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `helm template` of the chart as release `cortex` in namespace `cortex`, with `args` (values
+/// files, `--set`), parsed into its objects.
+pub fn render_chart(home: &std::path::Path, args: &[&str]) -> Vec<serde_yaml::Value> {
+    let out = run_ok(
+        helm(home, None)
+            .args(["template", "cortex"])
+            .arg(chart())
+            .args(["--namespace", "cortex"])
+            .args(args),
+    );
+    serde_yaml::Deserializer::from_str(&out)
+        .map(|d| {
+            <serde_yaml::Value as serde::Deserialize>::deserialize(d)
+                .expect("helm template printed YAML")
+        })
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// The objects of `kind` among `objects`.
+pub fn of_kind<'a>(objects: &'a [serde_yaml::Value], kind: &str) -> Vec<&'a serde_yaml::Value> {
+    objects.iter().filter(|o| o["kind"] == kind).collect()
+}
+
+/// A Debian-packaged tool (`promtool`, `prometheus`); fails naming the package when missing.
+pub fn debian_tool(name: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!("{name} is missing; install it with: apt-get install prometheus (scripts/test does)")
+    })
+}
