@@ -22,3 +22,18 @@ pub mod planner;
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
+
+/// Logs of every cortex binary: to stderr, level from `RUST_LOG` (default `info`), JSON when
+/// `CORTEX_LOG_FORMAT=json`.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("CORTEX_LOG_FORMAT").is_ok_and(|v| v == "json") {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}

@@ -58,22 +58,10 @@ enum Cmd {
     Probe(probe::ProbeArgs),
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("CORTEX_LOG_FORMAT").is_ok_and(|v| v == "json") {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_tracing();
+    cortex_core::init_tracing();
     match Args::parse().cmd {
         Cmd::Serve {
             config,

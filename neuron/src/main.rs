@@ -59,23 +59,10 @@ enum Device {
     Cuda,
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let json = std::env::var("CORTEX_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_tracing();
+    cortex_core::init_tracing();
     let args = Args::parse();
     let node = args.node_name.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")

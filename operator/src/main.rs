@@ -73,18 +73,6 @@ fn parse_strategy(s: &str) -> Result<Strategy, String> {
     }
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("CORTEX_LOG_FORMAT").is_ok_and(|v| v == "json") {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -93,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", cortex_operator::crds_yaml());
         return Ok(());
     }
-    init_tracing();
+    cortex_core::init_tracing();
     let metrics = Arc::new(Metrics::new());
     let m = metrics.clone();
     let app = axum::Router::new()
