@@ -353,10 +353,7 @@ mod tests {
         let mut busy = m("b1", 10, 1);
         busy.inflight = 2;
         // b cannot move (in flight); a does not fit into b.
-        let fleet = [
-            n("a", 5, vec![m("a1", 60, 1)]),
-            n("b", 50, vec![busy]),
-        ];
+        let fleet = [n("a", 5, vec![m("a1", 60, 1)]), n("b", 50, vec![busy])];
         assert_eq!(plan_defrag(&fleet), vec![]);
         // One neuron alone has nowhere to go; a model already on the target is not doubled.
         assert_eq!(plan_defrag(&[n("a", 5, vec![m("x", 1, 1)])]), vec![]);
