@@ -59,7 +59,6 @@ enum Device {
     Cuda,
 }
 
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     cortex_core::init_tracing();
