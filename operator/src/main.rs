@@ -73,7 +73,6 @@ fn parse_strategy(s: &str) -> Result<Strategy, String> {
     }
 }
 
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
