@@ -58,7 +58,6 @@ enum Cmd {
     Probe(probe::ProbeArgs),
 }
 
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     cortex_core::init_tracing();

@@ -134,7 +134,10 @@ impl ControlPlane {
                 .args(["--advertise-address", "127.0.0.1"])
                 .args(["--service-cluster-ip-range", "10.0.0.0/24"])
                 .args(["--authorization-mode", "RBAC"])
-                .args(["--token-auth-file", &d.join("tokens.csv").display().to_string()])
+                .args([
+                    "--token-auth-file",
+                    &d.join("tokens.csv").display().to_string(),
+                ])
                 .args(["--service-account-key-file", &sa_key.display().to_string()])
                 .args([
                     "--service-account-signing-key-file",
@@ -158,7 +161,9 @@ impl ControlPlane {
         let Some((apiserver, url)) = apiserver else {
             let err = std::fs::read_to_string(d.join("kube-apiserver.err")).unwrap_or_default();
             let tail: String = err.lines().rev().take(30).collect::<Vec<_>>().join("\n");
-            panic!("kube-apiserver did not become ready; the end of its log, newest first:\n{tail}");
+            panic!(
+                "kube-apiserver did not become ready; the end of its log, newest first:\n{tail}"
+            );
         };
         let kubeconfig = d.join("kubeconfig");
         std::fs::write(
