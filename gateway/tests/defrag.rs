@@ -1,6 +1,6 @@
 //! `[eviction] defrag_after_cycles` in static mode, on two real neurons: the planner spreads two
-//! models over both, then a defragmentation cycle moves the smaller one beside the other so a whole
-//! neuron is free, without the model ever being unavailable.
+//! models over both, then a defragmentation cycle moves the one on the less used neuron beside the
+//! other so a whole neuron is free, without the model ever being unavailable.
 
 mod common;
 
@@ -49,7 +49,8 @@ async fn defrag_consolidates_models_to_free_a_whole_neuron() {
     };
     assert_ne!(smol_on, gemma_on, "the planner spreads copies first");
 
-    // Meanwhile requests keep working; after a defrag cycle both sit on gemma3's neuron.
+    // Meanwhile requests keep working; after a defrag cycle both sit on one neuron (which one
+    // depends on the bytes each model holds).
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (s, b) = fleet
@@ -60,7 +61,8 @@ async fn defrag_consolidates_models_to_free_a_whole_neuron() {
             .await;
         assert_eq!(s, 200, "{b}");
         let cat = fleet.catalogue().await;
-        if holders(&cat, "smollm2") == gemma_on && holders(&cat, "gemma3") == gemma_on {
+        let (s, g) = (holders(&cat, "smollm2"), holders(&cat, "gemma3"));
+        if s.len() == 1 && s == g {
             break;
         }
         assert!(Instant::now() < deadline, "not consolidated: {cat:?}");
@@ -80,8 +82,10 @@ async fn defrag_consolidates_models_to_free_a_whole_neuron() {
         "{metrics}"
     );
     // Stable afterwards: a later cycle has nothing to move.
+    let together = holders(&fleet.catalogue().await, "gemma3");
+    assert!(together == smol_on || together == gemma_on);
     tokio::time::sleep(Duration::from_secs(11)).await;
     let cat = fleet.catalogue().await;
-    assert_eq!(holders(&cat, "smollm2"), gemma_on);
-    assert_eq!(holders(&cat, "gemma3"), gemma_on);
+    assert_eq!(holders(&cat, "smollm2"), together);
+    assert_eq!(holders(&cat, "gemma3"), together);
 }
