@@ -1,4 +1,5 @@
-"""Prompt and decode tokens/s: cortex neuron vs llama.cpp, same GGUF, same threads, greedy."""
+"""Prompt and decode tokens/s: cortex neuron (our kernels, and candle's as they are) vs llama.cpp,
+same GGUF, same threads, greedy; and the decode limit set by memory bandwidth."""
 
 import argparse
 import json
@@ -73,6 +74,51 @@ def llama_run(llm, tokens, n_new):
     return len(tokens) / (t1 - t0), (n_new - 1) / (t3 - t2)
 
 
+def requantized(src, ftype_name):
+    """A copy of `src` requantised to another type (llama.cpp's quantizer), made once beside it."""
+    dst = src.with_name(src.name.replace(".Q4_1.", f".{ftype_name}."))
+    if not dst.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name}")
+        params.allow_requantize = True
+        params.nthread = 2
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+        if rc != 0:
+            raise SystemExit(f"bench: requantising {src} to {ftype_name} failed ({rc})")
+    return dst
+
+
+def read_bandwidth():
+    """Bytes per second one thread reads from memory (a sum over 512 MB, best of 3)."""
+    import numpy as np
+    a = np.ones(64 << 20, dtype=np.float64)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best
+
+
+def start_neuron(binary, dirs, threads, extra_env):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "RAYON_NUM_THREADS": str(threads), "RUST_LOG": "warn", **extra_env}
+    proc = subprocess.Popen([binary, "--listen", f"127.0.0.1:{port}", "--model-dirs", dirs, "--device", "cpu"], env=env)
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"{url}/healthz", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc, url
+
+
+def load(url, name, path):
+    post(f"{url}/models/load?wait=true", {"id": name, "source": {"uri": f"file://{pathlib.Path(path).resolve()}"},
+                                          "contextLength": 1024}).read()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--neuron", required=True)
@@ -81,23 +127,20 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--no-candle", action="store_true", help="skip candle's own kernels (CORTEX_KERNELS=candle)")
     a = ap.parse_args()
-    models = a.models or [
-        str(pathlib.Path(a.model_dir) / "SmolLM2-135M-Instruct.Q4_1.gguf"),
-        str(pathlib.Path(a.model_dir) / "gemma-3-270m-Q4_K_M.gguf"),
-    ]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    if a.models:
+        models = a.models
+    else:
+        smol = pathlib.Path(a.model_dir) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        models = [str(requantized(smol, "Q4_0")), str(smol), str(requantized(smol, "Q8_0")),
+                  str(pathlib.Path(a.model_dir) / "gemma-3-270m-Q4_K_M.gguf")]
     dirs = ",".join(sorted({str(pathlib.Path(m).resolve().parent) for m in models}))
-    env = {**os.environ, "RAYON_NUM_THREADS": str(a.threads), "RUST_LOG": "warn"}
-    neuron = subprocess.Popen([a.neuron, "--listen", f"127.0.0.1:{port}", "--model-dirs", dirs, "--device", "cpu"], env=env)
+    bandwidth = read_bandwidth()
+    engines = {"cortex": start_neuron(a.neuron, dirs, a.threads, {})}
+    if not a.no_candle:
+        engines["candle"] = start_neuron(a.neuron, dirs, a.threads, {"CORTEX_KERNELS": "candle"})
     try:
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(f"{url}/healthz", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.05)
         rows = []
         for path in models:
             name = pathlib.Path(path).name
@@ -105,25 +148,38 @@ def main():
                                   n_batch=512, verbose=False, logits_all=False)
             tokens = llm.tokenize(TEXT.encode(), add_bos=False)[:127]
             prompt = llm.detokenize(tokens).decode()
-            post(f"{url}/models/load?wait=true", {"id": name, "source": {"uri": f"file://{pathlib.Path(path).resolve()}"},
-                                                  "contextLength": 1024}).read()
-            cortex_run(url, name, prompt, 8)  # warm-up
+            for _, url in engines.values():
+                load(url, name, path)
+                cortex_run(url, name, prompt, 8)  # warm-up
             llama_run(llm, tokens, 8)
-            c = [cortex_run(url, name, prompt, a.new_tokens) for _ in range(a.runs)]
-            l = [llama_run(llm, tokens, a.new_tokens) for _ in range(a.runs)]
-            n_prompt = c[0][0]
-            cp, cd = statistics.median(x[1] for x in c), statistics.median(x[2] for x in c)
-            lp, ld = statistics.median(x[0] for x in l), statistics.median(x[1] for x in l)
-            rows.append((name, n_prompt, len(tokens), cp, lp, cd, ld))
-            post(f"{url}/models/unload", {"id": name}).read()
+            # Engines take turns within each run, so a neighbour's load on the shared cores falls
+            # on all of them alike rather than on whichever happened to run then.
+            runs = {e: [] for e in [*engines, "llama"]}
+            for _ in range(a.runs):
+                for e, (_, url) in engines.items():
+                    runs[e].append(cortex_run(url, name, prompt, a.new_tokens))
+                runs["llama"].append((len(tokens), *llama_run(llm, tokens, a.new_tokens)))
+            for _, url in engines.values():
+                post(f"{url}/models/unload", {"id": name}).read()
+            res = {e: (r[0][0], statistics.median(x[1] for x in r), statistics.median(x[2] for x in r))
+                   for e, r in runs.items()}
+            lp, ld = res.pop("llama")[1:]
+            limit = bandwidth / os.path.getsize(path)
+            rows.append((name, len(tokens), res, lp, ld, limit))
             del llm
-        print(f"\nthreads={a.threads} runs={a.runs} new_tokens={a.new_tokens} (median)")
-        print(f"{'model':38} {'prompt':>6} {'pp cortex':>10} {'pp llama':>9} {'ratio':>6} {'tg cortex':>10} {'tg llama':>9} {'ratio':>6}")
-        for name, nc, nl, cp, lp, cd, ld in rows:
+        print(f"\nthreads={a.threads} runs={a.runs} new_tokens={a.new_tokens} (median); "
+              f"read bandwidth {bandwidth / 1e9:.1f} GB/s; decode limit = bandwidth / file size")
+        print(f"{'model':36} {'pp candle':>9} {'pp cortex':>9} {'pp llama':>8} {'ratio':>5} "
+              f"{'tg candle':>9} {'tg cortex':>9} {'tg llama':>8} {'ratio':>5} {'tg limit':>8}")
+        for name, nl, res, lp, ld, limit in rows:
+            nc, cp, cd = res["cortex"]
+            kp, kd = (res["candle"][1], res["candle"][2]) if "candle" in res else (float("nan"),) * 2
             note = "" if nc == nl else f"  (prompt tokens differ: cortex {nc}, llama.cpp {nl})"
-            print(f"{name:38} {nc:6d} {cp:10.1f} {lp:9.1f} {cp / lp:6.2f} {cd:10.1f} {ld:9.1f} {cd / ld:6.2f}{note}")
+            print(f"{name:36} {kp:9.1f} {cp:9.1f} {lp:8.1f} {cp / lp:5.2f} "
+                  f"{kd:9.1f} {cd:9.1f} {ld:8.1f} {cd / ld:5.2f} {limit:8.0f}{note}")
     finally:
-        neuron.kill()
+        for proc, _ in engines.values():
+            proc.kill()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
+use neuron::engine::linear::Matmul;
 use neuron::engine::model::{Activation, Config, Model};
 use neuron::gguf::Meta;
 
@@ -69,7 +70,10 @@ fn ids(tokens: &[u32]) -> Tensor {
 fn smollm2_logits_match_candle_quantized_llama_for_prefill_and_decode() {
     let path = common::model_path(common::SMOLLM2);
     let (ct, mut f) = open(&path);
-    let cfg = Config::from_meta(&Meta(&ct.metadata)).unwrap();
+    let mut cfg = Config::from_meta(&Meta(&ct.metadata)).unwrap();
+    // The same matmul kernels as the reference, so what differs is the model code alone (our
+    // kernels are checked against f32 weights in kernels_model.rs).
+    cfg.matmul = Matmul::Candle;
     let ours = Model::load(&ct, &mut f, cfg, 512, &Device::Cpu, &|_| {}).unwrap();
     let (ct, mut f) = open(&path);
     let mut reference = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
@@ -93,6 +97,7 @@ fn gemma3_matches_candle_quantized_gemma3_apart_from_its_activation() {
     let mut cfg = Config::from_meta(&Meta(&ct.metadata)).unwrap();
     assert_eq!(cfg.activation, Activation::GeluTanh);
     cfg.activation = Activation::Silu;
+    cfg.matmul = Matmul::Candle;
     let ours = Model::load(&ct, &mut f, cfg, 1024, &Device::Cpu, &|_| {}).unwrap();
     let (ct, mut f) = open(&path);
     let mut reference = candle_transformers::models::quantized_gemma3::ModelWeights::from_gguf(

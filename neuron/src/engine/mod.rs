@@ -5,6 +5,8 @@
 //! loop is the place continuous batching will go. A request whose receiver is gone (the client
 //! disconnected) is dropped at the next token.
 
+pub mod kernels;
+pub mod linear;
 pub mod model;
 pub mod sampling;
 pub mod stop;

@@ -9,10 +9,11 @@
 
 use std::io::{Read, Seek};
 
-use candle_core::quantized::{QMatMul, QTensor, gguf_file};
+use candle_core::quantized::{QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
+use super::linear::{Linear, Matmul};
 use crate::error::{Error, Result};
 use crate::gguf::Meta;
 
@@ -79,6 +80,8 @@ pub struct Config {
     pub sliding_pattern: usize,
     /// The context the model was trained for.
     pub context_length: usize,
+    /// Which kernels run the projections.
+    pub matmul: Matmul,
 }
 
 impl Config {
@@ -125,6 +128,7 @@ impl Config {
                 .map(|v| v as usize)
                 .unwrap_or(6),
             context_length: meta.u32(&k("context_length")).unwrap_or(4096) as usize,
+            matmul: Matmul::from_env(),
         })
     }
 
@@ -168,10 +172,10 @@ impl Rope {
 
 struct Layer {
     attn_norm: RmsNorm,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     bq: Option<Tensor>,
     bk: Option<Tensor>,
     bv: Option<Tensor>,
@@ -180,9 +184,9 @@ struct Layer {
     post_attn_norm: Option<RmsNorm>,
     ffn_norm: RmsNorm,
     post_ffn_norm: Option<RmsNorm>,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
     /// Sliding-window size for local layers.
     window: Option<usize>,
     /// Index into `Model::ropes`.
@@ -225,7 +229,7 @@ pub struct Model {
     embed_scale: Option<f64>,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    output: QMatMul,
+    output: Linear,
     ropes: Vec<Rope>,
     device: Device,
 }
@@ -237,6 +241,7 @@ struct Loader<'a, R> {
     device: &'a Device,
     loaded: usize,
     progress: &'a dyn Fn(f32),
+    matmul: Matmul,
 }
 
 impl<R: Read + Seek> Loader<'_, R> {
@@ -258,8 +263,8 @@ impl<R: Read + Seek> Loader<'_, R> {
         }
     }
 
-    fn mm(&mut self, name: &str) -> Result<QMatMul> {
-        Ok(QMatMul::from_qtensor(self.get(name)?)?)
+    fn mm(&mut self, name: &str) -> Result<Linear> {
+        Linear::new(self.get(name)?, self.matmul)
     }
 
     fn norm(&mut self, name: &str, eps: f64) -> Result<RmsNorm> {
@@ -297,13 +302,14 @@ impl Model {
             device,
             loaded: 0,
             progress,
+            matmul: cfg.matmul,
         };
         let eps = cfg.rms_eps;
         let embed_q = l.get("token_embd.weight")?;
         let embed = embed_q.dequantize(device)?;
         let output = match l.opt("output.weight")? {
-            Some(t) => QMatMul::from_qtensor(t)?,
-            None => QMatMul::from_qtensor(embed_q)?,
+            Some(t) => Linear::new(t, cfg.matmul)?,
+            None => Linear::new(embed_q, cfg.matmul)?,
         };
         let norm = l.norm("output_norm.weight", eps)?;
         let factors = l
@@ -435,7 +441,7 @@ impl Model {
     ) -> Result<Tensor> {
         let (_, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim);
-        let proj = |w: &QMatMul, b: &Option<Tensor>, heads: usize| -> Result<Tensor> {
+        let proj = |w: &Linear, b: &Option<Tensor>, heads: usize| -> Result<Tensor> {
             let y = w.forward(x)?;
             let y = match b {
                 Some(b) => y.broadcast_add(b)?,
@@ -499,7 +505,7 @@ impl Model {
             .reshape((1, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((1, t, nh * hd))?;
-        Ok(l.wo.forward(&y)?)
+        l.wo.forward(&y)
     }
 
     /// Additive mask (t, total - start): causal, and limited to the window for sliding layers.

@@ -1,0 +1,44 @@
+//! Timings of our kernels against candle's `QMatMul` on SmolLM2-sized products, side by side in
+//! one run (a measurement, not a check): `cargo run --release -p neuron --example kernel_timings`.
+
+use std::time::Instant;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use neuron::engine::linear::Linear;
+
+/// Best of five batches, in microseconds per call: the least disturbed by neighbours on shared cores.
+fn time(mut f: impl FnMut(), iters: usize) -> f64 {
+    f();
+    (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                f();
+            }
+            t.elapsed().as_secs_f64() / iters as f64 * 1e6
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn main() {
+    let dev = Device::Cpu;
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for (n, k) in [(576, 576), (1536, 576), (576, 1536), (49152, 576)] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let ours = Linear::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
+            let theirs = QMatMul::from_qtensor(q).unwrap();
+            for m in [1, 127] {
+                let x = Tensor::randn(0f32, 1.0, (1, m, k), &dev).unwrap();
+                let iters = if m == 1 { 50 } else { 3 }.min(20_000_000 / (n * k * m).max(1) + 1);
+                let a = time(|| drop(ours.forward(&x).unwrap()), iters);
+                let b = time(|| drop(theirs.forward(&x).unwrap()), iters);
+                println!(
+                    "{dtype:?} n={n:5} k={k:4} m={m:3}: ours {a:9.1} us  candle {b:9.1} us  ({:.2}x)",
+                    b / a
+                );
+            }
+        }
+    }
+}

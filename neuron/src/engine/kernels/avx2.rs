@@ -1,0 +1,200 @@
+//! AVX2 dot products of one weight row with up to four Q8 activation rows at once: each weight
+//! block is loaded and unpacked once and used for every activation row (the blocked kernel for
+//! prompts; decode uses one row). With AVX-512 VNNI, `vpdpbusd` replaces the
+//! `maddubs`+`madd` pair (same integer sums).
+
+// Rows index several parallel arrays (pointers, accumulators, outputs) of const length R.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use super::blocks::{BlockQ8, QType};
+
+/// `out[r] = row · acts[r]`, `acts.len() <= 4`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (and AVX-512 F/VL/VNNI when `vnni`).
+pub unsafe fn dot_rows(qtype: QType, row: &[u8], acts: &[&[BlockQ8]], out: &mut [f32], vnni: bool) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match (acts.len(), vnni) {
+            (4, false) => dot_avx2::<4>(qtype, row, acts, out),
+            (3, false) => dot_avx2::<3>(qtype, row, acts, out),
+            (2, false) => dot_avx2::<2>(qtype, row, acts, out),
+            (1, false) => dot_avx2::<1>(qtype, row, acts, out),
+            (4, true) => dot_vnni::<4>(qtype, row, acts, out),
+            (3, true) => dot_vnni::<3>(qtype, row, acts, out),
+            (2, true) => dot_vnni::<2>(qtype, row, acts, out),
+            (1, true) => dot_vnni::<1>(qtype, row, acts, out),
+            (n, _) => panic!("dot_rows takes 1 to 4 activation rows, got {n}"),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_avx2<const R: usize>(qtype: QType, row: &[u8], acts: &[&[BlockQ8]], out: &mut [f32]) {
+    // SAFETY: forwarded; the features are enabled on this function.
+    unsafe { dot_n::<R, false>(qtype, row, acts, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn dot_vnni<const R: usize>(qtype: QType, row: &[u8], acts: &[&[BlockQ8]], out: &mut [f32]) {
+    // SAFETY: forwarded; the features are enabled on this function.
+    unsafe { dot_n::<R, true>(qtype, row, acts, out) }
+}
+
+/// Sums of unsigned bytes `u` times signed bytes `s` in groups of four, as eight i32.
+#[inline(always)]
+unsafe fn dot_us<const VNNI: bool>(u: __m256i, s: __m256i) -> __m256i {
+    // SAFETY: inlined only into `dot_avx2` (AVX2) and `dot_vnni` (VNNI+VL).
+    unsafe {
+        if VNNI {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+        } else {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn half(p: *const u8) -> f32 {
+    // SAFETY: the callers enable F16C and pass two readable bytes.
+    unsafe {
+        let h = p.cast::<u16>().read_unaligned();
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+    }
+}
+
+/// 16 bytes of nibbles to 32 bytes: low nibbles first, then high nibbles (GGUF order).
+#[inline(always)]
+unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
+    // SAFETY: the callers enable AVX2 and pass 16 readable bytes.
+    unsafe {
+        let b = _mm_loadu_si128(p.cast());
+        let both = _mm256_set_m128i(_mm_srli_epi16(b, 4), b);
+        _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
+    }
+}
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    // SAFETY: the callers enable AVX2.
+    unsafe {
+        let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+}
+
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q8_0: u8 = 2;
+
+/// Monomorphises on the weight type so the block loop carries no type dispatch.
+#[inline(always)]
+unsafe fn dot_n<const R: usize, const VNNI: bool>(
+    qtype: QType,
+    row: &[u8],
+    acts: &[&[BlockQ8]],
+    out: &mut [f32],
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match qtype {
+            QType::Q4_0 => dot_t::<R, VNNI, Q4_0>(row, acts, out),
+            QType::Q4_1 => dot_t::<R, VNNI, Q4_1>(row, acts, out),
+            QType::Q8_0 => dot_t::<R, VNNI, Q8_0>(row, acts, out),
+        }
+    }
+}
+
+/// Running sums for one chain of blocks: a vector of scaled integer sums and Q4_1's min term.
+#[derive(Clone, Copy)]
+struct Acc<const R: usize> {
+    v: [__m256; R],
+    min: [f32; R],
+}
+
+#[inline(always)]
+unsafe fn dot_t<const R: usize, const VNNI: bool, const T: u8>(
+    row: &[u8],
+    acts: &[&[BlockQ8]],
+    out: &mut [f32],
+) {
+    let bb = match T {
+        Q4_0 => QType::Q4_0.block_bytes(),
+        Q4_1 => QType::Q4_1.block_bytes(),
+        _ => QType::Q8_0.block_bytes(),
+    };
+    let nb = row.len() / bb;
+    assert!(acts.len() == R && out.len() >= R && acts.iter().all(|a| a.len() >= nb));
+    let a: [*const BlockQ8; R] = std::array::from_fn(|r| acts[r].as_ptr());
+    let w = row.as_ptr();
+    // SAFETY: the callers enable AVX2; every block index is below `nb`, so reads stay inside
+    // `row` and `acts[r]`.
+    unsafe {
+        let zero = Acc {
+            v: [_mm256_setzero_ps(); R],
+            min: [0f32; R],
+        };
+        // Two chains (even and odd blocks) so one block's FMA need not wait for the last one's.
+        let (mut even, mut odd) = (zero, zero);
+        let mut b = 0;
+        while b + 2 <= nb {
+            block::<R, VNNI, T>(w.add(b * bb), &a, b, &mut even);
+            block::<R, VNNI, T>(w.add((b + 1) * bb), &a, b + 1, &mut odd);
+            b += 2;
+        }
+        if b < nb {
+            block::<R, VNNI, T>(w.add(b * bb), &a, b, &mut even);
+        }
+        for r in 0..R {
+            out[r] = hsum(_mm256_add_ps(even.v[r], odd.v[r])) + (even.min[r] + odd.min[r]);
+        }
+    }
+}
+
+/// Adds weight block `wb` times activation block `b` of every row to `acc`.
+#[inline(always)]
+unsafe fn block<const R: usize, const VNNI: bool, const T: u8>(
+    wb: *const u8,
+    a: &[*const BlockQ8; R],
+    b: usize,
+    acc: &mut Acc<R>,
+) {
+    // SAFETY: the caller enables AVX2 and passes in-bounds blocks.
+    unsafe {
+        if T == Q4_1 {
+            let qx = unpack_nibbles(wb.add(4));
+            let d = half(wb);
+            let m = half(wb.add(2));
+            for r in 0..R {
+                let ab = &*a[r].add(b);
+                let qy = _mm256_loadu_si256(ab.qs.as_ptr().cast());
+                let p = dot_us::<VNNI>(qx, qy);
+                acc.v[r] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * ab.d), acc.v[r]);
+                acc.min[r] += m * ab.s;
+            }
+        } else {
+            // Signed weights: make them unsigned for the u8×i8 product and move their sign onto
+            // the activations (exact while no byte is -128: GGUF Q8_0 and our activations stay
+            // within ±127).
+            let qx = if T == Q4_0 {
+                _mm256_sub_epi8(unpack_nibbles(wb.add(2)), _mm256_set1_epi8(8))
+            } else {
+                _mm256_loadu_si256(wb.add(2).cast())
+            };
+            let ax = _mm256_sign_epi8(qx, qx);
+            let d = half(wb);
+            for r in 0..R {
+                let ab = &*a[r].add(b);
+                let qy = _mm256_loadu_si256(ab.qs.as_ptr().cast());
+                let p = dot_us::<VNNI>(ax, _mm256_sign_epi8(qy, qx));
+                acc.v[r] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * ab.d), acc.v[r]);
+            }
+        }
+    }
+}

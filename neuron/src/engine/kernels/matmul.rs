@@ -1,0 +1,114 @@
+//! `y = x · Wᵀ` for quantized `W` (n rows of k) and f32 `x` (m rows of k), split over our
+//! worker pool (`pool.rs`; the calling thread works too).
+//!
+//! Each task owns a range of weight rows and walks the activation rows four at a time, so a
+//! weight block is unpacked once per four rows while the task's weights stay in cache; decode
+//! (m = 1) is the same loop with one row. The quantized activations live in a per-thread buffer
+//! that grows to the largest product seen, so steady-state calls allocate nothing but `y`.
+
+use std::cell::RefCell;
+
+use super::blocks::{BlockQ8, QK, QType};
+use super::{Level, detected, level, pool, quantize, scalar};
+
+/// Activation rows that share one pass over a weight row.
+const TILE: usize = 4;
+/// Enough tasks per thread to even out a neighbour stealing a core.
+const TASKS_PER_THREAD: usize = 4;
+/// Below this many weight rows per task the hand-off costs more than it saves.
+const MIN_ROWS_PER_TASK: usize = 16;
+
+thread_local! {
+    static ACTS: RefCell<Vec<BlockQ8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Computes `y[i * n + j] = Σₖ x[i * k + k'] · W[j, k']` where `w` holds `n` rows of `k`
+/// weights of type `qtype` in GGUF block layout.
+///
+/// # Panics
+/// If `k` is not a multiple of 32 or a slice length does not match `n`, `k`, `m`.
+pub fn matmul(qtype: QType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize, y: &mut [f32]) {
+    assert!(k.is_multiple_of(QK), "k = {k} is not a multiple of {QK}");
+    assert_eq!(
+        w.len(),
+        n * qtype.row_bytes(k),
+        "weight bytes for {n}x{k} {qtype:?}"
+    );
+    assert_eq!(x.len(), m * k, "activations for {m}x{k}");
+    assert_eq!(y.len(), m * n, "output for {m}x{n}");
+    let nb = k / QK;
+    ACTS.with_borrow_mut(|acts| {
+        if acts.len() < m * nb {
+            acts.resize(m * nb, BlockQ8::default());
+        }
+        let acts = &mut acts[..m * nb];
+        for (xr, ar) in x.chunks_exact(k).zip(acts.chunks_exact_mut(nb)) {
+            quantize::quantize_row(xr, ar);
+        }
+        run(qtype, w, n, k, acts, m, y);
+    });
+}
+
+/// `out[r] = row · acts[r]` with the best kernel this CPU has (any number of rows).
+pub fn dot_rows(qtype: QType, row: &[u8], acts: &[&[BlockQ8]], out: &mut [f32]) {
+    dot_rows_at(level(), qtype, row, acts, out)
+}
+
+/// [`dot_rows`] with the kernels of `lvl`, or of [`detected`] if that is lower (for tests).
+pub fn dot_rows_at(lvl: Level, qtype: QType, row: &[u8], acts: &[&[BlockQ8]], out: &mut [f32]) {
+    let lvl = lvl.min(detected());
+    for (a, o) in acts.chunks(TILE).zip(out.chunks_mut(TILE)) {
+        #[cfg(target_arch = "x86_64")]
+        if lvl >= Level::Avx2 {
+            // SAFETY: `detected()` checked the CPU features.
+            unsafe { super::avx2::dot_rows(qtype, row, a, o, lvl >= Level::Avx512Vnni) };
+            continue;
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = lvl;
+        scalar::dot_rows(qtype, row, a, o);
+    }
+}
+
+/// Output pointer shared by tasks that write disjoint columns.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint elements (their own weight rows = output columns).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// A method, not a field access, so closures capture the whole (Sync) wrapper.
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+fn run(qtype: QType, w: &[u8], n: usize, k: usize, acts: &[BlockQ8], m: usize, y: &mut [f32]) {
+    let nb = k / QK;
+    let rb = qtype.row_bytes(k);
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let per_task = n
+        .div_ceil(threads * TASKS_PER_THREAD)
+        .max(MIN_ROWS_PER_TASK)
+        .min(n.max(1));
+    let tasks = n.div_ceil(per_task);
+    let out = Out(y.as_mut_ptr());
+    let task = |t: usize| {
+        let rows = t * per_task..((t + 1) * per_task).min(n);
+        let mut tile = [0f32; TILE];
+        for i0 in (0..m).step_by(TILE) {
+            let r = TILE.min(m - i0);
+            let a: [&[BlockQ8]; TILE] =
+                std::array::from_fn(|i| &acts[(i0 + i.min(r - 1)) * nb..][..nb]);
+            for j in rows.clone() {
+                dot_rows(qtype, &w[j * rb..][..rb], &a[..r], &mut tile[..r]);
+                for (i, v) in tile[..r].iter().enumerate() {
+                    // SAFETY: (i0 + i) < m and j < n, inside `y`; no other task owns column j.
+                    unsafe { *out.at((i0 + i) * n + j) = *v };
+                }
+            }
+        }
+    };
+    pool::run(tasks, task);
+}

@@ -1,0 +1,74 @@
+//! Quantized matrix products on the CPU, our own where candle's are slow (CANDLE-NOTES: Q4_1 has
+//! no run-time SIMD path, prompts run one dot product per row).
+//!
+//! As in llama.cpp, the activations are quantized to 8-bit blocks once per product and every
+//! weight block meets them in an integer dot product; SIMD is chosen at run time
+//! (AVX-512 VNNI, AVX2, else portable code) so one binary is fast on every x86-64 host.
+//!
+//! ```text
+//! let mut y = vec![0f32; m * n];
+//! kernels::matmul(QType::Q4_0, &weight_bytes, n, k, &x, m, &mut y);
+//! ```
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+pub mod blocks;
+mod matmul;
+mod pool;
+pub mod quantize;
+pub mod scalar;
+
+use std::sync::OnceLock;
+
+pub use blocks::{BlockQ8, QK, QType};
+pub use matmul::{dot_rows, dot_rows_at, matmul};
+
+/// The instruction sets a kernel may use, best last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Scalar,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX2 plus AVX-512 F/VL/VNNI (`vpdpbusd` on 256-bit vectors).
+    Avx512Vnni,
+}
+
+/// What this CPU supports, capped by `CORTEX_KERNELS` (`scalar`, `avx2`; for comparisons).
+pub fn level() -> Level {
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let cap = match std::env::var("CORTEX_KERNELS").as_deref() {
+            Ok("scalar") => Level::Scalar,
+            Ok("avx2") => Level::Avx2,
+            _ => Level::Avx512Vnni,
+        };
+        detected().min(cap)
+    })
+}
+
+/// False when `CORTEX_KERNELS=candle`: every product then goes through candle's `QMatMul`,
+/// which is how the benchmark measures candle as it is.
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("CORTEX_KERNELS").as_deref() != Ok("candle"))
+}
+
+/// The best level this CPU runs.
+pub fn detected() -> Level {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
+        let vnni = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni");
+        match (avx2, vnni) {
+            (true, true) => Level::Avx512Vnni,
+            (true, false) => Level::Avx2,
+            _ => Level::Scalar,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Level::Scalar
+}

@@ -1,0 +1,43 @@
+//! Portable dot products of one weight row with Q8 activation rows: the fallback on CPUs
+//! without the SIMD paths, and the reference the SIMD paths must match.
+
+use super::blocks::{BlockQ8, QType, read_f16};
+
+/// `out[r] = row · acts[r]` for every activation row.
+pub fn dot_rows(qtype: QType, row: &[u8], acts: &[&[BlockQ8]], out: &mut [f32]) {
+    for (a, o) in acts.iter().zip(out.iter_mut()) {
+        *o = dot(qtype, row, a);
+    }
+}
+
+pub fn dot(qtype: QType, row: &[u8], a: &[BlockQ8]) -> f32 {
+    let bb = qtype.block_bytes();
+    let mut sum = 0f32;
+    let mut min_sum = 0f32;
+    for (w, a) in row.chunks_exact(bb).zip(a) {
+        let d = read_f16(w, 0);
+        let isum: i32 = match qtype {
+            QType::Q4_0 => (0..16)
+                .map(|j| {
+                    let q = w[2 + j];
+                    ((q & 0xf) as i32 - 8) * a.qs[j] as i32
+                        + ((q >> 4) as i32 - 8) * a.qs[j + 16] as i32
+                })
+                .sum(),
+            QType::Q4_1 => {
+                min_sum += read_f16(w, 2) * a.s;
+                (0..16)
+                    .map(|j| {
+                        let q = w[4 + j];
+                        (q & 0xf) as i32 * a.qs[j] as i32 + (q >> 4) as i32 * a.qs[j + 16] as i32
+                    })
+                    .sum()
+            }
+            QType::Q8_0 => (0..32)
+                .map(|j| w[2 + j] as i8 as i32 * a.qs[j] as i32)
+                .sum(),
+        };
+        sum += isum as f32 * (d * a.d);
+    }
+    sum + min_sum
+}

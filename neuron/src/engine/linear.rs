@@ -1,0 +1,126 @@
+//! A projection `y = x · Wᵀ` of quantized GGUF weights: our kernels for the types they cover on
+//! the CPU, candle's `QMatMul` for everything else (K-quants, f16, GPU tensors).
+
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Storage, Tensor};
+
+use super::kernels::{self, QType};
+use crate::error::Result;
+
+/// Which kernels a model's projections use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Matmul {
+    /// Ours where the type and device allow, else candle's.
+    Own,
+    /// candle's `QMatMul` throughout (`CORTEX_KERNELS=candle`): how the benchmark measures
+    /// candle as it is, and what the reference-model tests compare our model code under.
+    Candle,
+    /// Weights expanded to f32 at load, unquantized activations: the numerical reference.
+    F32,
+}
+
+impl Matmul {
+    /// `Candle` when `CORTEX_KERNELS=candle`, else `Own`.
+    pub fn from_env() -> Self {
+        if kernels::enabled() {
+            Matmul::Own
+        } else {
+            Matmul::Candle
+        }
+    }
+}
+
+pub struct Linear(Inner);
+
+enum Inner {
+    /// GGUF block bytes of `n` rows of `k` weights.
+    Own {
+        qtype: QType,
+        bytes: Vec<u8>,
+        n: usize,
+        k: usize,
+    },
+    Candle(QMatMul),
+}
+
+impl Linear {
+    /// Takes the weights of a GGUF tensor of shape (n, k) with our kernels where they apply.
+    pub fn from_qtensor(t: QTensor) -> Result<Self> {
+        Self::new(t, Matmul::Own)
+    }
+
+    /// Takes the weights of a GGUF tensor of shape (n, k), to run with `matmul`.
+    pub fn new(t: QTensor, matmul: Matmul) -> Result<Self> {
+        match matmul {
+            Matmul::Own => {}
+            Matmul::Candle => return Ok(Linear(Inner::Candle(QMatMul::from_qtensor(t)?))),
+            Matmul::F32 => {
+                let w = t.dequantize(&t.device())?;
+                return Ok(Linear(Inner::Candle(QMatMul::Tensor(w))));
+            }
+        }
+        let qtype = match t.dtype() {
+            GgmlDType::Q4_0 => Some(QType::Q4_0),
+            GgmlDType::Q4_1 => Some(QType::Q4_1),
+            GgmlDType::Q8_0 => Some(QType::Q8_0),
+            _ => None,
+        };
+        if let (Some(qtype), true, Ok((n, k))) = (qtype, t.device().is_cpu(), t.shape().dims2()) {
+            let bytes = t.data()?.into_owned();
+            if bytes.len() == n * qtype.row_bytes(k) {
+                return Ok(Linear(Inner::Own { qtype, bytes, n, k }));
+            }
+        }
+        Ok(Linear(Inner::Candle(QMatMul::from_qtensor(t)?)))
+    }
+
+    /// Whether our kernels run this projection (for tests and logs).
+    pub fn is_own(&self) -> bool {
+        matches!(self.0, Inner::Own { .. })
+    }
+
+    /// `x`: f32 (.., k) → f32 (.., n).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (qtype, bytes, n, k) = match &self.0 {
+            Inner::Candle(mm) => return Ok(mm.forward(x)?),
+            Inner::Own { qtype, bytes, n, k } => (*qtype, bytes, *n, *k),
+        };
+        let dims = x.dims();
+        if dims.last() != Some(&k) {
+            return Err(candle_core::Error::Msg(format!(
+                "Linear: input of shape {dims:?} for weights of {n}x{k}"
+            ))
+            .into());
+        }
+        let m = x.elem_count() / k;
+        let x = if x.dtype() == DType::F32 {
+            Cow::Borrowed(x)
+        } else {
+            Cow::Owned(x.to_dtype(DType::F32)?)
+        };
+        let x = if x.is_contiguous() {
+            x
+        } else {
+            Cow::Owned(x.contiguous()?)
+        };
+        let mut y = vec![0f32; m * n];
+        {
+            let (storage, layout) = x.storage_and_layout();
+            let Storage::Cpu(cpu) = &*storage else {
+                return Err(candle_core::Error::Msg(
+                    "Linear: CPU weights with a non-CPU input".into(),
+                )
+                .into());
+            };
+            let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..][..m * k];
+            kernels::matmul(qtype, bytes, n, k, xs, m, &mut y);
+        }
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = n;
+        }
+        Ok(Tensor::from_vec(y, shape, &Device::Cpu)?)
+    }
+}

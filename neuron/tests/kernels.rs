@@ -1,0 +1,219 @@
+//! Our quantized kernels against a plain f32 reference, and every SIMD path against the portable
+//! one, on random blocks of odd shapes.
+
+use neuron::engine::kernels::{
+    self, BlockQ8, Level, QK, QType, blocks::dequantize_row, quantize, scalar,
+};
+
+const TYPES: [QType; 3] = [QType::Q4_0, QType::Q4_1, QType::Q8_0];
+
+/// xorshift64*: deterministic, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn byte(&mut self) -> u8 {
+        (self.u64() >> 56) as u8
+    }
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        (self.u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    /// A positive f16 between about 2^-10 and 2, as its bits.
+    fn scale(&mut self) -> u16 {
+        let exp = 5 + (self.u64() % 11) as u16;
+        (exp << 10) | (self.u64() as u16 & 0x3ff)
+    }
+}
+
+const ONE_F16: u16 = 0x3c00;
+
+/// `n` rows of `k` random weights; `unit_scales` sets d = 1 (and Q4_1's m = 1).
+fn weights(rng: &mut Rng, qtype: QType, n: usize, k: usize, unit_scales: bool) -> Vec<u8> {
+    let mut w = Vec::with_capacity(n * qtype.row_bytes(k));
+    for _ in 0..n * k / QK {
+        let d = if unit_scales { ONE_F16 } else { rng.scale() };
+        w.extend_from_slice(&d.to_le_bytes());
+        let payload = match qtype {
+            QType::Q4_0 => 16,
+            QType::Q4_1 => {
+                let m = if unit_scales {
+                    ONE_F16
+                } else {
+                    rng.scale() | ((rng.byte() as u16 & 1) << 15)
+                };
+                w.extend_from_slice(&m.to_le_bytes());
+                16
+            }
+            QType::Q8_0 => 32,
+        };
+        // Q8_0 weights never hold -128 (llama.cpp quantizes to ±127); the SIMD sign trick relies
+        // on it.
+        w.extend((0..payload).map(|_| match (qtype, rng.byte()) {
+            (QType::Q8_0, 0x80) => 0x81,
+            (_, b) => b,
+        }));
+    }
+    w
+}
+
+fn floats(rng: &mut Rng, len: usize) -> Vec<f32> {
+    // Some blocks all zero, to cover d = 0.
+    (0..len)
+        .map(|i| {
+            if (i / QK) % 7 == 3 {
+                0.0
+            } else {
+                rng.unit() * 4.0
+            }
+        })
+        .collect()
+}
+
+/// Shapes (n, k, m): one and many activation rows, row counts that are not a multiple of the
+/// four-row tile, k of one block and of many.
+const SHAPES: [(usize, usize, usize); 8] = [
+    (1, 32, 1),
+    (7, 64, 3),
+    (13, 96, 5),
+    (33, 576, 1),
+    (19, 160, 9),
+    (64, 1536, 4),
+    (100, 288, 2),
+    (577, 64, 7),
+];
+
+#[test]
+fn matmul_matches_f32_reference_within_activation_rounding() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for qtype in TYPES {
+        for (n, k, m) in SHAPES {
+            let w = weights(&mut rng, qtype, n, k, false);
+            let x = floats(&mut rng, m * k);
+            let mut y = vec![f32::NAN; m * n];
+            kernels::matmul(qtype, &w, n, k, &x, m, &mut y);
+            let mut wf = vec![0f32; k];
+            for j in 0..n {
+                dequantize_row(
+                    qtype,
+                    &w[j * qtype.row_bytes(k)..][..qtype.row_bytes(k)],
+                    &mut wf,
+                );
+                for i in 0..m {
+                    let xr = &x[i * k..][..k];
+                    let want: f64 = wf.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    // Rounding x to 8 bits moves each element by at most half a step (amax/254).
+                    let bound: f64 = wf
+                        .chunks(QK)
+                        .zip(xr.chunks(QK))
+                        .map(|(wb, xb)| {
+                            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+                            let wsum: f64 = wb.iter().map(|v| v.abs() as f64).sum();
+                            wsum * amax / 254.0
+                        })
+                        .sum::<f64>()
+                        * 1.001
+                        + 1e-4 * want.abs()
+                        + 1e-5;
+                    let got = y[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= bound,
+                        "{qtype:?} n={n} k={k} m={m} row {i} col {j}: got {got}, want {want} ± {bound}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_quantization_matches_portable_exactly() {
+    let mut rng = Rng(7);
+    let x = floats(&mut rng, 64 * QK);
+    let mut fast = vec![BlockQ8::default(); 64];
+    let mut slow = vec![BlockQ8::default(); 64];
+    quantize::quantize_row(&x, &mut fast);
+    quantize::quantize_row_scalar(&x, &mut slow);
+    assert_eq!(fast, slow, "level {:?}", kernels::level());
+}
+
+/// Every SIMD level this CPU runs (the tests cover the ones it has).
+fn levels() -> Vec<Level> {
+    [Level::Avx2, Level::Avx512Vnni]
+        .into_iter()
+        .filter(|l| *l <= kernels::detected())
+        .collect()
+}
+
+/// Random Q8 activations with d = 1, so every partial sum is an integer and exact in f32.
+fn unit_acts(rng: &mut Rng, nb: usize) -> Vec<BlockQ8> {
+    (0..nb)
+        .map(|_| {
+            let qs: [i8; QK] = std::array::from_fn(|_| (rng.byte() as i8).max(-127));
+            let s = qs.iter().map(|&q| q as i32).sum::<i32>() as f32;
+            BlockQ8 { d: 1.0, s, qs }
+        })
+        .collect()
+}
+
+#[test]
+fn simd_dot_products_equal_portable_integer_sums() {
+    let mut rng = Rng(42);
+    for qtype in TYPES {
+        for nb in [1, 2, 5, 18] {
+            let k = nb * QK;
+            let w = weights(&mut rng, qtype, 1, k, true);
+            for rows in 1..=9 {
+                let acts: Vec<Vec<BlockQ8>> = (0..rows).map(|_| unit_acts(&mut rng, nb)).collect();
+                let refs: Vec<&[BlockQ8]> = acts.iter().map(|a| a.as_slice()).collect();
+                let mut slow = vec![0f32; rows];
+                scalar::dot_rows(qtype, &w, &refs, &mut slow);
+                for lvl in levels() {
+                    let mut fast = vec![0f32; rows];
+                    kernels::dot_rows_at(lvl, qtype, &w, &refs, &mut fast);
+                    assert_eq!(fast, slow, "{qtype:?} k={k} rows={rows} {lvl:?}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_matmul_matches_portable_on_random_scales() {
+    let mut rng = Rng(99);
+    for qtype in TYPES {
+        for (n, k, m) in SHAPES {
+            let w = weights(&mut rng, qtype, n, k, false);
+            let x = floats(&mut rng, m * k);
+            let mut y = vec![0f32; m * n];
+            kernels::matmul(qtype, &w, n, k, &x, m, &mut y);
+            let nb = k / QK;
+            let rb = qtype.row_bytes(k);
+            let mut wf = vec![0f32; k];
+            for i in 0..m {
+                let xr = &x[i * k..][..k];
+                let mut a = vec![BlockQ8::default(); nb];
+                quantize::quantize_row_scalar(xr, &mut a);
+                for j in 0..n {
+                    let row = &w[j * rb..][..rb];
+                    let want = scalar::dot(qtype, row, &a);
+                    let got = y[i * n + j];
+                    // Same integer sums; only the order (and fusing) of f32 operations differs,
+                    // so the error is a few ulps of the magnitudes added.
+                    dequantize_row(qtype, row, &mut wf);
+                    let mag: f32 = wf.iter().zip(xr).map(|(p, q)| (p * q).abs()).sum();
+                    let tol = 1e-5 * (mag + want.abs()) + 1e-6;
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "{qtype:?} n={n} k={k} m={m}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
