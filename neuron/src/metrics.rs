@@ -74,6 +74,15 @@ pub struct Metrics {
     pub loads: Family<ResultLabel, Counter>,
     pub model_bytes: Family<ModelLabel, Gauge>,
     pub errors: Family<ErrorLabel, Counter>,
+    pub device_total: Family<DeviceLabel, Gauge>,
+    pub device_free: Family<DeviceLabel, Gauge>,
+}
+
+/// A device of this host: `cpu` or `cuda:N`, and its name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceLabel {
+    pub device: String,
+    pub name: String,
 }
 
 impl Default for Metrics {
@@ -103,6 +112,8 @@ impl Metrics {
             load_seconds: Family::new_with_constructor(load),
             loads: Family::default(),
             model_bytes: Family::default(),
+            device_total: Family::default(),
+            device_free: Family::default(),
             errors: Family::default(),
             registry: Registry::default(),
         };
@@ -190,6 +201,16 @@ impl Metrics {
             "cortex_neuron_model_bytes",
             "Memory held by each loaded model",
             m.model_bytes.clone(),
+        );
+        r.register(
+            "cortex_neuron_device_memory_total_bytes",
+            "Memory of each device models may use (within --max-memory)",
+            m.device_total.clone(),
+        );
+        r.register(
+            "cortex_neuron_device_memory_free_bytes",
+            "Memory of each device still free for models, as /status reports it",
+            m.device_free.clone(),
         );
         r.register(
             "cortex_neuron_request_errors",

@@ -69,6 +69,30 @@ pub async fn show(
         .ok_or(Error::ModelNotFound(id))
 }
 
+/// A device's name in loads and metrics: `cpu` or `cuda:N`.
+pub fn device_key(d: &cortex_core::neuron::DeviceInfo) -> String {
+    if d.kind == "cpu" {
+        "cpu".to_string()
+    } else {
+        format!("{}:{}", d.kind, d.index)
+    }
+}
+
+/// This host's devices, with free memory as models may use it: within --max-memory and after the
+/// loads under way.
+pub fn devices(st: &AppState) -> Vec<cortex_core::neuron::DeviceInfo> {
+    crate::devices::all()
+        .into_iter()
+        .map(|mut d| {
+            d.memory_free = st.registry.available(&device_key(&d), d.memory_free, None);
+            if let Some(cap) = st.registry.settings.max_memory {
+                d.memory_total = d.memory_total.min(cap);
+            }
+            d
+        })
+        .collect()
+}
+
 pub async fn status(State(st): State<Arc<AppState>>) -> Json<NeuronStatus> {
     let entries = st.registry.list();
     let inflight = entries
@@ -82,22 +106,7 @@ pub async fn status(State(st): State<Arc<AppState>>) -> Json<NeuronStatus> {
     Json(NeuronStatus {
         node: st.node.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
-        // Free memory as models may use it: within --max-memory and after loads under way.
-        devices: crate::devices::all()
-            .into_iter()
-            .map(|mut d| {
-                let name = if d.kind == "cpu" {
-                    "cpu".to_string()
-                } else {
-                    format!("{}:{}", d.kind, d.index)
-                };
-                d.memory_free = st.registry.available(&name, d.memory_free, None);
-                if let Some(cap) = st.registry.settings.max_memory {
-                    d.memory_total = d.memory_total.min(cap);
-                }
-                d
-            })
-            .collect(),
+        devices: devices(&st),
         models: entries.iter().map(|e| e.info()).collect(),
         inflight,
         queued,

@@ -116,6 +116,20 @@ async fn count_errors(State(st): State<Arc<AppState>>, req: Request, next: Next)
 }
 
 async fn metrics(State(st): State<Arc<AppState>>, headers: axum::http::HeaderMap) -> Response {
+    for d in lifecycle::devices(&st) {
+        let l = crate::metrics::DeviceLabel {
+            device: lifecycle::device_key(&d),
+            name: d.name,
+        };
+        st.metrics
+            .device_total
+            .get_or_create(&l)
+            .set(d.memory_total as i64);
+        st.metrics
+            .device_free
+            .get_or_create(&l)
+            .set(d.memory_free as i64);
+    }
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let (ctype, body) = cortex_core::exposition::negotiate(accept, st.metrics.encode());
     ([(header::CONTENT_TYPE, ctype)], body).into_response()
