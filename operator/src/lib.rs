@@ -16,6 +16,8 @@ use cortex_core::crd::{ModelPlacement, Neuron, Phase};
 use cortex_core::planner::Strategy;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
 use kube::CustomResourceExt;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
@@ -171,6 +173,30 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) -> a
             metrics.leader.set(0);
             anyhow::bail!("lost the leader lease; exiting so a fresh process stands by")
         }
+    }
+}
+
+/// The `Ready` condition, keeping the previous transition time while its status is unchanged.
+pub fn ready_condition(
+    previous: &[Condition],
+    ready: bool,
+    reason: String,
+    message: String,
+    observed_generation: Option<i64>,
+) -> Condition {
+    let status = if ready { "True" } else { "False" };
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(Timestamp::now()));
+    Condition {
+        type_: "Ready".into(),
+        status: status.into(),
+        reason,
+        message,
+        last_transition_time,
+        observed_generation,
     }
 }
 

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use cortex_core::crd::{Neuron, NeuronModel, NeuronResourceStatus, NeuronSpec, human_bytes};
 use cortex_core::neuron::NeuronStatus;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::Store;
@@ -175,12 +174,6 @@ fn status_of(
         (false, Some(e)) => ("Unreachable", e.to_string()),
         (false, None) => ("Unreachable", "no answer yet".to_string()),
     };
-    let status = if o.ready { "True" } else { "False" };
-    let transition = prev
-        .and_then(|p| p.conditions.iter().find(|c| c.type_ == "Ready"))
-        .filter(|c| c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or(Time(Timestamp::now()));
     NeuronResourceStatus {
         ready: o.ready,
         last_seen: if error.is_none() {
@@ -194,14 +187,13 @@ fn status_of(
         devices,
         models,
         version: s.map(|s| s.version.clone()),
-        conditions: vec![Condition {
-            type_: "Ready".into(),
-            status: status.into(),
-            reason: reason.into(),
+        conditions: vec![crate::ready_condition(
+            prev.map_or(&[][..], |p| &p.conditions),
+            o.ready,
+            reason.into(),
             message,
-            last_transition_time: transition,
-            observed_generation: None,
-        }],
+            None,
+        )],
     }
 }
 

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use cortex_core::crd::{FINALIZER, ModelPlacement, ModelPlacementStatus, Phase, PlacementStatus};
 use cortex_core::neuron::{LoadRequest, ModelState};
 use cortex_core::planner::{self, LoadAsk, ModelView, NeuronView, Plan};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::core::{Selector, SelectorExt};
@@ -46,6 +45,26 @@ pub struct Failure {
     pub message: String,
     /// Set when a load is asked again; the next failure seen counts as a new one.
     pub retrying: bool,
+}
+
+impl Failure {
+    /// No failure counted yet; the next one seen counts.
+    fn new() -> Self {
+        Failure {
+            count: 0,
+            retry_at: Instant::now(),
+            message: String::new(),
+            retrying: true,
+        }
+    }
+
+    /// Counts a failure and starts its backoff.
+    fn record(&mut self, message: String) {
+        self.count += 1;
+        self.retry_at = Instant::now() + backoff(self.count);
+        self.message = message;
+        self.retrying = false;
+    }
 }
 
 fn backoff(count: u32) -> Duration {
@@ -190,17 +209,9 @@ async fn apply(mp: &ModelPlacement, ctx: &Ctx, api: &Api<ModelPlacement>) -> Res
             let key = (id.clone(), c.neuron.clone());
             match c.state {
                 ModelState::Failed => {
-                    let f = failures.entry(key).or_insert(Failure {
-                        count: 0,
-                        retry_at: Instant::now(),
-                        message: String::new(),
-                        retrying: true,
-                    });
+                    let f = failures.entry(key).or_insert_with(Failure::new);
                     if f.retrying {
-                        f.count += 1;
-                        f.retry_at = Instant::now() + backoff(f.count);
-                        f.retrying = false;
-                        f.message = c.error.clone().unwrap_or_default();
+                        f.record(c.error.clone().unwrap_or_default());
                     }
                 }
                 ModelState::Ready => {
@@ -495,20 +506,12 @@ async fn place_one(
             }
             Ok(LoadAnswer::Refused { status, message }) => {
                 let message = format!("{target} refused the load ({status}): {message}");
-                {
-                    let mut failures = ctx.failures.lock().expect("failures lock");
-                    let f = failures
-                        .entry((id.clone(), target.clone()))
-                        .or_insert(Failure {
-                            count: 0,
-                            retry_at: Instant::now(),
-                            message: String::new(),
-                            retrying: false,
-                        });
-                    f.count += 1;
-                    f.retry_at = Instant::now() + backoff(f.count);
-                    f.message = message.clone();
-                }
+                ctx.failures
+                    .lock()
+                    .expect("failures lock")
+                    .entry((id.clone(), target.clone()))
+                    .or_insert_with(Failure::new)
+                    .record(message.clone());
                 exclude.push(target);
                 publish(ctx, mp, EventType::Warning, "LoadFailed", message.clone()).await;
                 return Err(("LoadFailed".into(), message));
@@ -566,15 +569,6 @@ fn status_for(
             format!("{ready}/{want} copies ready"),
         ),
     };
-    let ok = phase == Phase::Ready || phase == Phase::Idle;
-    let status = if ok { "True" } else { "False" };
-    let transition = mp
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
-        .filter(|c| c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or(Time(Timestamp::now()));
     ModelPlacementStatus {
         phase,
         replicas: live.len() as u32,
@@ -591,14 +585,13 @@ fn status_for(
                 loaded_at: c.loaded_at.and_then(rfc3339),
             })
             .collect(),
-        conditions: vec![Condition {
-            type_: "Ready".into(),
-            status: status.into(),
+        conditions: vec![crate::ready_condition(
+            mp.status.as_ref().map_or(&[][..], |s| &s.conditions),
+            phase == Phase::Ready || phase == Phase::Idle,
             reason,
             message,
-            last_transition_time: transition,
-            observed_generation: mp.metadata.generation,
-        }],
+            mp.metadata.generation,
+        )],
         observed_generation: mp.metadata.generation,
         model_id: Some(mp.model_id()),
     }
