@@ -68,15 +68,7 @@ async fn defrag_consolidates_models_to_free_a_whole_neuron() {
         assert!(Instant::now() < deadline, "not consolidated: {cat:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let metrics = fleet
-        .http
-        .get(&fleet.metrics_url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = fleet.metrics().await;
     assert!(
         metrics.contains("cortex_gateway_defrag_moves_total 1"),
         "{metrics}"

@@ -58,12 +58,7 @@ async fn lru_evicts_the_idle_model_and_never_the_pinned_one() {
             ("smol-small".into(), "not_loaded".into())
         ]
     );
-    let metrics = reqwest::get(&fleet.metrics_url)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = fleet.metrics().await;
     assert!(
         metrics.contains("cortex_gateway_evictions_total{model=\"gemma3\"} 1"),
         "{metrics}"

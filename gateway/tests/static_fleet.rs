@@ -108,12 +108,7 @@ async fn a_static_fleet_serves_loads_on_demand_and_survives_a_dead_neuron() {
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
 
     // The gateway's metrics saw all of it.
-    let m = reqwest::get(&fleet.metrics_url)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = fleet.metrics().await;
     for series in [
         "cortex_gateway_requests_total{model=\"gemma3\",neuron=",
         "dialect=\"openai\",status_class=\"2xx\"}",

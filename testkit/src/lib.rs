@@ -49,6 +49,28 @@ pub fn assets() -> PathBuf {
         .clone()
 }
 
+/// `CORTEX_CACHE`, else `~/.cache/cortex`: where the scripts put models, tools and environments.
+pub fn cache_dir() -> PathBuf {
+    std::env::var("CORTEX_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cortex"))
+}
+
+/// The test models' directory; fails naming the script that fetches them when one is missing.
+pub fn models_dir() -> PathBuf {
+    let d = cache_dir().join("models");
+    for f in [
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "gemma-3-270m-Q4_K_M.gguf",
+    ] {
+        assert!(
+            d.join(f).is_file(),
+            "test model {f} is missing; run scripts/fetch-test-models first"
+        );
+    }
+    d
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -57,7 +79,8 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-struct Proc(Child);
+/// A child process killed (and reaped) when dropped.
+pub struct Proc(pub Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {

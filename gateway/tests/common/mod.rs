@@ -2,46 +2,13 @@
 //! on loopback ports, with real weights from `scripts/fetch-test-models`.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub struct Proc(pub Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-pub fn models_dir() -> PathBuf {
-    let cache = std::env::var("CORTEX_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cortex"));
-    let d = cache.join("models");
-    for f in [
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "gemma-3-270m-Q4_K_M.gguf",
-    ] {
-        assert!(
-            d.join(f).is_file(),
-            "test model {f} is missing; run scripts/fetch-test-models first"
-        );
-    }
-    d
-}
+pub use cortex_testkit::{Proc, free_port, models_dir};
 
 /// The neuron binary, built beside this crate's binary by `cargo build --workspace`.
 pub fn neuron_bin() -> PathBuf {
@@ -172,6 +139,16 @@ impl Fleet {
             .await
             .unwrap();
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The gateway's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(&self.metrics_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     pub async fn catalogue(&self) -> Vec<Value> {

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cortex_core::crd::ModelPlacement;
@@ -13,14 +13,7 @@ use serde_json::Value;
 
 pub const TOKEN: &str = "e2e-neuron-token";
 
-pub struct Proc(pub Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+pub use cortex_testkit::{Proc, models_dir};
 
 pub fn bin(name: &str) -> PathBuf {
     let p = PathBuf::from(env!("CARGO_BIN_EXE_cortex-operator")).with_file_name(name);
@@ -32,23 +25,8 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-pub fn models_dir() -> PathBuf {
-    let cache = std::env::var("CORTEX_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cortex"));
-    let d = cache.join("models");
-    assert!(
-        d.join("SmolLM2-135M-Instruct.Q4_1.gguf").is_file(),
-        "test model SmolLM2-135M-Instruct.Q4_1.gguf is missing; run scripts/fetch-test-models first"
-    );
-    d
-}
-
 pub fn python() -> PathBuf {
-    let cache = std::env::var("CORTEX_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cortex"));
-    let p = cache.join("venv/bin/python");
+    let p = cortex_testkit::cache_dir().join("venv/bin/python");
     assert!(
         p.is_file(),
         "{} is missing; run scripts/python-env first (it installs the openai SDK)",
