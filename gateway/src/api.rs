@@ -133,7 +133,7 @@ fn route(
         .placement(model)
         .ok_or_else(|| Error::ModelNotFound(model.to_string()))?;
     if p.name != model {
-        call.rename = Some((p.name.clone(), model.to_string()));
+        call.rename(&p.name, model);
     }
     let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
     if stream {

@@ -144,9 +144,9 @@ pub struct Call {
     pub arrived: std::time::Instant,
     /// The gateway asked the neuron for a usage chunk the client did not ask for: drop it.
     pub strip_usage: bool,
-    /// The model name the client sent, when the neuron knows the model by another id: answers
-    /// carry the client's name.
-    pub rename: Option<(String, String)>,
+    /// When the neuron knows the model by another id than the client sent: `"model":"<id>"` and
+    /// `"model":"<client's name>"`, as serde writes them, so answers carry the client's name.
+    pub rename: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Call {
@@ -157,6 +157,12 @@ impl Call {
             strip_usage: false,
             rename: None,
         }
+    }
+
+    /// Answers name the model `client` where the neuron says `neuron`.
+    pub fn rename(&mut self, neuron: &str, client: &str) {
+        let field = |name: &str| format!("\"model\":{}", Value::String(name.into())).into_bytes();
+        self.rename = Some((field(neuron), field(client)));
     }
 }
 
@@ -272,11 +278,10 @@ fn relay(
     call: Call,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
     let body = r.bytes_stream().boxed();
-    let neuron = guard.route.neuron.clone();
-    futures::stream::unfold((body, guard, false), move |(mut body, mut guard, done)| {
-        let neuron = neuron.clone();
-        let call = call.clone();
-        async move {
+    // The state carries everything the stream needs, so a chunk costs no clones.
+    futures::stream::unfold(
+        (body, guard, call, false),
+        move |(mut body, mut guard, call, done)| async move {
             if done {
                 return None;
             }
@@ -289,42 +294,46 @@ fn relay(
                         Some((from, to)) => rename_model(b, from, to),
                         None => b,
                     };
-                    return Some((Ok(b), (body, guard, false)));
+                    return Some((Ok(b), (body, guard, call, false)));
                 }
-                Ok(Some(Err(e))) => format!("neuron {neuron} failed mid-answer: {e}"),
+                Ok(Some(Err(e))) => {
+                    format!("neuron {} failed mid-answer: {e}", guard.route.neuron)
+                }
                 Err(_) => format!(
-                    "neuron {neuron} sent nothing for {} s mid-answer",
+                    "neuron {} sent nothing for {} s mid-answer",
+                    guard.route.neuron,
                     idle.as_secs()
                 ),
             };
-            tracing::warn!(neuron = %neuron, error = %failure, "stream cut");
+            tracing::warn!(neuron = %guard.route.neuron, error = %failure, "stream cut");
             if !sse {
-                return Some((Err(std::io::Error::other(failure)), (body, guard, true)));
+                return Some((
+                    Err(std::io::Error::other(failure)),
+                    (body, guard, call, true),
+                ));
             }
             let err = Error::Upstream(failure).openai_body();
             let mut bytes = sse_data(&serde_json::to_vec(&err).unwrap_or_default()).to_vec();
             bytes.extend_from_slice(b"data: [DONE]\n\n");
-            Some((Ok(Bytes::from(bytes)), (body, guard, true)))
-        }
-    })
+            Some((Ok(Bytes::from(bytes)), (body, guard, call, true)))
+        },
+    )
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// `"model":"<from>"` → `"model":"<to>"` in a chunk of the neuron's JSON (compact, as serde writes it).
-fn rename_model(b: Bytes, from: &str, to: &str) -> Bytes {
-    let from = format!("\"model\":\"{from}\"");
-    if find(&b, from.as_bytes()).is_none() {
+/// `from` → `to` (both `"model":"…"`, see [`Call::rename`]) in a chunk of the neuron's JSON.
+fn rename_model(b: Bytes, from: &[u8], to: &[u8]) -> Bytes {
+    if find(&b, from).is_none() {
         return b;
     }
-    let to = format!("\"model\":\"{to}\"");
     let mut out = Vec::with_capacity(b.len());
     let mut rest = &b[..];
-    while let Some(i) = find(rest, from.as_bytes()) {
+    while let Some(i) = find(rest, from) {
         out.extend_from_slice(&rest[..i]);
-        out.extend_from_slice(to.as_bytes());
+        out.extend_from_slice(to);
         rest = &rest[i + from.len()..];
     }
     out.extend_from_slice(rest);
