@@ -4,7 +4,7 @@
 //! placements down to `minReplicas` after `idleTimeout`, and writes what the neurons report into
 //! the status. A finalizer unloads every copy before the object goes away.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -88,10 +88,7 @@ struct Copy {
 
 impl Copy {
     fn live(&self) -> bool {
-        matches!(
-            self.state,
-            ModelState::Downloading | ModelState::Loading | ModelState::Ready
-        )
+        is_live(self.state)
     }
 }
 
@@ -147,9 +144,25 @@ fn copies(id: &str, observed: &BTreeMap<String, Observed>) -> Vec<Copy> {
     out
 }
 
-/// Copies of `id` loaded or loading on ready neurons.
-fn live_copies(id: &str, observed: &BTreeMap<String, Observed>) -> u32 {
-    copies(id, observed).iter().filter(|c| c.live()).count() as u32
+/// Loaded, or on its way to it.
+fn is_live(state: ModelState) -> bool {
+    matches!(
+        state,
+        ModelState::Downloading | ModelState::Loading | ModelState::Ready
+    )
+}
+
+/// Copies of each model id loaded or loading on ready neurons.
+fn live_copies(observed: &BTreeMap<String, Observed>) -> HashMap<&str, u32> {
+    let mut n = HashMap::new();
+    for o in observed.values().filter(|o| o.ready) {
+        for m in o.status.iter().flat_map(|s| &s.models) {
+            if is_live(m.state) {
+                *n.entry(m.id.as_str()).or_default() += 1;
+            }
+        }
+    }
+    n
 }
 
 fn selects(mp: &ModelPlacement, labels: &BTreeMap<String, String>) -> bool {
@@ -356,6 +369,9 @@ async fn place_one(
 ) -> Result<String, (String, String)> {
     let id = mp.model_id();
     let placements = ctx.placements.state();
+    let owners: HashMap<String, &ModelPlacement> =
+        placements.iter().map(|p| (p.model_id(), &**p)).collect();
+    let live = live_copies(observed);
     let views: Vec<NeuronView> = observed
         .iter()
         .filter(|(_, o)| o.ready && !o.unschedulable && selects(mp, &o.labels))
@@ -373,7 +389,7 @@ async fn place_one(
                             .iter()
                             .filter(|m| m.state != ModelState::Failed)
                             .map(|m| {
-                                let owner = placements.iter().find(|p| p.model_id() == m.id);
+                                let owner = owners.get(&m.id);
                                 ModelView {
                                     id: m.id.clone(),
                                     bytes: m.bytes,
@@ -382,7 +398,7 @@ async fn place_one(
                                     // Never below a placement's minReplicas either.
                                     pinned: owner.is_some_and(|p| {
                                         p.spec.pinned
-                                            || live_copies(&p.model_id(), observed)
+                                            || live.get(m.id.as_str()).copied().unwrap_or(0)
                                                 <= p.spec.min_replicas.unwrap_or(0)
                                     }),
                                     priority: owner.map_or(0, |p| p.spec.priority),
@@ -422,7 +438,7 @@ async fn place_one(
                     let note = format!("evicted {victim} from {target} to make room for {id}");
                     tracing::info!("{note}");
                     publish(ctx, mp, EventType::Normal, "Evicted", note.clone()).await;
-                    if let Some(owner) = placements.iter().find(|p| p.model_id() == *victim) {
+                    if let Some(owner) = owners.get(victim) {
                         // The evicted placement gives the copy up for good (until a request wakes
                         // it through the gateway), so the two do not take turns evicting each other.
                         let floor = owner.spec.min_replicas.unwrap_or(0);
