@@ -119,8 +119,16 @@ pub struct ModelInfo {
     pub loaded_at: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_used_at: Option<u64>,
+    /// Requests in the running batch.
     pub inflight: u32,
+    /// Requests waiting for a place in the batch (or for KV cache room).
     pub queued: u32,
+    /// KV cache memory all of the model's sequences may hold together, in bytes.
+    #[serde(default)]
+    pub kv_cache_bytes: u64,
+    /// KV cache memory its running sequences hold now, in bytes.
+    #[serde(default)]
+    pub kv_cache_used_bytes: u64,
 }
 
 /// One accelerator or the host's memory when it serves models on the CPU.

@@ -8,7 +8,8 @@
 //! let metrics = Arc::new(Metrics::new());
 //! let registry = Registry::new(
 //!     Settings { model_dirs: vec!["/var/lib/cortex/models".into()], device: Default::default(),
-//!                max_queue: 64, max_memory: None, default_context: 8192 },
+//!                max_queue: 64, max_memory: None, default_context: 8192,
+//!                kv_cache_memory: None, max_batch: 16 },
 //!     metrics.clone(),
 //! );
 //! let app = api::router(Arc::new(api::AppState {

@@ -44,6 +44,14 @@ struct Args {
     /// Context length served when a load request names none (capped by the model's).
     #[arg(long, env = "CORTEX_DEFAULT_CONTEXT", default_value_t = 8192)]
     default_context: usize,
+    /// KV cache memory the sequences of each model may hold together, in bytes (default: one
+    /// full context). More lets more long requests run at once; a sequence that would pass it
+    /// waits, and a running one that must grow preempts the youngest.
+    #[arg(long, env = "CORTEX_KV_CACHE_MEMORY")]
+    kv_cache_memory: Option<u64>,
+    /// Most requests of one model decoded together in a batch.
+    #[arg(long, env = "CORTEX_MAX_BATCH", default_value_t = 16)]
+    max_batch: usize,
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "CORTEX_MAX_BODY_BYTES", default_value_t = 4 << 20)]
     max_body_bytes: usize,
@@ -80,6 +88,8 @@ async fn main() -> anyhow::Result<()> {
             max_queue: args.max_queue,
             max_memory: args.max_memory,
             default_context: args.default_context,
+            kv_cache_memory: args.kv_cache_memory,
+            max_batch: args.max_batch,
         },
         metrics.clone(),
     );

@@ -48,6 +48,10 @@ fn tokens() -> Histogram {
     ])
 }
 
+fn batch() -> Histogram {
+    Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
+}
+
 fn load() -> Histogram {
     Histogram::new([
         0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
@@ -59,6 +63,9 @@ pub struct Metrics {
     pub running: Family<ModelLabel, Gauge>,
     pub waiting: Family<ModelLabel, Gauge>,
     pub kv_usage: Family<ModelLabel, Gauge<f64, AtomicU64>>,
+    pub kv_budget: Family<ModelLabel, Gauge>,
+    pub preemptions: Family<ModelLabel, Counter>,
+    pub batch: Hist,
     pub prompt_tokens: Family<ModelLabel, Counter>,
     pub generation_tokens: Family<ModelLabel, Counter>,
     pub success: Family<FinishLabel, Counter>,
@@ -98,6 +105,9 @@ impl Metrics {
             running: Family::default(),
             waiting: Family::default(),
             kv_usage: Family::default(),
+            kv_budget: Family::default(),
+            preemptions: Family::default(),
+            batch: Family::new_with_constructor(batch),
             prompt_tokens: Family::default(),
             generation_tokens: Family::default(),
             success: Family::default(),
@@ -131,6 +141,21 @@ impl Metrics {
             "vllm:kv_cache_usage_perc",
             "KV cache usage, 0 to 1",
             m.kv_usage.clone(),
+        );
+        r.register(
+            "vllm:num_preemptions",
+            "Sequences preempted (cache freed, read again later) to let another grow",
+            m.preemptions.clone(),
+        );
+        r.register(
+            "cortex_neuron_batch_size",
+            "Sequences in each forward pass of the engine",
+            m.batch.clone(),
+        );
+        r.register(
+            "cortex_neuron_kv_cache_budget_bytes",
+            "KV cache memory all sequences of a model may hold together (--kv-cache-memory)",
+            m.kv_budget.clone(),
         );
         r.register(
             "vllm:prompt_tokens",
@@ -232,6 +257,7 @@ impl Metrics {
         self.running.remove(&l);
         self.waiting.remove(&l);
         self.kv_usage.remove(&l);
+        self.kv_budget.remove(&l);
         self.model_bytes.remove(&l);
     }
 

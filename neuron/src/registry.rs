@@ -34,6 +34,10 @@ pub struct Settings {
     pub max_memory: Option<u64>,
     /// Context served when the load request names none (capped by the model's own).
     pub default_context: usize,
+    /// KV cache memory each model's sequences may hold together (default: one full context).
+    pub kv_cache_memory: Option<u64>,
+    /// Most sequences a model runs in one batch.
+    pub max_batch: usize,
 }
 
 struct Status {
@@ -45,6 +49,9 @@ struct Status {
     arch: Option<String>,
     context_length: usize,
     loaded_at: Option<u64>,
+    /// KV cache budget in tokens, and the bytes one token takes.
+    kv_tokens: usize,
+    kv_token_bytes: u64,
 }
 
 struct Serving {
@@ -94,6 +101,9 @@ impl Entry {
             last_used_at: (last > 0).then_some(last),
             inflight: self.load.inflight.load(Ordering::Relaxed),
             queued: self.load.queued.load(Ordering::Relaxed),
+            kv_cache_bytes: s.kv_tokens as u64 * s.kv_token_bytes,
+            kv_cache_used_bytes: self.load.kv_used.load(Ordering::Relaxed) as u64
+                * s.kv_token_bytes,
         }
     }
 
@@ -177,6 +187,7 @@ struct Prepared {
     content: gguf_file::Content,
     cfg: Config,
     context: usize,
+    kv_tokens: usize,
     bytes: u64,
     device: Device,
     device_name: String,
@@ -289,6 +300,11 @@ impl Registry {
                 arch: prepared.as_ref().map(|p| p.cfg.arch.name().to_string()),
                 context_length: prepared.as_ref().map(|p| p.context).unwrap_or(0),
                 loaded_at: None,
+                kv_tokens: prepared.as_ref().map(|p| p.kv_tokens).unwrap_or(0),
+                kv_token_bytes: prepared
+                    .as_ref()
+                    .map(|p| p.cfg.kv_bytes_per_token())
+                    .unwrap_or(0),
             }),
             load: Arc::new(Load::default()),
             cancel: Arc::new(AtomicBool::new(false)),
@@ -444,7 +460,37 @@ impl Registry {
             Some(c) => c,
             None => cfg.context_length.min(self.settings.default_context),
         };
-        let bytes = estimate_bytes(&content, &cfg, context);
+        // The KV budget bounds the context: one sequence must fit alone.
+        let (context, kv_tokens) = match self.settings.kv_cache_memory {
+            None => (context, context),
+            Some(budget) => {
+                let tokens = (budget / cfg.kv_bytes_per_token()) as usize;
+                if tokens < 16 {
+                    return Err(Error::invalid(
+                        "kvCacheMemory",
+                        format!(
+                            "--kv-cache-memory {budget} holds {tokens} tokens of {} ({} bytes each); give at least {}",
+                            path.display(),
+                            cfg.kv_bytes_per_token(),
+                            16 * cfg.kv_bytes_per_token()
+                        ),
+                    ));
+                }
+                match req.context_length {
+                    Some(c) if c > tokens => {
+                        return Err(Error::invalid(
+                            "contextLength",
+                            format!(
+                                "contextLength {c} needs {} bytes of KV cache but --kv-cache-memory allows {budget} ({tokens} tokens); ask for at most {tokens} or raise --kv-cache-memory",
+                                c as u64 * cfg.kv_bytes_per_token()
+                            ),
+                        ));
+                    }
+                    _ => (context.min(tokens), tokens),
+                }
+            }
+        };
+        let bytes = estimate_bytes(&content, &cfg, kv_tokens);
         let (device, device_name, free) = self.pick_device(req.device)?;
         self.check_memory(&req.id, &device_name, free, bytes)?;
         Ok(Prepared {
@@ -452,6 +498,7 @@ impl Registry {
             content,
             cfg,
             context,
+            kv_tokens,
             bytes,
             device,
             device_name,
@@ -499,6 +546,8 @@ impl Registry {
                     s.device = p.device_name.clone();
                     s.arch = Some(p.cfg.arch.name().to_string());
                     s.context_length = p.context;
+                    s.kv_tokens = p.kv_tokens;
+                    s.kv_token_bytes = p.cfg.kv_bytes_per_token();
                 });
                 p
             }
@@ -535,6 +584,14 @@ impl Registry {
         let id = entry.id.clone();
         let e = entry.clone();
         let cancel = entry.cancel.clone();
+        let batching = engine::Batching {
+            kv_tokens: prepared.kv_tokens,
+            max_batch: self.settings.max_batch.max(1),
+        };
+        self.metrics
+            .kv_budget
+            .get_or_create(&Metrics::label(&entry.id))
+            .set((prepared.kv_tokens as u64 * prepared.cfg.kv_bytes_per_token()) as i64);
         let lm = tokio::task::spawn_blocking(move || -> Result<LoadedModel> {
             let meta = Meta(&prepared.content.metadata);
             let tokenizer = match &tokenizer_json {
@@ -581,7 +638,7 @@ impl Registry {
             );
             std::thread::Builder::new()
                 .name(format!("engine-{}", entry.id))
-                .spawn(move || engine::run_loop(lm, rx, cancel, load, metrics))
+                .spawn(move || engine::run_loop(lm, rx, cancel, load, metrics, batching))
                 .map_err(|e| Error::Internal(format!("starting the engine thread: {e}")))?
         };
         *entry.serving.lock().expect("serving lock") = Some(Serving { lm, tx, thread });

@@ -508,7 +508,8 @@ async fn status_and_metrics_show_models_devices_and_requests() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_requests_are_all_answered_and_a_full_queue_says_retry_after() {
-    let n = Neuron::start(&["--max-queue", "2"]);
+    // One sequence at a time, so the queue (not the batch) takes the overflow.
+    let n = Neuron::start(&["--max-queue", "2", "--max-batch", "1"]);
     let c = n.client();
     c.load("smol", SMOLLM2).await;
     let expected = content(&c.chat("smol", "What is 2+2?", 12).await);

@@ -1,16 +1,26 @@
 //! The inference engine: a loaded model and the loop that serves it.
 //!
-//! One OS thread per loaded model owns the model's KV cache and drains a bounded channel of
-//! [`GenRequest`]s, each carrying its own response sender. Requests run one at a time today; the
-//! loop is the place continuous batching will go. A request whose receiver is gone (the client
-//! disconnected) is dropped at the next token.
+//! One OS thread per loaded model drains a bounded channel of [`GenRequest`]s, each carrying its
+//! own response sender, and runs them as one continuous batch: every step is one forward pass
+//! over the next token of every decoding sequence plus a chunk of the prompt of sequences still
+//! being read ([`PREFILL_CHUNK`] tokens; while others decode, one chunk per step, so a long
+//! prompt delays each stream by one chunk's time rather than the whole prompt's). Sequences join
+//! at any step and leave as soon as they finish or their client disconnects.
+//!
+//! Each sequence owns a KV cache that grows with it. All caches of a model share a budget
+//! ([`Batching::kv_tokens`]); a newcomer waits until its prompt fits, and when a running
+//! sequence must grow past the budget the youngest other sequence is preempted: its cache is
+//! freed and it is read again from its tokens when room returns (as vLLM does), so nothing
+//! running is dropped.
 
+pub mod attention;
 pub mod kernels;
 pub mod linear;
 pub mod model;
 pub mod sampling;
 pub mod stop;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -18,17 +28,29 @@ use std::time::{Duration, Instant};
 use cortex_core::openai::FinishReason;
 use tokio::sync::mpsc;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::metrics::{FinishLabel, Metrics};
 use crate::template::ChatTemplate;
 use crate::tokenizer::{StreamDecoder, TextTokenizer};
-use model::{KvCache, Model};
+use model::{KvCache, Model, SeqInput};
 use sampling::{Sampler, SamplingParams};
 use stop::StopMatcher;
 
-/// Prompt tokens processed per forward pass: bounds the attention scratch memory of long prompts
-/// and lets a cancelled request stop between chunks.
-const PREFILL_CHUNK: usize = 256;
+/// Prompt tokens of one sequence per forward pass. The split of a prompt into chunks depends only
+/// on its length, never on the batch, so a sequence computes the same numbers alone or batched.
+pub const PREFILL_CHUNK: usize = 128;
+
+/// KV caches are allocated in multiples of this many tokens.
+const KV_ROUND: usize = 64;
+
+/// How a model's sequences share its engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// Tokens of KV cache all sequences together may hold.
+    pub kv_tokens: usize,
+    /// Most sequences in one step.
+    pub max_batch: usize,
+}
 
 /// Everything needed to serve one model.
 pub struct LoadedModel {
@@ -70,194 +92,491 @@ pub struct Load {
     pub inflight: std::sync::atomic::AtomicU32,
     pub queued: std::sync::atomic::AtomicU32,
     pub last_used: std::sync::atomic::AtomicU64,
+    /// KV cache tokens allocated to running sequences.
     pub kv_used: std::sync::atomic::AtomicUsize,
 }
 
 /// Runs the engine loop until the channel closes or `stop` is set.
 pub fn run_loop(
     lm: Arc<LoadedModel>,
-    mut rx: mpsc::Receiver<GenRequest>,
+    rx: mpsc::Receiver<GenRequest>,
     stop: Arc<AtomicBool>,
     load: Arc<Load>,
     metrics: Arc<Metrics>,
+    batching: Batching,
 ) {
-    let label = Metrics::label(&lm.id);
-    let mut cache = match lm.model.new_cache() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(model = %lm.id, error = %e, "allocating the KV cache failed");
-            return;
-        }
+    let mut engine = Engine {
+        label: Metrics::label(&lm.id),
+        lm,
+        load,
+        metrics,
+        batching,
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        admitted: 0,
     };
-    while let Some(req) = rx.blocking_recv() {
-        load.queued.fetch_sub(1, Ordering::Relaxed);
-        metrics.waiting.get_or_create(&label).dec();
-        if stop.load(Ordering::Relaxed) {
-            let _ = req
-                .tx
-                .send(GenEvent::Error(format!("model '{}' was unloaded", lm.id)));
-            continue;
-        }
-        if req.tx.is_closed() {
-            continue;
-        }
-        load.inflight.fetch_add(1, Ordering::Relaxed);
-        load.last_used.store(crate::now_secs(), Ordering::Relaxed);
-        metrics.running.get_or_create(&label).inc();
-        metrics
-            .queue
-            .get_or_create(&label)
-            .observe(req.arrived.elapsed().as_secs_f64());
-        let tx = req.tx.clone();
-        let last = match generate(&lm, &mut cache, req, &stop, &load, &metrics) {
-            Ok(done) => done,
-            Err(e) => {
-                tracing::warn!(model = %lm.id, error = %e, "generation failed");
-                Some(GenEvent::Error(e.to_string()))
-            }
-        };
-        cache.clear();
-        load.kv_used.store(0, Ordering::Relaxed);
-        metrics.kv_usage.get_or_create(&label).set(0.0);
-        load.inflight.fetch_sub(1, Ordering::Relaxed);
-        metrics.running.get_or_create(&label).dec();
-        load.last_used.store(crate::now_secs(), Ordering::Relaxed);
-        // The closing event goes out last, so a client that has its answer finds /status and
-        // /metrics already counting it.
-        if let Some(ev) = last {
-            let _ = tx.send(ev);
+    engine.run(rx, &stop);
+}
+
+/// One request on its way through the batch.
+struct Seq {
+    req: GenRequest,
+    /// The prompt, then every token sampled (the last one not yet in the cache).
+    tokens: Vec<u32>,
+    /// Held while running; freed while waiting.
+    cache: Option<KvCache>,
+    /// Admission order: preemption takes the youngest.
+    order: u64,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    stops: StopMatcher,
+    generated: usize,
+    admitted_at: Option<Instant>,
+    first_at: Option<Instant>,
+    last_at: Instant,
+}
+
+impl Seq {
+    fn new(req: GenRequest) -> Self {
+        Seq {
+            tokens: req.prompt.clone(),
+            cache: None,
+            order: 0,
+            sampler: Sampler::new(req.sampling.clone()),
+            decoder: StreamDecoder::default(),
+            stops: StopMatcher::new(req.stop.clone()),
+            generated: 0,
+            admitted_at: None,
+            first_at: None,
+            last_at: Instant::now(),
+            req,
         }
     }
-    // Whatever is still queued when the model goes away gets an answer rather than a hang.
-    while let Ok(req) = rx.try_recv() {
-        load.queued.fetch_sub(1, Ordering::Relaxed);
-        let _ = req
-            .tx
-            .send(GenEvent::Error(format!("model '{}' was unloaded", lm.id)));
+
+    fn fed(&self) -> usize {
+        self.cache.as_ref().map_or(0, KvCache::len)
+    }
+
+    fn capacity(&self) -> usize {
+        self.cache.as_ref().map_or(0, KvCache::capacity)
+    }
+
+    /// Tokens to run next: one when decoding, else the next chunk of the prompt.
+    fn chunk(&self) -> std::ops::Range<usize> {
+        let fed = self.fed();
+        fed..self.tokens.len().min(fed + PREFILL_CHUNK)
+    }
+
+    fn decoding(&self) -> bool {
+        self.tokens.len() - self.fed() == 1 && self.generated > 0
     }
 }
 
-fn generate(
-    lm: &LoadedModel,
-    cache: &mut KvCache,
-    req: GenRequest,
-    stop: &AtomicBool,
-    load: &Load,
-    metrics: &Metrics,
-) -> Result<Option<GenEvent>> {
-    let label = Metrics::label(&lm.id);
-    let started = Instant::now();
-    let cancelled = || req.tx.is_closed() || stop.load(Ordering::Relaxed);
-    let mut logits = None;
-    for chunk in req.prompt.chunks(PREFILL_CHUNK) {
-        if cancelled() {
-            return Ok(None);
-        }
-        logits = Some(lm.model.forward(chunk, cache)?);
-    }
-    let mut logits = logits.ok_or_else(|| Error::Internal("empty prompt".into()))?;
-    metrics
-        .prefill
-        .get_or_create(&label)
-        .observe(started.elapsed().as_secs_f64());
-    metrics
-        .prompt_tokens
-        .get_or_create(&label)
-        .inc_by(req.prompt.len() as u64);
+struct Engine {
+    lm: Arc<LoadedModel>,
+    label: crate::metrics::ModelLabel,
+    load: Arc<Load>,
+    metrics: Arc<Metrics>,
+    batching: Batching,
+    /// Not yet running (new, or preempted), oldest first.
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    admitted: u64,
+}
 
-    let mut sampler = Sampler::new(req.sampling.clone());
-    let mut decoder = StreamDecoder::default();
-    let mut stops = StopMatcher::new(req.stop.clone());
-    let mut generated = 0usize;
-    let mut first_at: Option<Instant> = None;
-    let mut last_at = Instant::now();
-    let mut matched_stop: Option<String> = None;
-    let finish = loop {
-        let tok = sampler.sample(Model::logits_vec(&logits)?)?;
-        generated += 1;
+/// What a step did to a sequence.
+enum Outcome {
+    Continue,
+    /// Finished or abandoned; the event (if any) is the last thing its client gets.
+    Leave(Option<GenEvent>),
+}
+
+impl Engine {
+    fn run(&mut self, mut rx: mpsc::Receiver<GenRequest>, stop: &AtomicBool) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.blocking_recv() {
+                    Some(req) => self.waiting.push_back(Seq::new(req)),
+                    None => break,
+                }
+            }
+            while let Ok(req) = rx.try_recv() {
+                self.waiting.push_back(Seq::new(req));
+            }
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            self.drop_abandoned();
+            self.admit();
+            if let Err(e) = self.step() {
+                // A failed pass fails every sequence in it; the model stays up for the next.
+                tracing::warn!(model = %self.lm.id, error = %e, "forward pass failed");
+                for seq in std::mem::take(&mut self.running) {
+                    self.leave(seq, Some(GenEvent::Error(e.to_string())));
+                }
+            }
+            self.publish();
+        }
+        // Whatever is still here when the model goes away gets an answer rather than a hang.
+        rx.close();
+        while let Ok(req) = rx.try_recv() {
+            self.waiting.push_back(Seq::new(req));
+        }
+        let gone = GenEvent::Error(format!("model '{}' was unloaded", self.lm.id));
+        for seq in std::mem::take(&mut self.running) {
+            self.leave(seq, Some(gone.clone()));
+        }
+        while let Some(seq) = self.waiting.pop_front() {
+            self.unqueue();
+            let _ = seq.req.tx.send(gone.clone());
+        }
+        self.publish();
+    }
+
+    /// Sequences whose clients went away leave before the next pass.
+    fn drop_abandoned(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|s| !s.req.tx.is_closed());
+        for _ in self.waiting.len()..before {
+            self.unqueue();
+        }
+        let (gone, kept) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|s| s.req.tx.is_closed());
+        self.running = kept;
+        for seq in gone {
+            self.leave(seq, None);
+        }
+    }
+
+    fn kv_used(&self) -> usize {
+        self.running.iter().map(Seq::capacity).sum()
+    }
+
+    /// Starts waiting sequences, oldest first, while the batch and the KV budget have room.
+    fn admit(&mut self) {
+        let max = self.lm.model.max_len;
+        while self.running.len() < self.batching.max_batch {
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
+            let need = front.tokens.len() + 1;
+            if need > max {
+                let seq = self.waiting.pop_front().expect("front");
+                self.unqueue();
+                let _ = seq.req.tx.send(GenEvent::Error(format!(
+                    "{} tokens do not fit the {max}-token context of model '{}'",
+                    need, self.lm.id
+                )));
+                continue;
+            }
+            let cap = need.next_multiple_of(KV_ROUND).min(max);
+            if self.kv_used() + cap > self.batching.kv_tokens {
+                break;
+            }
+            let cache = match self.lm.model.new_cache_with(cap) {
+                Ok(c) => c,
+                Err(e) if self.running.is_empty() => {
+                    let seq = self.waiting.pop_front().expect("front");
+                    self.unqueue();
+                    let _ = seq.req.tx.send(GenEvent::Error(format!(
+                        "allocating a KV cache of {cap} tokens failed: {e}"
+                    )));
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(model = %self.lm.id, error = %e, "allocating a KV cache failed; waiting for room");
+                    break;
+                }
+            };
+            let mut seq = self.waiting.pop_front().expect("front");
+            self.unqueue();
+            seq.cache = Some(cache);
+            self.admitted += 1;
+            seq.order = self.admitted;
+            if seq.admitted_at.is_none() {
+                seq.admitted_at = Some(Instant::now());
+                self.metrics
+                    .queue
+                    .get_or_create(&self.label)
+                    .observe(seq.req.arrived.elapsed().as_secs_f64());
+            }
+            self.load
+                .last_used
+                .store(crate::now_secs(), Ordering::Relaxed);
+            self.running.push(seq);
+        }
+    }
+
+    /// A waiting request left the queue (admitted, refused or abandoned).
+    fn unqueue(&self) {
+        self.load.queued.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.waiting.get_or_create(&self.label).dec();
+    }
+
+    /// Picks this step's sequences: every decoding one, and prompt chunks (while anything
+    /// decodes, one chunk, so streams keep flowing).
+    fn pick(&self) -> Vec<usize> {
+        let mut picked: Vec<usize> = (0..self.running.len())
+            .filter(|&i| self.running[i].decoding())
+            .collect();
+        let decoding = !picked.is_empty();
+        let mut prompt_tokens = 0;
+        for (i, s) in self.running.iter().enumerate() {
+            if s.decoding() {
+                continue;
+            }
+            let n = s.chunk().len();
+            if decoding && prompt_tokens > 0 && prompt_tokens + n > PREFILL_CHUNK {
+                break;
+            }
+            prompt_tokens += n;
+            picked.push(i);
+        }
+        picked.sort_unstable();
+        picked
+    }
+
+    /// Grows the caches of the picked sequences for this step, preempting the youngest others
+    /// when the budget is short. Returns the picked sequences still running.
+    fn make_room(&mut self, mut picked: Vec<usize>) -> Result<Vec<usize>> {
+        let max = self.lm.model.max_len;
+        let mut i = 0;
+        while i < picked.len() {
+            let s = &self.running[picked[i]];
+            let need = s.chunk().end;
+            let cap = s.capacity();
+            if need <= cap {
+                i += 1;
+                continue;
+            }
+            let want = need.max(cap * 2).next_multiple_of(KV_ROUND).min(max);
+            let free = self.batching.kv_tokens - self.kv_used();
+            let grow_to = if want - cap <= free {
+                want
+            } else if need.next_multiple_of(KV_ROUND).min(max) - cap <= free {
+                need.next_multiple_of(KV_ROUND).min(max)
+            } else {
+                // The youngest sequence gives way, which may be this one.
+                let me = picked[i];
+                let victim = (0..self.running.len())
+                    .max_by_key(|&j| self.running[j].order)
+                    .expect("running");
+                self.preempt(victim);
+                picked.retain(|&j| j != victim);
+                picked
+                    .iter_mut()
+                    .filter(|j| **j > victim)
+                    .for_each(|j| *j -= 1);
+                if victim != me {
+                    // Look at this one again with the room freed.
+                    let me = me - usize::from(me > victim);
+                    i = picked.iter().position(|&j| j == me).expect("still picked");
+                }
+                continue;
+            };
+            let model = &self.lm.model;
+            let s = &mut self.running[picked[i]];
+            s.cache.as_mut().expect("running").grow(model, grow_to)?;
+            i += 1;
+        }
+        Ok(picked)
+    }
+
+    /// Frees a running sequence's cache and sends it back to the head of the queue; it is read
+    /// again from its tokens when room returns.
+    fn preempt(&mut self, idx: usize) {
+        let mut seq = self.running.remove(idx);
+        tracing::debug!(model = %self.lm.id, tokens = seq.tokens.len(), "preempted for KV room");
+        seq.cache = None;
+        self.metrics.preemptions.get_or_create(&self.label).inc();
+        self.load.queued.fetch_add(1, Ordering::Relaxed);
+        self.metrics.waiting.get_or_create(&self.label).inc();
+        self.waiting.push_front(seq);
+    }
+
+    /// One forward pass over the picked sequences, then sampling for those that reached the
+    /// end of their tokens.
+    fn step(&mut self) -> Result<()> {
+        let picked = self.pick();
+        let picked = self.make_room(picked)?;
+        if picked.is_empty() {
+            return Ok(());
+        }
+        self.metrics
+            .batch
+            .get_or_create(&self.label)
+            .observe(picked.len() as f64);
+        let logits = {
+            let mut inputs = Vec::with_capacity(picked.len());
+            let mut rest = self.running.as_mut_slice();
+            let mut base = 0;
+            for &i in &picked {
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
+                let (s, tail) = tail.split_first_mut().expect("picked index");
+                base = i + 1;
+                rest = tail;
+                let range = s.chunk();
+                inputs.push(SeqInput {
+                    tokens: &s.tokens[range],
+                    cache: s.cache.as_mut().expect("running"),
+                });
+            }
+            self.lm.model.forward_batch(&mut inputs)?
+        };
+        let rows = logits
+            .to_dtype(candle_core::DType::F32)?
+            .to_device(&candle_core::Device::Cpu)?
+            .to_vec2::<f32>()?;
+        let mut leaving = Vec::new();
+        for (&i, row) in picked.iter().zip(rows) {
+            let s = &self.running[i];
+            if s.fed() < s.tokens.len() {
+                continue; // more prompt to read
+            }
+            match self.sample(i, row) {
+                Ok(Outcome::Continue) => {}
+                Ok(Outcome::Leave(ev)) => leaving.push((i, ev)),
+                Err(e) => leaving.push((i, Some(GenEvent::Error(e.to_string())))),
+            }
+        }
+        for (i, ev) in leaving.into_iter().rev() {
+            let seq = self.running.remove(i);
+            self.leave(seq, ev);
+        }
+        Ok(())
+    }
+
+    /// Samples sequence `i`'s next token from its logits and sends the text it completes.
+    fn sample(&mut self, i: usize, logits: Vec<f32>) -> Result<Outcome> {
+        let (lm, metrics, label) = (&self.lm, &self.metrics, &self.label);
+        let s = &mut self.running[i];
+        let tok = s.sampler.sample(logits)?;
+        s.generated += 1;
         let now = Instant::now();
-        match first_at {
+        match s.first_at {
             None => {
-                first_at = Some(now);
+                s.first_at = Some(now);
                 metrics
                     .ttft
-                    .get_or_create(&label)
-                    .observe(now.duration_since(req.arrived).as_secs_f64());
+                    .get_or_create(label)
+                    .observe(now.duration_since(s.req.arrived).as_secs_f64());
+                let admitted = s.admitted_at.unwrap_or(now);
+                metrics
+                    .prefill
+                    .get_or_create(label)
+                    .observe(now.duration_since(admitted).as_secs_f64());
+                metrics
+                    .prompt_tokens
+                    .get_or_create(label)
+                    .inc_by(s.req.prompt.len() as u64);
             }
             Some(_) => metrics
                 .itl
-                .get_or_create(&label)
-                .observe(now.duration_since(last_at).as_secs_f64()),
+                .get_or_create(label)
+                .observe(now.duration_since(s.last_at).as_secs_f64()),
         }
-        last_at = now;
-        metrics.generation_tokens.get_or_create(&label).inc();
-        if !req.ignore_eos && lm.tokenizer.stop_ids.contains(&tok) {
-            break FinishReason::Stop;
+        s.last_at = now;
+        metrics.generation_tokens.get_or_create(label).inc();
+        if !s.req.ignore_eos && lm.tokenizer.stop_ids.contains(&tok) {
+            return Ok(Outcome::Leave(Some(self.done(i, FinishReason::Stop, None))));
         }
-        let piece = decoder.push(&lm.tokenizer, tok)?;
-        let (text, hit) = stops.push(&piece);
-        if !text.is_empty() && req.tx.send(GenEvent::Text(text)).is_err() {
-            return Ok(None);
+        s.tokens.push(tok);
+        let piece = s.decoder.push(&lm.tokenizer, tok)?;
+        let (text, hit) = s.stops.push(&piece);
+        if !text.is_empty() && s.req.tx.send(GenEvent::Text(text)).is_err() {
+            return Ok(Outcome::Leave(None));
         }
         if hit.is_some() {
-            matched_stop = hit;
-            break FinishReason::Stop;
+            return Ok(Outcome::Leave(Some(self.done(i, FinishReason::Stop, hit))));
         }
-        if generated >= req.max_tokens || cache.len() >= cache.capacity() {
-            break FinishReason::Length;
+        if s.generated >= s.req.max_tokens || s.tokens.len() > lm.model.max_len {
+            return Ok(Outcome::Leave(Some(self.done(
+                i,
+                FinishReason::Length,
+                None,
+            ))));
         }
-        if cancelled() {
-            return Ok(None);
+        Ok(Outcome::Continue)
+    }
+
+    /// The closing event of a finished sequence, after the text held back for stop strings
+    /// and the per-request metrics.
+    fn done(&mut self, i: usize, finish: FinishReason, stop: Option<String>) -> GenEvent {
+        let (metrics, label) = (&self.metrics, &self.label);
+        let s = &mut self.running[i];
+        // Text held back as a possible stop string was not one after all.
+        let rest = s.stops.flush();
+        if stop.is_none() && !rest.is_empty() {
+            let _ = s.req.tx.send(GenEvent::Text(rest));
         }
-        logits = lm.model.forward(&[tok], cache)?;
-        load.kv_used.store(cache.len(), Ordering::Relaxed);
+        let reason = match finish {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
+        };
         metrics
+            .success
+            .get_or_create(&FinishLabel {
+                model_name: self.lm.id.clone(),
+                finished_reason: reason.into(),
+            })
+            .inc();
+        metrics
+            .e2e
+            .get_or_create(label)
+            .observe(s.req.arrived.elapsed().as_secs_f64());
+        if let Some(f) = s.first_at {
+            metrics
+                .decode
+                .get_or_create(label)
+                .observe(s.last_at.duration_since(f).as_secs_f64());
+        }
+        metrics
+            .req_prompt_tokens
+            .get_or_create(label)
+            .observe(s.req.prompt.len() as f64);
+        metrics
+            .req_gen_tokens
+            .get_or_create(label)
+            .observe(s.generated as f64);
+        GenEvent::Done {
+            finish,
+            stop,
+            prompt_tokens: s.req.prompt.len(),
+            completion_tokens: s.generated,
+        }
+    }
+
+    /// A sequence leaves the batch: its cache is freed and the counters updated before its
+    /// last event goes out, so a client that has its answer finds /status already counting it.
+    fn leave(&mut self, seq: Seq, last: Option<GenEvent>) {
+        drop(seq.cache);
+        self.load
+            .last_used
+            .store(crate::now_secs(), Ordering::Relaxed);
+        self.publish();
+        if let Some(ev) = last {
+            let _ = seq.req.tx.send(ev);
+        }
+    }
+
+    /// Batch size and KV use for /status and /metrics.
+    fn publish(&self) {
+        let used = self.kv_used();
+        self.load
+            .inflight
+            .store(self.running.len() as u32, Ordering::Relaxed);
+        self.load.kv_used.store(used, Ordering::Relaxed);
+        self.metrics
+            .running
+            .get_or_create(&self.label)
+            .set(self.running.len() as i64);
+        self.metrics
             .kv_usage
-            .get_or_create(&label)
-            .set(cache.len() as f64 / cache.capacity() as f64);
-    };
-    // Text held back as a possible stop string was not one after all.
-    let rest = stops.flush();
-    if matched_stop.is_none() && !rest.is_empty() {
-        let _ = req.tx.send(GenEvent::Text(rest));
+            .get_or_create(&self.label)
+            .set(used as f64 / self.batching.kv_tokens.max(1) as f64);
     }
-    let done = GenEvent::Done {
-        finish,
-        stop: matched_stop,
-        prompt_tokens: req.prompt.len(),
-        completion_tokens: generated,
-    };
-    let reason = match finish {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-        FinishReason::ToolCalls => "tool_calls",
-    };
-    metrics
-        .success
-        .get_or_create(&FinishLabel {
-            model_name: lm.id.clone(),
-            finished_reason: reason.into(),
-        })
-        .inc();
-    metrics
-        .e2e
-        .get_or_create(&label)
-        .observe(req.arrived.elapsed().as_secs_f64());
-    if let Some(f) = first_at {
-        metrics
-            .decode
-            .get_or_create(&label)
-            .observe(last_at.duration_since(f).as_secs_f64());
-    }
-    metrics
-        .req_prompt_tokens
-        .get_or_create(&label)
-        .observe(req.prompt.len() as f64);
-    metrics
-        .req_gen_tokens
-        .get_or_create(&label)
-        .observe(generated as f64);
-    Ok(Some(done))
 }
 
 /// How long a client should wait before retrying when the queue is full.

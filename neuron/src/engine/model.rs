@@ -10,9 +10,10 @@
 use std::io::{Read, Seek};
 
 use candle_core::quantized::{QTensor, gguf_file};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Storage, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
+use super::attention;
 use super::linear::{Linear, Matmul};
 use crate::error::{Error, Result};
 use crate::gguf::Meta;
@@ -193,11 +194,14 @@ struct Layer {
     rope: usize,
 }
 
-/// One sequence's keys and values for every layer, preallocated to the served context.
+/// One sequence's keys and values for every layer, token-major `(1, capacity, n_kv_head,
+/// head_dim)`, so a chunk of new tokens is one contiguous write. It starts as large as asked and
+/// grows on demand ([`KvCache::grow`]), which is how a batch of short sequences shares the memory
+/// one long one would take.
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
     len: usize,
-    max: usize,
+    cap: usize,
 }
 
 impl KvCache {
@@ -210,14 +214,38 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Tokens it can hold before it must grow.
     pub fn capacity(&self) -> usize {
-        self.max
+        self.cap
     }
 
     /// Forgets the sequence; the memory stays allocated for the next one.
     pub fn clear(&mut self) {
         self.len = 0;
     }
+
+    /// Reallocates to hold `cap` tokens, keeping what it holds.
+    pub fn grow(&mut self, model: &Model, cap: usize) -> Result<()> {
+        if cap <= self.cap {
+            return Ok(());
+        }
+        let mut bigger = model.new_cache_with(cap)?;
+        if self.len > 0 {
+            for ((k, v), (bk, bv)) in self.layers.iter().zip(&bigger.layers) {
+                bk.slice_set(&k.narrow(1, 0, self.len)?, 1, 0)?;
+                bv.slice_set(&v.narrow(1, 0, self.len)?, 1, 0)?;
+            }
+        }
+        bigger.len = self.len;
+        *self = bigger;
+        Ok(())
+    }
+}
+
+/// One sequence's part of a batched forward pass: tokens to run after what its cache holds.
+pub struct SeqInput<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
 }
 
 /// The weights of a loaded model. Immutable: sequences carry their own [`KvCache`].
@@ -372,8 +400,15 @@ impl Model {
         })
     }
 
+    /// A cache for the whole served context.
     pub fn new_cache(&self) -> Result<KvCache> {
-        let shape = (1, self.cfg.n_kv_head, self.max_len, self.cfg.head_dim);
+        self.new_cache_with(self.max_len)
+    }
+
+    /// A cache for `cap` tokens (at most the served context).
+    pub fn new_cache_with(&self, cap: usize) -> Result<KvCache> {
+        let cap = cap.min(self.max_len);
+        let shape = (1, cap, self.cfg.n_kv_head, self.cfg.head_dim);
         let layers = (0..self.cfg.n_layer)
             .map(|_| {
                 Ok((
@@ -385,29 +420,70 @@ impl Model {
         Ok(KvCache {
             layers,
             len: 0,
-            max: self.max_len,
+            cap,
         })
     }
 
     /// Runs `tokens` after what `cache` holds and returns the logits of the last one (f32, vocab).
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        let t = tokens.len();
-        let pos = cache.len;
-        if pos + t > cache.max {
-            return Err(Error::Internal(format!(
-                "sequence of {} tokens exceeds the KV cache of {}",
-                pos + t,
-                cache.max
-            )));
+        let logits = self.forward_batch(&mut [SeqInput { tokens, cache }])?;
+        Ok(logits.get(0)?)
+    }
+
+    /// Runs every sequence's tokens after what its cache holds, in one pass: the projections
+    /// see all tokens of the batch as the rows of one matrix, attention runs per sequence.
+    /// Returns the logits of each sequence's last token, `(sequences, vocab)`.
+    pub fn forward_batch(&self, seqs: &mut [SeqInput<'_>]) -> Result<Tensor> {
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(seqs.len());
+        for s in seqs.iter() {
+            let (pos, t) = (s.cache.len, s.tokens.len());
+            if t == 0 {
+                return Err(Error::Internal("forward of an empty sequence".into()));
+            }
+            if pos + t > s.cache.cap {
+                return Err(Error::Internal(format!(
+                    "sequence of {} tokens exceeds its KV cache of {}",
+                    pos + t,
+                    s.cache.cap
+                )));
+            }
+            spans.push(Span {
+                offset: ids.len(),
+                len: t,
+                pos,
+            });
+            ids.extend_from_slice(s.tokens);
+            positions.extend(pos as u32..(pos + t) as u32);
         }
-        let ids = Tensor::new(tokens, &self.device)?;
+        let total = ids.len();
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
         if let Some(s) = self.embed_scale {
             x = (x * s)?;
         }
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        // Rotary rows for every token's own position, once per pass.
+        let rotary = if let [one] = spans.as_slice() {
+            self.ropes
+                .iter()
+                .map(|r| {
+                    Ok((
+                        r.cos.narrow(0, one.pos, one.len)?,
+                        r.sin.narrow(0, one.pos, one.len)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            let at = Tensor::new(positions.as_slice(), &self.device)?;
+            self.ropes
+                .iter()
+                .map(|r| Ok((r.cos.index_select(&at, 0)?, r.sin.index_select(&at, 0)?)))
+                .collect::<Result<Vec<_>>>()?
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.attn_norm.forward(&x)?;
-            let h = self.attention(layer, &h, kv, pos)?;
+            let h = self.attention(layer, i, &h, seqs, &spans, &rotary[layer.rope])?;
             let h = match &layer.post_attn_norm {
                 Some(n) => n.forward(&h)?,
                 None => h,
@@ -426,18 +502,29 @@ impl Model {
             };
             x = (x + h)?;
         }
-        cache.len = pos + t;
-        let last = x.narrow(1, t - 1, 1)?;
-        let logits = self.output.forward(&self.norm.forward(&last)?)?;
-        Ok(logits.flatten_all()?)
+        for (s, span) in seqs.iter_mut().zip(&spans) {
+            s.cache.len = span.pos + span.len;
+        }
+        let last: Vec<u32> = spans
+            .iter()
+            .map(|s| (s.offset + s.len - 1) as u32)
+            .collect();
+        let last = Tensor::new(last.as_slice(), &self.device)?;
+        let x = x
+            .reshape((total, self.cfg.n_embd))?
+            .index_select(&last, 0)?;
+        self.output.forward(&self.norm.forward(&x)?)
     }
 
+    /// Attention of layer `li` for the whole batch; `x` is `(1, tokens, n_embd)`.
     fn attention(
         &self,
         l: &Layer,
+        li: usize,
         x: &Tensor,
-        kv: &mut (Tensor, Tensor),
-        pos: usize,
+        seqs: &mut [SeqInput<'_>],
+        spans: &[Span],
+        (cos, sin): &(Tensor, Tensor),
     ) -> Result<Tensor> {
         let (_, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim);
@@ -447,9 +534,7 @@ impl Model {
                 Some(b) => y.broadcast_add(b)?,
                 None => y,
             };
-            Ok(y.reshape((1, t, heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
+            Ok(y.reshape((1, t, heads, hd))?)
         };
         let mut q = proj(&l.wq, &l.bq, nh)?;
         let mut k = proj(&l.wk, &l.bk, nkv)?;
@@ -460,35 +545,130 @@ impl Model {
         if let Some(n) = &l.k_norm {
             k = n.forward(&k)?;
         }
-        let rope = &self.ropes[l.rope];
-        let cos = rope.cos.narrow(0, pos, t)?;
-        let sin = rope.sin.narrow(0, pos, t)?;
-        let (q, k) = if self.cfg.arch == Arch::Llama {
-            (
-                candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
-                candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
-            )
-        } else {
-            (
-                candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
-                candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
-            )
+        let rope = |y: &Tensor| -> Result<Tensor> {
+            let y = y.transpose(1, 2)?.contiguous()?;
+            Ok(if self.cfg.arch == Arch::Llama {
+                candle_nn::rotary_emb::rope_i(&y, cos, sin)?
+            } else {
+                candle_nn::rotary_emb::rope(&y, cos, sin)?
+            })
         };
-        kv.0.slice_set(&k, 2, pos)?;
-        kv.1.slice_set(&v, 2, pos)?;
+        // (1, heads, tokens, head_dim) for the queries; keys back to token-major for the cache.
+        let q = rope(&q)?;
+        let k = rope(&k)?.transpose(1, 2)?.contiguous()?;
+        for (s, sp) in seqs.iter_mut().zip(spans) {
+            let (ck, cv) = &s.cache.layers[li];
+            ck.slice_set(&k.narrow(1, sp.offset, sp.len)?, 1, sp.pos)?;
+            cv.slice_set(&v.narrow(1, sp.offset, sp.len)?, 1, sp.pos)?;
+        }
+        // One new token per sequence on the CPU: our decode kernel, all sequences at once.
+        let fast = |sp: &Span| sp.len == 1 && self.device.is_cpu();
+        let decoded = if spans.iter().any(fast) {
+            Some(self.decode_attention(l, li, &q, t, seqs, spans, &fast)?)
+        } else {
+            None
+        };
+        let y = match &decoded {
+            Some(all) if spans.iter().all(fast) => all.clone(),
+            _ => {
+                let mut parts = Vec::with_capacity(spans.len());
+                for (s, sp) in seqs.iter().zip(spans) {
+                    parts.push(match &decoded {
+                        Some(d) if fast(sp) => d.narrow(1, sp.offset, 1)?,
+                        _ => self.chunk_attention(l, &q, s.cache, li, sp)?,
+                    });
+                }
+                Tensor::cat(&parts, 1)?
+            }
+        };
+        l.wo.forward(&y)
+    }
+
+    /// Attention of the single new token of every `fast` span, as `(1, tokens, n_head *
+    /// head_dim)` (rows of other spans are zero).
+    #[allow(clippy::too_many_arguments)]
+    fn decode_attention(
+        &self,
+        l: &Layer,
+        li: usize,
+        q: &Tensor,
+        tokens: usize,
+        seqs: &[SeqInput<'_>],
+        spans: &[Span],
+        fast: &dyn Fn(&Span) -> bool,
+    ) -> Result<Tensor> {
+        let (nh, hd) = (self.cfg.n_head, self.cfg.head_dim);
+        let guards: Vec<_> = seqs
+            .iter()
+            .map(|s| {
+                let (k, v) = &s.cache.layers[li];
+                (k.storage_and_layout(), v.storage_and_layout())
+            })
+            .collect();
+        let (qs, ql) = q.storage_and_layout();
+        let q = &host(&qs)?[ql.start_offset()..][..nh * tokens * hd];
+        let mut rows = Vec::with_capacity(spans.len());
+        for (((ks, kl), (vs, vl)), sp) in guards.iter().zip(spans) {
+            if !fast(sp) {
+                continue;
+            }
+            let end = sp.pos + 1;
+            rows.push(attention::Row {
+                token: sp.offset,
+                k: &host(ks)?[kl.start_offset()..],
+                v: &host(vs)?[vl.start_offset()..],
+                start: window_start(l.window, sp.pos),
+                end,
+            });
+        }
+        let mut out = vec![0f32; tokens * nh * hd];
+        attention::decode(
+            q,
+            tokens,
+            &rows,
+            attention::Heads {
+                n_head: nh,
+                n_kv_head: self.cfg.n_kv_head,
+                head_dim: hd,
+                scale: 1.0 / (hd as f32).sqrt(),
+            },
+            &mut out,
+        );
+        Ok(Tensor::from_vec(out, (1, tokens, nh * hd), &Device::Cpu)?)
+    }
+
+    /// Attention of one sequence's chunk with candle's operations: prompts, and every step on
+    /// the GPU. `q` is the batch's `(1, n_head, tokens, head_dim)`.
+    fn chunk_attention(
+        &self,
+        l: &Layer,
+        q: &Tensor,
+        cache: &KvCache,
+        li: usize,
+        sp: &Span,
+    ) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim);
+        let (t, pos) = (sp.len, sp.pos);
         let total = pos + t;
         // Keys visible to any query of this chunk: a sliding layer's first query sees the `w`
         // positions up to itself (query - key < w), so older keys are never read.
-        let start = match l.window {
-            Some(w) => (pos + 1).saturating_sub(w),
-            None => 0,
-        };
-        let k = kv.0.narrow(2, start, total - start)?;
-        let v = kv.1.narrow(2, start, total - start)?;
+        let start = window_start(l.window, pos);
+        let (ck, cv) = &cache.layers[li];
+        let k = ck
+            .narrow(1, start, total - start)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = cv
+            .narrow(1, start, total - start)?
+            .transpose(1, 2)?
+            .contiguous()?;
         // Grouped-query attention without copying keys: fold the query heads that share a KV
         // head into the row dimension.
         let rep = nh / nkv;
-        let q = q.reshape((1, nkv, rep * t, hd))?;
+        let q = q
+            .narrow(2, sp.offset, t)?
+            .contiguous()?
+            .reshape((1, nkv, rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let att = (q.matmul(&k.t()?)? * scale)?;
         let att = if t > 1 || l.window.is_some_and(|w| total - start > w) {
@@ -500,12 +680,10 @@ impl Model {
             att
         };
         let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v.contiguous()?)?;
-        let y = y
-            .reshape((1, nh, t, hd))?
+        let y = att.matmul(&v)?;
+        Ok(y.reshape((1, nh, t, hd))?
             .transpose(1, 2)?
-            .reshape((1, t, nh * hd))?;
-        l.wo.forward(&y)
+            .reshape((1, t, nh * hd))?)
     }
 
     /// Additive mask (t, total - start): causal, and limited to the window for sliding layers.
@@ -545,9 +723,32 @@ impl Model {
     }
 }
 
+/// Where one sequence's tokens sit in a batch: rows `offset..offset + len`, positions from `pos`.
+struct Span {
+    offset: usize,
+    len: usize,
+    pos: usize,
+}
+
+/// The first cache position a query at `pos` (or any later one) may see.
+fn window_start(window: Option<usize>, pos: usize) -> usize {
+    match window {
+        Some(w) => (pos + 1).saturating_sub(w),
+        None => 0,
+    }
+}
+
+/// The f32 data of a CPU tensor's storage.
+fn host(s: &Storage) -> Result<&[f32]> {
+    match s {
+        Storage::Cpu(c) => Ok(c.as_slice::<f32>()?),
+        _ => Err(Error::Internal("host attention on a device tensor".into())),
+    }
+}
+
 /// Memory a model will take, estimated from the GGUF before loading it: the tensors as stored,
-/// plus the f32 copy of the token embeddings, plus one sequence's KV cache for `max_len` tokens.
-pub fn estimate_bytes(ct: &gguf_file::Content, cfg: &Config, max_len: usize) -> u64 {
+/// plus the f32 copy of the token embeddings, plus a KV cache budget of `kv_tokens` tokens.
+pub fn estimate_bytes(ct: &gguf_file::Content, cfg: &Config, kv_tokens: usize) -> u64 {
     let tensors: u64 = ct
         .tensor_infos
         .values()
@@ -561,5 +762,5 @@ pub fn estimate_bytes(ct: &gguf_file::Content, cfg: &Config, max_len: usize) -> 
         .get("token_embd.weight")
         .map(|ti| ti.shape.elem_count() as u64 * 4)
         .unwrap_or(0);
-    tensors + embed_f32 + cfg.kv_bytes_per_token() * max_len as u64
+    tensors + embed_f32 + cfg.kv_bytes_per_token() * kv_tokens as u64
 }

@@ -15,6 +15,8 @@ use super::{Level, detected, level, pool, quantize, scalar};
 const TILE: usize = 4;
 /// Enough tasks per thread to even out a neighbour stealing a core.
 const TASKS_PER_THREAD: usize = 4;
+/// Up to this many activation rows, each weight row meets all of them before the next.
+const SMALL_M: usize = 16;
 /// Below this many weight rows per task the hand-off costs more than it saves.
 const MIN_ROWS_PER_TASK: usize = 16;
 
@@ -94,18 +96,44 @@ fn run(qtype: QType, w: &[u8], n: usize, k: usize, acts: &[BlockQ8], m: usize, y
         .min(n.max(1));
     let tasks = n.div_ceil(per_task);
     let out = Out(y.as_mut_ptr());
+    let tile_at = |i0: usize| -> (usize, [&[BlockQ8]; TILE]) {
+        let r = TILE.min(m - i0);
+        (
+            r,
+            std::array::from_fn(|i| &acts[(i0 + i.min(r - 1)) * nb..][..nb]),
+        )
+    };
+    let one = |j: usize, i0: usize, r: usize, a: &[&[BlockQ8]]| {
+        let mut tile = [0f32; TILE];
+        dot_rows(qtype, &w[j * rb..][..rb], a, &mut tile[..r]);
+        for (i, v) in tile[..r].iter().enumerate() {
+            // SAFETY: (i0 + i) < m and j < n, inside `y`; no other task owns column j.
+            unsafe { *out.at((i0 + i) * n + j) = *v };
+        }
+    };
     let task = |t: usize| {
         let rows = t * per_task..((t + 1) * per_task).min(n);
-        let mut tile = [0f32; TILE];
-        for i0 in (0..m).step_by(TILE) {
-            let r = TILE.min(m - i0);
-            let a: [&[BlockQ8]; TILE] =
-                std::array::from_fn(|i| &acts[(i0 + i.min(r - 1)) * nb..][..nb]);
-            for j in rows.clone() {
-                dot_rows(qtype, &w[j * rb..][..rb], &a[..r], &mut tile[..r]);
-                for (i, v) in tile[..r].iter().enumerate() {
-                    // SAFETY: (i0 + i) < m and j < n, inside `y`; no other task owns column j.
-                    unsafe { *out.at((i0 + i) * n + j) = *v };
+        if m <= SMALL_M {
+            // A decode batch: every activation row meets a weight row while it is in L1, so the
+            // weights stream from memory once per product, not once per tile.
+            let count = m.div_ceil(TILE);
+            let tiles: [(usize, usize, [&[BlockQ8]; TILE]); SMALL_M / TILE] =
+                std::array::from_fn(|t| {
+                    let i0 = if t < count { t * TILE } else { 0 };
+                    let (r, a) = tile_at(i0);
+                    (i0, r, a)
+                });
+            for j in rows {
+                for (i0, r, a) in &tiles[..count] {
+                    one(j, *i0, *r, &a[..*r]);
+                }
+            }
+        } else {
+            // A prompt: the task's weight rows stay in cache while the tiles pass over them.
+            for i0 in (0..m).step_by(TILE) {
+                let (r, a) = tile_at(i0);
+                for j in rows.clone() {
+                    one(j, i0, r, &a[..r]);
                 }
             }
         }

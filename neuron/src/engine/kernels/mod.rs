@@ -23,6 +23,12 @@ use std::sync::OnceLock;
 pub use blocks::{BlockQ8, QK, QType};
 pub use matmul::{dot_rows, dot_rows_at, matmul};
 
+/// Calls `f(0..tasks)` once per task over the kernel workers and the calling thread (see
+/// `pool.rs`), for other CPU loops of the forward pass that split the same way.
+pub fn parallel<F: Fn(usize) + Sync>(tasks: usize, f: F) {
+    pool::run(tasks, f)
+}
+
 /// The instruction sets a kernel may use, best last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
