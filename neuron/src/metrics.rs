@@ -66,6 +66,8 @@ pub struct Metrics {
     pub kv_budget: Family<ModelLabel, Gauge>,
     pub preemptions: Family<ModelLabel, Counter>,
     pub batch: Hist,
+    pub prefix_queries: Family<ModelLabel, Counter>,
+    pub prefix_hits: Family<ModelLabel, Counter>,
     pub prompt_tokens: Family<ModelLabel, Counter>,
     pub generation_tokens: Family<ModelLabel, Counter>,
     pub success: Family<FinishLabel, Counter>,
@@ -108,6 +110,8 @@ impl Metrics {
             kv_budget: Family::default(),
             preemptions: Family::default(),
             batch: Family::new_with_constructor(batch),
+            prefix_queries: Family::default(),
+            prefix_hits: Family::default(),
             prompt_tokens: Family::default(),
             generation_tokens: Family::default(),
             success: Family::default(),
@@ -146,6 +150,16 @@ impl Metrics {
             "vllm:num_preemptions",
             "Sequences preempted (cache freed, read again later) to let another grow",
             m.preemptions.clone(),
+        );
+        r.register(
+            "vllm:prefix_cache_queries",
+            "Prompt tokens looked up for a shared prefix",
+            m.prefix_queries.clone(),
+        );
+        r.register(
+            "vllm:prefix_cache_hits",
+            "Prompt tokens whose keys and values were copied from a shared prefix instead of computed",
+            m.prefix_hits.clone(),
         );
         r.register(
             "cortex_neuron_batch_size",

@@ -244,3 +244,38 @@ async fn a_client_that_disconnects_leaves_the_batch_and_the_others_finish() {
         "the abandoned request stopped early, {generated} tokens in all"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shared_prompt_prefix_is_read_once_and_answers_do_not_change() {
+    let system = "You are a careful assistant for a bakery. Answer briefly, politely and only about \
+                  bread, cakes, opening hours and prices. "
+        .repeat(12);
+    let first = format!("{system}\nQuestion: when do you open?\nAnswer:");
+    let second = format!("{system}\nQuestion: do you sell rye bread?\nAnswer:");
+
+    // The second prompt on a neuron that has seen nothing like it.
+    let cold = Neuron::start(&[]);
+    let c = cold.client();
+    c.load("m", SMOLLM2).await;
+    let expected = text(&complete(&c, "m", &second, 24).await);
+    drop(cold);
+
+    let warm = Neuron::start(&[]);
+    let c = warm.client();
+    c.load("m", SMOLLM2).await;
+    complete(&c, "m", &first, 24).await;
+    let hits = "vllm:prefix_cache_hits_total{model_name=\"m\"} ";
+    let before = metric(&c, hits).await;
+    let (_, st) = c.get("/status").await;
+    assert!(
+        st["models"][0]["kvCacheUsedBytes"].as_u64().unwrap() > 0,
+        "the finished prompt's cache is kept for reuse: {st}"
+    );
+    let answer = text(&complete(&c, "m", &second, 24).await);
+    let reused = metric(&c, hits).await - before;
+    assert!(
+        reused >= 256.0,
+        "the shared system prompt is copied, not read again ({reused} tokens reused)"
+    );
+    assert_eq!(answer, expected, "reusing the prefix changed the answer");
+}

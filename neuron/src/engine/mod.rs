@@ -12,6 +12,12 @@
 //! sequence must grow past the budget the youngest other sequence is preempted: its cache is
 //! freed and it is read again from its tokens when room returns (as vLLM does), so nothing
 //! running is dropped.
+//!
+//! Prompts that start alike share the work: a newcomer copies the keys and values of the longest
+//! prefix it has in common with a running sequence or a recently finished one (kept while the
+//! budget has room), in whole prompt chunks, and reads only the rest. Because the copied positions
+//! were computed as prompt chunks from position 0, exactly as the newcomer would compute them, the
+//! answer is the same as without the copy.
 
 pub mod attention;
 pub mod kernels;
@@ -42,6 +48,9 @@ pub const PREFILL_CHUNK: usize = 128;
 
 /// KV caches are allocated in multiples of this many tokens.
 const KV_ROUND: usize = 64;
+
+/// Finished sequences whose prompt caches are kept for prefix reuse (while the budget has room).
+const KEEP_PREFIXES: usize = 4;
 
 /// How a model's sequences share its engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +123,7 @@ pub fn run_loop(
         waiting: VecDeque::new(),
         running: Vec::new(),
         admitted: 0,
+        prefixes: VecDeque::new(),
     };
     engine.run(rx, &stop);
 }
@@ -125,6 +135,8 @@ struct Seq {
     tokens: Vec<u32>,
     /// Held while running; freed while waiting.
     cache: Option<KvCache>,
+    /// Cache positions computed as prompt chunks from position 0: the part others may copy.
+    exact: usize,
     /// Admission order: preemption takes the youngest.
     order: u64,
     sampler: Sampler,
@@ -141,6 +153,7 @@ impl Seq {
         Seq {
             tokens: req.prompt.clone(),
             cache: None,
+            exact: 0,
             order: 0,
             sampler: Sampler::new(req.sampling.clone()),
             decoder: StreamDecoder::default(),
@@ -182,6 +195,20 @@ struct Engine {
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     admitted: u64,
+    /// Prompt caches of finished sequences, most recent first, dropped first when room is short.
+    prefixes: VecDeque<Prefix>,
+}
+
+/// A finished sequence's prompt and the cache that holds it.
+struct Prefix {
+    tokens: Vec<u32>,
+    cache: KvCache,
+}
+
+/// How many leading positions `a` and `b` share, in whole prompt chunks.
+fn shared_chunks(a: &[u32], b: &[u32]) -> usize {
+    let n = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    n / PREFILL_CHUNK * PREFILL_CHUNK
 }
 
 /// What a step did to a sequence.
@@ -249,8 +276,44 @@ impl Engine {
         }
     }
 
+    /// Tokens of KV cache allocated: running sequences and kept prefixes.
     fn kv_used(&self) -> usize {
-        self.running.iter().map(Seq::capacity).sum()
+        self.running.iter().map(Seq::capacity).sum::<usize>()
+            + self
+                .prefixes
+                .iter()
+                .map(|p| p.cache.capacity())
+                .sum::<usize>()
+    }
+
+    /// Budget left after dropping kept prefixes, oldest first, until `tokens` fit (or none are
+    /// left).
+    fn room_for(&mut self, tokens: usize) -> usize {
+        loop {
+            let free = self.batching.kv_tokens.saturating_sub(self.kv_used());
+            if free >= tokens || self.prefixes.pop_back().is_none() {
+                return free;
+            }
+        }
+    }
+
+    /// The longest chunk-aligned prefix of `tokens` (leaving at least one token to read) that a
+    /// running sequence or a kept prefix holds: `(positions, source)`.
+    fn best_prefix(&self, tokens: &[u32]) -> Option<(usize, &KvCache)> {
+        let limit = tokens.len() - 1;
+        let running = self
+            .running
+            .iter()
+            .filter_map(|s| Some((&s.tokens[..s.exact], s.cache.as_ref()?)));
+        let kept = self
+            .prefixes
+            .iter()
+            .map(|p| (p.tokens.as_slice(), &p.cache));
+        running
+            .chain(kept)
+            .map(|(t, c)| (shared_chunks(&t[..t.len().min(limit)], tokens), c))
+            .filter(|(n, _)| *n > 0)
+            .max_by_key(|(n, _)| *n)
     }
 
     /// Starts waiting sequences, oldest first, while the batch and the KV budget have room.
@@ -271,10 +334,10 @@ impl Engine {
                 continue;
             }
             let cap = need.next_multiple_of(KV_ROUND).min(max);
-            if self.kv_used() + cap > self.batching.kv_tokens {
+            if self.room_for(cap) < cap {
                 break;
             }
-            let cache = match self.lm.model.new_cache_with(cap) {
+            let mut cache = match self.lm.model.new_cache_with(cap) {
                 Ok(c) => c,
                 Err(e) if self.running.is_empty() => {
                     let seq = self.waiting.pop_front().expect("front");
@@ -289,9 +352,31 @@ impl Engine {
                     break;
                 }
             };
+            let front = self.waiting.front().expect("front");
+            let reused = match self.best_prefix(&front.tokens) {
+                Some((n, src)) => match cache.copy_prefix(src, n) {
+                    Ok(()) => n,
+                    Err(e) => {
+                        tracing::warn!(model = %self.lm.id, error = %e, "copying a shared prefix failed");
+                        0
+                    }
+                },
+                None => 0,
+            };
+            if front.admitted_at.is_none() {
+                self.metrics
+                    .prefix_queries
+                    .get_or_create(&self.label)
+                    .inc_by(front.tokens.len() as u64);
+                self.metrics
+                    .prefix_hits
+                    .get_or_create(&self.label)
+                    .inc_by(reused as u64);
+            }
             let mut seq = self.waiting.pop_front().expect("front");
             self.unqueue();
             seq.cache = Some(cache);
+            seq.exact = reused;
             self.admitted += 1;
             seq.order = self.admitted;
             if seq.admitted_at.is_none() {
@@ -351,7 +436,7 @@ impl Engine {
                 continue;
             }
             let want = need.max(cap * 2).next_multiple_of(KV_ROUND).min(max);
-            let free = self.batching.kv_tokens - self.kv_used();
+            let free = self.room_for(want - cap);
             let grow_to = if want - cap <= free {
                 want
             } else if need.next_multiple_of(KV_ROUND).min(max) - cap <= free {
@@ -407,6 +492,15 @@ impl Engine {
             .batch
             .get_or_create(&self.label)
             .observe(picked.len() as f64);
+        // Prompt chunks that continue a cache computed chunk by chunk from position 0 keep it
+        // copyable (see `best_prefix`); a decode step ends that.
+        let extends: Vec<bool> = picked
+            .iter()
+            .map(|&i| {
+                let s = &self.running[i];
+                !s.decoding() && s.exact == s.fed()
+            })
+            .collect();
         let logits = {
             let mut inputs = Vec::with_capacity(picked.len());
             let mut rest = self.running.as_mut_slice();
@@ -428,6 +522,12 @@ impl Engine {
             .to_dtype(candle_core::DType::F32)?
             .to_device(&candle_core::Device::Cpu)?
             .to_vec2::<f32>()?;
+        for (&i, extends) in picked.iter().zip(extends) {
+            if extends {
+                let s = &mut self.running[i];
+                s.exact = s.fed();
+            }
+        }
         let mut leaving = Vec::new();
         for (&i, row) in picked.iter().zip(rows) {
             let s = &self.running[i];
@@ -550,8 +650,15 @@ impl Engine {
 
     /// A sequence leaves the batch: its cache is freed and the counters updated before its
     /// last event goes out, so a client that has its answer finds /status already counting it.
-    fn leave(&mut self, seq: Seq, last: Option<GenEvent>) {
-        drop(seq.cache);
+    fn leave(&mut self, mut seq: Seq, last: Option<GenEvent>) {
+        if let Some(cache) = seq.cache.take().filter(|_| seq.exact >= PREFILL_CHUNK) {
+            seq.tokens.truncate(seq.exact);
+            self.prefixes.push_front(Prefix {
+                tokens: std::mem::take(&mut seq.tokens),
+                cache,
+            });
+            self.prefixes.truncate(KEEP_PREFIXES);
+        }
         self.load
             .last_used
             .store(crate::now_secs(), Ordering::Relaxed);

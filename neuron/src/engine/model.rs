@@ -224,6 +224,23 @@ impl KvCache {
         self.len = 0;
     }
 
+    /// Takes the first `n` positions of `src` (a prefix both sequences share), replacing what
+    /// this cache holds.
+    pub fn copy_prefix(&mut self, src: &KvCache, n: usize) -> Result<()> {
+        if n > src.len || n > self.cap {
+            return Err(Error::Internal(format!(
+                "prefix of {n} tokens from a cache of {} into one of {}",
+                src.len, self.cap
+            )));
+        }
+        for ((k, v), (sk, sv)) in self.layers.iter().zip(&src.layers) {
+            k.slice_set(&sk.narrow(1, 0, n)?, 1, 0)?;
+            v.slice_set(&sv.narrow(1, 0, n)?, 1, 0)?;
+        }
+        self.len = n;
+        Ok(())
+    }
+
     /// Reallocates to hold `cap` tokens, keeping what it holds.
     pub fn grow(&mut self, model: &Model, cap: usize) -> Result<()> {
         if cap <= self.cap {
