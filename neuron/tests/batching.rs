@@ -247,9 +247,10 @@ async fn a_client_that_disconnects_leaves_the_batch_and_the_others_finish() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_shared_prompt_prefix_is_read_once_and_answers_do_not_change() {
-    let system = "You are a careful assistant for a bakery. Answer briefly, politely and only about \
+    let system =
+        "You are a careful assistant for a bakery. Answer briefly, politely and only about \
                   bread, cakes, opening hours and prices. "
-        .repeat(12);
+            .repeat(12);
     let first = format!("{system}\nQuestion: when do you open?\nAnswer:");
     let second = format!("{system}\nQuestion: do you sell rye bread?\nAnswer:");
 

@@ -144,6 +144,13 @@ fn helm_lint_and_template_pass_with_default_and_all_on_values() {
     let ds = named(&everything, "DaemonSet", "cortex-neuron");
     let spec = pod_spec(ds);
     assert_eq!(spec["runtimeClassName"], "nvidia");
+    let neuron_args = seq(&spec["containers"][0]["args"]);
+    for want in ["--max-batch=16", "--kv-cache-memory=4000000000"] {
+        assert!(
+            neuron_args.contains(&Value::from(want)),
+            "{want} missing: {neuron_args:?}"
+        );
+    }
     assert_eq!(
         spec["volumes"][0]["persistentVolumeClaim"]["claimName"],
         "cortex-models"
