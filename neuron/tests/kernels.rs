@@ -5,7 +5,13 @@ use neuron::engine::kernels::{
     self, BlockQ8, Level, QK, QType, blocks::dequantize_row, quantize, scalar,
 };
 
-const TYPES: [QType; 3] = [QType::Q4_0, QType::Q4_1, QType::Q8_0];
+const TYPES: [QType; 5] = [
+    QType::Q4_0,
+    QType::Q4_1,
+    QType::Q8_0,
+    QType::Q5_0,
+    QType::Q5_1,
+];
 
 /// xorshift64*: deterministic, no dependency.
 struct Rng(u64);
@@ -41,16 +47,18 @@ fn weights(rng: &mut Rng, qtype: QType, n: usize, k: usize, unit_scales: bool) -
         w.extend_from_slice(&d.to_le_bytes());
         let payload = match qtype {
             QType::Q4_0 => 16,
-            QType::Q4_1 => {
+            QType::Q4_1 | QType::Q5_1 => {
                 let m = if unit_scales {
                     ONE_F16
                 } else {
                     rng.scale() | ((rng.byte() as u16 & 1) << 15)
                 };
                 w.extend_from_slice(&m.to_le_bytes());
-                16
+                if qtype == QType::Q5_1 { 20 } else { 16 }
             }
             QType::Q8_0 => 32,
+            // 4 bytes of high bits, 16 of nibbles.
+            QType::Q5_0 => 20,
         };
         // Q8_0 weights never hold -128 (llama.cpp quantizes to ±127); the SIMD sign trick relies
         // on it.

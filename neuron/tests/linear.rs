@@ -20,7 +20,7 @@ fn check_model(name: &str) {
         let info = &ct.tensor_infos[&tname];
         let ours = matches!(
             info.ggml_dtype,
-            GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0
+            GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_0
         );
         // One layer's projections and the embeddings are enough to cover every type and shape.
         if !ours
@@ -81,4 +81,52 @@ fn smollm2_projections_match_dequantized_weights() {
 #[test]
 fn gemma3_projections_of_our_types_match_dequantized_weights() {
     check_model(common::GEMMA3);
+}
+
+/// A row's product must not depend on the rows it is batched with: that is what keeps greedy
+/// output the same alone and in a batch. Every projection type of both models, ours and
+/// candle's (Gemma's Q6_K among them), one row alone against the same row among seven others.
+#[test]
+fn a_row_gets_the_same_product_alone_and_in_a_batch() {
+    for name in [common::SMOLLM2, common::GEMMA3] {
+        let path = common::model_path(name);
+        let mut f = BufReader::new(File::open(&path).unwrap());
+        let ct = gguf_file::Content::read(&mut f).unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut names: Vec<_> = ct.tensor_infos.keys().cloned().collect();
+        names.sort();
+        for tname in names {
+            let info = &ct.tensor_infos[&tname];
+            if info.shape.rank() != 2 || !tname.starts_with("blk.") {
+                continue;
+            }
+            if !seen.insert(format!("{:?}", info.ggml_dtype)) {
+                continue;
+            }
+            let q = ct.tensor(&mut f, &tname, &Device::Cpu).unwrap();
+            let k = q.shape().dims2().unwrap().1;
+            let lin = Linear::from_qtensor(q).unwrap();
+            let batch = Tensor::randn(0f32, 1.0, (8, k), &Device::Cpu).unwrap();
+            let together = lin.forward(&batch).unwrap();
+            for i in [0, 5] {
+                let alone = lin.forward(&batch.narrow(0, i, 1).unwrap()).unwrap();
+                let a = alone.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let b = together.get(i).unwrap().to_vec1::<f32>().unwrap();
+                assert!(
+                    a == b,
+                    "{name} {tname} ({:?}): row {i} alone differs from the same row in a batch of 8",
+                    info.ggml_dtype
+                );
+            }
+        }
+        eprintln!("{name}: types checked {seen:?}");
+        let want: &[&str] = if name == common::GEMMA3 {
+            &["Q4K", "Q5_0", "Q6K", "Q8_0"]
+        } else {
+            &["Q4_1"]
+        };
+        for t in want {
+            assert!(seen.contains(*t), "{name}: no {t} projection in {seen:?}");
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! A projection `y = x · Wᵀ` of quantized GGUF weights: our kernels for the types they cover on
-//! the CPU, candle's `QMatMul` for everything else (K-quants, f16, GPU tensors).
+//! the CPU (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), candle's `QMatMul` for everything else (K-quants,
+//! whose x86 kernels in candle 0.11 are repacked AVX-512 tiles, f16, GPU tensors).
 
 use std::borrow::Cow;
 
@@ -42,7 +43,28 @@ enum Inner {
         n: usize,
         k: usize,
     },
-    Candle(QMatMul),
+    Candle {
+        mm: QMatMul,
+        /// Run one-row products as two identical rows (see [`Linear::forward`]).
+        pad_single_row: bool,
+    },
+}
+
+/// candle 0.11 multiplies a CPU Q6_K matrix by one activation row with its compact GEMV and by
+/// several rows with its repacked tiles; the two round differently, so a sequence decoded alone
+/// and the same sequence decoded in a batch drift apart after a few dozen tokens. Giving the one
+/// row a twin keeps every product on the tiled kernel: a row's result no longer depends on
+/// what else is in the batch (`neuron/tests/batching.rs` checks it on Gemma 3).
+fn pads_single_row(t: &QTensor) -> bool {
+    t.device().is_cpu() && t.dtype() == GgmlDType::Q6K
+}
+
+fn candle(t: QTensor) -> Result<Linear> {
+    let pad_single_row = pads_single_row(&t);
+    Ok(Linear(Inner::Candle {
+        mm: QMatMul::from_qtensor(t)?,
+        pad_single_row,
+    }))
 }
 
 impl Linear {
@@ -55,16 +77,21 @@ impl Linear {
     pub fn new(t: QTensor, matmul: Matmul) -> Result<Self> {
         match matmul {
             Matmul::Own => {}
-            Matmul::Candle => return Ok(Linear(Inner::Candle(QMatMul::from_qtensor(t)?))),
+            Matmul::Candle => return candle(t),
             Matmul::F32 => {
                 let w = t.dequantize(&t.device())?;
-                return Ok(Linear(Inner::Candle(QMatMul::Tensor(w))));
+                return Ok(Linear(Inner::Candle {
+                    mm: QMatMul::Tensor(w),
+                    pad_single_row: false,
+                }));
             }
         }
         let qtype = match t.dtype() {
             GgmlDType::Q4_0 => Some(QType::Q4_0),
             GgmlDType::Q4_1 => Some(QType::Q4_1),
             GgmlDType::Q8_0 => Some(QType::Q8_0),
+            GgmlDType::Q5_0 => Some(QType::Q5_0),
+            GgmlDType::Q5_1 => Some(QType::Q5_1),
             _ => None,
         };
         if let (Some(qtype), true, Ok((n, k))) = (qtype, t.device().is_cpu(), t.shape().dims2()) {
@@ -73,7 +100,7 @@ impl Linear {
                 return Ok(Linear(Inner::Own { qtype, bytes, n, k }));
             }
         }
-        Ok(Linear(Inner::Candle(QMatMul::from_qtensor(t)?)))
+        candle(t)
     }
 
     /// Whether our kernels run this projection (for tests and logs).
@@ -84,7 +111,19 @@ impl Linear {
     /// `x`: f32 (.., k) → f32 (.., n).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (qtype, bytes, n, k) = match &self.0 {
-            Inner::Candle(mm) => return Ok(mm.forward(x)?),
+            Inner::Candle { mm, pad_single_row } => {
+                let k = x.dims().last().copied().unwrap_or(0);
+                if *pad_single_row && k > 0 && x.elem_count() == k {
+                    let twins = x.reshape((1, k))?.broadcast_as((2, k))?.contiguous()?;
+                    let y = mm.forward(&twins)?.narrow(0, 0, 1)?;
+                    let mut shape = x.dims().to_vec();
+                    if let Some(last) = shape.last_mut() {
+                        *last = y.dim(1)?;
+                    }
+                    return Ok(y.reshape(shape)?);
+                }
+                return Ok(mm.forward(x)?);
+            }
             Inner::Own { qtype, bytes, n, k } => (*qtype, bytes, *n, *k),
         };
         let dims = x.dims();

@@ -76,6 +76,27 @@ unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
     }
 }
 
+/// 32 bits (little-endian u32 at `p`) to 32 bytes: byte j is 0xff where bit j is set, else 0.
+#[inline(always)]
+unsafe fn bytes_from_bits(p: *const u8) -> __m256i {
+    // SAFETY: the callers enable AVX2 and pass 4 readable bytes.
+    unsafe {
+        let bits = p.cast::<u32>().read_unaligned() as i32;
+        // Byte j takes source byte j / 8, then every bit but (j % 8) is forced to one.
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits),
+            _mm256_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+                0x0101_0101_0101_0101,
+                0,
+            ),
+        );
+        let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+        _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1))
+    }
+}
+
 #[inline(always)]
 unsafe fn hsum(v: __m256) -> f32 {
     // SAFETY: the callers enable AVX2.
@@ -90,6 +111,8 @@ unsafe fn hsum(v: __m256) -> f32 {
 const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
 const Q8_0: u8 = 2;
+const Q5_0: u8 = 3;
+const Q5_1: u8 = 4;
 
 /// Monomorphises on the weight type so the block loop carries no type dispatch.
 #[inline(always)]
@@ -105,11 +128,14 @@ unsafe fn dot_n<const R: usize, const VNNI: bool>(
             QType::Q4_0 => dot_t::<R, VNNI, Q4_0>(row, acts, out),
             QType::Q4_1 => dot_t::<R, VNNI, Q4_1>(row, acts, out),
             QType::Q8_0 => dot_t::<R, VNNI, Q8_0>(row, acts, out),
+            QType::Q5_0 => dot_t::<R, VNNI, Q5_0>(row, acts, out),
+            QType::Q5_1 => dot_t::<R, VNNI, Q5_1>(row, acts, out),
         }
     }
 }
 
-/// Running sums for one chain of blocks: a vector of scaled integer sums and Q4_1's min term.
+/// Running sums for one chain of blocks: a vector of scaled integer sums and the min term of
+/// Q4_1 and Q5_1.
 #[derive(Clone, Copy)]
 struct Acc<const R: usize> {
     v: [__m256; R],
@@ -125,6 +151,8 @@ unsafe fn dot_t<const R: usize, const VNNI: bool, const T: u8>(
     let bb = match T {
         Q4_0 => QType::Q4_0.block_bytes(),
         Q4_1 => QType::Q4_1.block_bytes(),
+        Q5_0 => QType::Q5_0.block_bytes(),
+        Q5_1 => QType::Q5_1.block_bytes(),
         _ => QType::Q8_0.block_bytes(),
     };
     let nb = row.len() / bb;
@@ -165,8 +193,13 @@ unsafe fn block<const R: usize, const VNNI: bool, const T: u8>(
 ) {
     // SAFETY: the caller enables AVX2 and passes in-bounds blocks.
     unsafe {
-        if T == Q4_1 {
-            let qx = unpack_nibbles(wb.add(4));
+        if T == Q4_1 || T == Q5_1 {
+            let qx = if T == Q4_1 {
+                unpack_nibbles(wb.add(4))
+            } else {
+                let high = _mm256_and_si256(bytes_from_bits(wb.add(4)), _mm256_set1_epi8(0x10));
+                _mm256_or_si256(unpack_nibbles(wb.add(8)), high)
+            };
             let d = half(wb);
             let m = half(wb.add(2));
             for r in 0..R {
@@ -180,9 +213,13 @@ unsafe fn block<const R: usize, const VNNI: bool, const T: u8>(
         } else {
             // Signed weights: make them unsigned for the u8×i8 product and move their sign onto
             // the activations (exact while no byte is -128: GGUF Q8_0 and our activations stay
-            // within ±127).
+            // within ±127; Q4_0 and Q5_0 within -16..15).
             let qx = if T == Q4_0 {
                 _mm256_sub_epi8(unpack_nibbles(wb.add(2)), _mm256_set1_epi8(8))
+            } else if T == Q5_0 {
+                // q | h << 4 minus 16 is q where h is set, else q - 16 = q | 0xf0 (as i8).
+                let low = _mm256_andnot_si256(bytes_from_bits(wb.add(2)), _mm256_set1_epi8(-16));
+                _mm256_or_si256(unpack_nibbles(wb.add(6)), low)
             } else {
                 _mm256_loadu_si256(wb.add(2).cast())
             };

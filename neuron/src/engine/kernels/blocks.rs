@@ -17,6 +17,11 @@ pub enum QType {
     Q4_1,
     /// f16 scale `d`, 32 signed bytes: `w = d * q`.
     Q8_0,
+    /// f16 scale `d`, 32 high bits (u32, bit j for weight j), 16 bytes of nibbles:
+    /// `w = d * ((q | h << 4) - 16)`, nibbles ordered as in Q4_0.
+    Q5_0,
+    /// f16 scale `d`, f16 minimum `m`, 32 high bits, 16 bytes of nibbles: `w = d * (q | h << 4) + m`.
+    Q5_1,
 }
 
 impl QType {
@@ -26,6 +31,8 @@ impl QType {
             QType::Q4_0 => 18,
             QType::Q4_1 => 20,
             QType::Q8_0 => 34,
+            QType::Q5_0 => 22,
+            QType::Q5_1 => 24,
         }
     }
 
@@ -36,7 +43,7 @@ impl QType {
 }
 
 /// One block of 32 activations quantized to 8 bits: `x ≈ d * q`. `s` is `d * Σq`, which Q4_1's
-/// minimum multiplies (llama.cpp's Q8_1 carries the same sum).
+/// and Q5_1's minimum multiplies (llama.cpp's Q8_1 carries the same sum).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 #[repr(C, align(8))]
 pub struct BlockQ8 {
@@ -60,6 +67,18 @@ pub fn f16_to_f32(h: u16) -> f32 {
         31 => f32::from_bits(sign | 0x7f80_0000 | (man << 13)),
         _ => f32::from_bits(sign | ((exp + 112) << 23) | (man << 13)),
     }
+}
+
+/// Weight `j` (0..32) of a Q5 block's payload (`qh` then `qs`) as an unsigned 5-bit value.
+#[inline]
+pub fn five_bits(payload: &[u8], j: usize) -> u8 {
+    let qh = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+    let nibble = if j < 16 {
+        payload[4 + j] & 0xf
+    } else {
+        payload[4 + j - 16] >> 4
+    };
+    nibble | (((qh >> j) & 1) as u8) << 4
 }
 
 #[inline]
@@ -89,6 +108,17 @@ pub fn dequantize_row(qtype: QType, row: &[u8], out: &mut [f32]) {
             QType::Q8_0 => {
                 for j in 0..QK {
                     o[j] = d * blk[2 + j] as i8 as f32;
+                }
+            }
+            QType::Q5_0 => {
+                for (j, w) in o.iter_mut().enumerate() {
+                    *w = d * (five_bits(&blk[2..], j) as f32 - 16.0);
+                }
+            }
+            QType::Q5_1 => {
+                let m = read_f16(blk, 2);
+                for (j, w) in o.iter_mut().enumerate() {
+                    *w = d * five_bits(&blk[4..], j) as f32 + m;
                 }
             }
         }

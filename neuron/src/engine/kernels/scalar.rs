@@ -1,7 +1,7 @@
 //! Portable dot products of one weight row with Q8 activation rows: the fallback on CPUs
 //! without the SIMD paths, and the reference the SIMD paths must match.
 
-use super::blocks::{BlockQ8, QType, read_f16};
+use super::blocks::{BlockQ8, QType, five_bits, read_f16};
 
 /// `out[r] = row · acts[r]` for every activation row.
 pub fn dot_rows(qtype: QType, row: &[u8], acts: &[&[BlockQ8]], out: &mut [f32]) {
@@ -36,6 +36,15 @@ pub fn dot(qtype: QType, row: &[u8], a: &[BlockQ8]) -> f32 {
             QType::Q8_0 => (0..32)
                 .map(|j| w[2 + j] as i8 as i32 * a.qs[j] as i32)
                 .sum(),
+            QType::Q5_0 => (0..32)
+                .map(|j| (five_bits(&w[2..], j) as i32 - 16) * a.qs[j] as i32)
+                .sum(),
+            QType::Q5_1 => {
+                min_sum += read_f16(w, 2) * a.s;
+                (0..32)
+                    .map(|j| five_bits(&w[4..], j) as i32 * a.qs[j] as i32)
+                    .sum()
+            }
         };
         sum += isum as f32 * (d * a.d);
     }
