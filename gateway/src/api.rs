@@ -51,8 +51,9 @@ fn anthropic_error_of(e: Error) -> Response {
     res
 }
 
+/// Installed only when keys are configured (an open gateway pays nothing for it).
 async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if !st.key_hashes.is_empty() && req.uri().path() != "/healthz" {
+    if req.uri().path() != "/healthz" {
         let h = req.headers();
         let given = h
             .get(header::AUTHORIZATION)
@@ -331,7 +332,7 @@ pub async fn serve(
 }
 
 pub fn router(st: Arc<AppState>) -> Router {
-    Router::new()
+    let app = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
@@ -339,7 +340,11 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/cortex/fleet", get(fleet))
         .route("/healthz", get(|| async { "ok" }))
-        .fallback(not_found)
-        .layer(middleware::from_fn_with_state(st.clone(), auth))
-        .with_state(st)
+        .fallback(not_found);
+    let app = if st.key_hashes.is_empty() {
+        app
+    } else {
+        app.layer(middleware::from_fn_with_state(st.clone(), auth))
+    };
+    app.with_state(st)
 }
