@@ -26,3 +26,4 @@ pub mod kubernetes;
 pub mod metrics;
 pub mod proxy;
 pub mod static_mode;
+pub mod upstream;
