@@ -25,5 +25,6 @@ pub mod fleet;
 pub mod kubernetes;
 pub mod metrics;
 pub mod proxy;
+pub mod request;
 pub mod static_mode;
 pub mod upstream;

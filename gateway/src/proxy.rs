@@ -166,11 +166,17 @@ impl Call {
     }
 }
 
+/// A JSON value as a request body.
+pub fn json_body(v: &serde_json::Value) -> Bytes {
+    Bytes::from(serde_json::to_vec(v).expect("a JSON value always serializes"))
+}
+
+/// Sends `body` (the neuron's JSON request, as it goes on the wire) to a neuron holding `p`.
 pub async fn forward(
     fleet: Arc<Fleet>,
     p: Placement,
     path: &'static str,
-    body: Value,
+    body: Bytes,
     stream: bool,
     call: Call,
 ) -> Response {
@@ -187,7 +193,7 @@ pub async fn send(
     fleet: &Arc<Fleet>,
     p: &Placement,
     path: &str,
-    body: &Value,
+    body: &Bytes,
     call: &Call,
 ) -> Result<Response, Error> {
     let dialect = call.dialect;
@@ -217,7 +223,8 @@ pub async fn send(
         let res = tokio::time::timeout(
             fleet.request_timeout,
             n.request(&fleet.http, reqwest::Method::POST, path)
-                .json(body)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone())
                 .send(),
         )
         .await
@@ -402,7 +409,7 @@ fn stream_while_loading(
     fleet: Arc<Fleet>,
     p: Placement,
     path: &'static str,
-    body: Value,
+    body: Bytes,
     call: Call,
 ) -> Response {
     channel_stream(|mut tx| async move {
