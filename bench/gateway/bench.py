@@ -125,10 +125,43 @@ def tree(pid):
     return pids
 
 
+def end_to_end(a, d, procs):
+    """Direct and through the gateway on a real neuron, at concurrency 1 and 4."""
+    p_n, p_gw2, p_gw2_m = free_port(), free_port(), free_port()
+    neuron = subprocess.Popen([a.neuron, "--listen", f"127.0.0.1:{p_n}", "--model-dirs", a.model_dir, "--device", "cpu"],
+                              env={**os.environ, "RUST_LOG": "warn"})
+    procs.append(neuron)
+    wait_http(f"http://127.0.0.1:{p_n}/healthz")
+    (d / "real.toml").write_text(
+        f'[gateway]\nlisten = "127.0.0.1:{p_gw2}"\nmetrics_listen = "127.0.0.1:{p_gw2_m}"\nmodels = "real-models.toml"\n'
+        f'[[neurons]]\nname = "real"\nendpoint = "http://127.0.0.1:{p_n}"\n')
+    (d / "real-models.toml").write_text(
+        f'[[placements]]\nname = "smollm2"\npinned = true\nmodel = {{ uri = "file://{a.model_dir}/SmolLM2-135M-Instruct.Q4_1.gguf" }}\n')
+    gw2 = subprocess.Popen([a.gateway, "serve", "--config", str(d / "real.toml")], env={**os.environ, "RUST_LOG": "warn"})
+    procs.append(gw2)
+    wait_http(f"http://127.0.0.1:{p_gw2}/healthz")
+    deadline = time.time() + 60
+    while time.time() < deadline and '"state":"ready"' not in urllib.request.urlopen(f"http://127.0.0.1:{p_gw2}/v1/models").read().decode():
+        time.sleep(0.2)
+    real = []
+    body = {"model": "smollm2", "max_tokens": 16, "temperature": 0, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    for c in (1, 4):
+        base = None
+        for name, url in (("direct", f"http://127.0.0.1:{p_n}"), ("cortex", f"http://127.0.0.1:{p_gw2}")):
+            req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"})
+            urllib.request.urlopen(req, timeout=60).read()  # warm-up: one whole answer
+            r = wrk(url + "/v1/chat/completions", body, c, max(a.seconds, 10))
+            base = base or r
+            real.append((c, name, r, base))
+
+    return real
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gateway", required=True)
-    ap.add_argument("--neuron", required=True)
+    ap.add_argument("--neuron", help="the neuron binary for the end-to-end run; without it that run is skipped")
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--litellm")
     ap.add_argument("--seconds", type=int, default=5)
@@ -199,33 +232,7 @@ def main():
                     base = base or r
                     rows.append((("stream" if stream else "json"), c, name, r, base))
         # End to end on a real neuron (SmolLM2, 16 tokens per answer): the gateway's share of a real request.
-        p_n, p_gw2, p_gw2_m = free_port(), free_port(), free_port()
-        neuron = subprocess.Popen([a.neuron, "--listen", f"127.0.0.1:{p_n}", "--model-dirs", a.model_dir, "--device", "cpu"],
-                                  env={**os.environ, "RUST_LOG": "warn"})
-        procs.append(neuron)
-        wait_http(f"http://127.0.0.1:{p_n}/healthz")
-        (d / "real.toml").write_text(
-            f'[gateway]\nlisten = "127.0.0.1:{p_gw2}"\nmetrics_listen = "127.0.0.1:{p_gw2_m}"\nmodels = "real-models.toml"\n'
-            f'[[neurons]]\nname = "real"\nendpoint = "http://127.0.0.1:{p_n}"\n')
-        (d / "real-models.toml").write_text(
-            f'[[placements]]\nname = "smollm2"\npinned = true\nmodel = {{ uri = "file://{a.model_dir}/SmolLM2-135M-Instruct.Q4_1.gguf" }}\n')
-        gw2 = subprocess.Popen([a.gateway, "serve", "--config", str(d / "real.toml")], env={**os.environ, "RUST_LOG": "warn"})
-        procs.append(gw2)
-        wait_http(f"http://127.0.0.1:{p_gw2}/healthz")
-        deadline = time.time() + 60
-        while time.time() < deadline and '"state":"ready"' not in urllib.request.urlopen(f"http://127.0.0.1:{p_gw2}/v1/models").read().decode():
-            time.sleep(0.2)
-        real = []
-        body = {"model": "smollm2", "max_tokens": 16, "temperature": 0, "ignore_eos": True,
-                "messages": [{"role": "user", "content": "What is the capital of France?"}]}
-        for c in (1, 4):
-            base = None
-            for name, url in (("direct", f"http://127.0.0.1:{p_n}"), ("cortex", f"http://127.0.0.1:{p_gw2}")):
-                req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"})
-                urllib.request.urlopen(req, timeout=60).read()  # warm-up: one whole answer
-                r = wrk(url + "/v1/chat/completions", body, c, max(a.seconds, 10))
-                base = base or r
-                real.append((c, name, r, base))
+        real = end_to_end(a, d, procs) if a.neuron else []
 
         print(f"\n{a.seconds} s per cell; wrk on core 1, proxies and the fake backend on core 0; added = vs direct")
         print(f"{'mode':7}{'c':>4}  {'target':8}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}{'req/s':>10}{'vs direct':>10}  CPU µs/req")
@@ -239,6 +246,8 @@ def main():
                 cpu += f" ({r['cpu_us'] / nginx_cpu[(mode, c)]:.1f}× nginx)"
             print(f"{mode:7}{c:>4}  {name:8}{r['p50']:9.3f}{r['p99']:9.3f}{r['p50'] - base['p50']:9.3f}{r['p99'] - base['p99']:9.3f}"
                   f"{r['rps']:10.0f}{r['rps'] / base['rps']:10.2f}  {cpu}")
+        if not real:
+            return
         print("\nend to end on a real neuron (SmolLM2 Q4_1, CPU, 16 generated tokens per request)")
         print(f"{'c':>4}  {'target':8}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'req/s':>8}{'vs direct':>10}")
         for c, name, r, base in real:

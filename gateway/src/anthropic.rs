@@ -379,7 +379,7 @@ pub fn sse(event: &Event) -> bytes::Bytes {
 pub fn stream(
     fleet: std::sync::Arc<crate::fleet::Fleet>,
     p: crate::config::Placement,
-    body: Value,
+    body: bytes::Bytes,
     model: String,
 ) -> axum::response::Response {
     use futures::{SinkExt, StreamExt};

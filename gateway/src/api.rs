@@ -15,8 +15,11 @@ use bytes::Bytes;
 use cortex_core::neuron::ModelState;
 use serde_json::{Value, json};
 
+use crate::config::Placement;
 use crate::error::Error;
 use crate::fleet::Fleet;
+use crate::proxy::Call;
+use crate::request::RequestHead;
 
 pub struct AppState {
     pub fleet: Arc<Fleet>,
@@ -51,8 +54,9 @@ fn anthropic_error_of(e: Error) -> Response {
     res
 }
 
+/// Installed only when keys are configured (an open gateway pays nothing for it).
 async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if !st.key_hashes.is_empty() && req.uri().path() != "/healthz" {
+    if req.uri().path() != "/healthz" {
         let h = req.headers();
         let given = h
             .get(header::AUTHORIZATION)
@@ -109,20 +113,21 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
-/// Parses the body enough to route it; the neuron validates the rest and answers in OpenAI's shape.
+/// Reads the body enough to route it; the neuron validates the rest and answers in OpenAI's shape.
 /// A stream always asks the neuron for usage (to count tokens); the gateway drops that chunk again
-/// when the client did not ask for it.
-fn route(
-    st: &AppState,
-    body: &Bytes,
-) -> Result<(crate::config::Placement, Value, bool, crate::proxy::Call), Error> {
-    let mut call = crate::proxy::Call::new("openai");
-    let mut v: Value = serde_json::from_slice(body).map_err(|e| Error::InvalidRequest {
-        message: format!("request body is not valid JSON: {e}"),
+/// when the client did not ask for it. The client's bytes go to the neuron as they came unless
+/// something in them must change.
+fn route(st: &AppState, body: &Bytes) -> Result<(Placement, Bytes, bool, Call), Error> {
+    let head: RequestHead = serde_json::from_slice(body).map_err(|e| Error::InvalidRequest {
+        message: match e.classify() {
+            serde_json::error::Category::Data => format!("request body must be a JSON object: {e}"),
+            _ => format!("request body is not valid JSON: {e}"),
+        },
         param: None,
     })?;
-    let model = v
-        .get("model")
+    let model = head
+        .model
+        .as_ref()
         .and_then(Value::as_str)
         .ok_or(Error::InvalidRequest {
             message: "model is required; list models with GET /v1/models".into(),
@@ -132,31 +137,70 @@ fn route(
         .fleet
         .placement(model)
         .ok_or_else(|| Error::ModelNotFound(model.to_string()))?;
-    if p.name != model {
+    let mut call = Call::new("openai");
+    let renamed = p.name != model;
+    if renamed {
         call.rename(&p.name, model);
     }
-    let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    if stream {
-        let asked = v["stream_options"]["include_usage"].as_bool() == Some(true);
-        if !asked {
-            match v.get_mut("stream_options").and_then(Value::as_object_mut) {
-                Some(o) => {
-                    o.insert("include_usage".into(), json!(true));
-                }
-                None => v["stream_options"] = json!({"include_usage": true}),
+    let stream = head.stream.as_ref().and_then(Value::as_bool) == Some(true);
+    let asked = head
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        == Some(true);
+    call.strip_usage = stream && !asked;
+    let body = match (renamed, call.strip_usage) {
+        (false, false) => body.clone(),
+        (false, true) if head.stream_options.is_none() => ask_usage(body),
+        _ => rewrite(body, &p.name, call.strip_usage)?,
+    };
+    Ok((p, body, stream, call))
+}
+
+/// `body` (a JSON object without `stream_options`) asking for a usage chunk, spliced in
+/// rather than parsed and written again.
+fn ask_usage(body: &Bytes) -> Bytes {
+    const FIELD: &[u8] = br#""stream_options":{"include_usage":true},"#;
+    // The object has a `model`, so a field after the spliced one keeps the JSON valid.
+    let open = body.iter().position(|&c| c == b'{').map_or(0, |i| i + 1);
+    let mut out = Vec::with_capacity(body.len() + FIELD.len());
+    out.extend_from_slice(&body[..open]);
+    out.extend_from_slice(FIELD);
+    out.extend_from_slice(&body[open..]);
+    Bytes::from(out)
+}
+
+/// `body` naming the model as the neuron knows it, and asking for usage when `usage`.
+fn rewrite(body: &Bytes, model: &str, usage: bool) -> Result<Bytes, Error> {
+    let mut v: Value = serde_json::from_slice(body).map_err(|e| Error::InvalidRequest {
+        message: format!("request body is not valid JSON: {e}"),
+        param: None,
+    })?;
+    if usage {
+        match v.get_mut("stream_options").and_then(Value::as_object_mut) {
+            Some(o) => {
+                o.insert("include_usage".into(), json!(true));
             }
-            call.strip_usage = true;
+            None => v["stream_options"] = json!({"include_usage": true}),
         }
     }
-    v["model"] = json!(p.name);
-    Ok((p, v, stream, call))
+    v["model"] = json!(model);
+    Ok(crate::proxy::json_body(&v))
 }
 
 async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     match route(&st, &body) {
-        Ok((p, v, stream, call)) => {
-            crate::proxy::forward(st.fleet.clone(), p, "/v1/chat/completions", v, stream, call)
-                .await
+        Ok((p, body, stream, call)) => {
+            crate::proxy::forward(
+                st.fleet.clone(),
+                p,
+                "/v1/chat/completions",
+                body,
+                stream,
+                call,
+            )
+            .await
         }
         Err(e) => error_response(e),
     }
@@ -164,8 +208,8 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
 
 async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     match route(&st, &body) {
-        Ok((p, v, stream, call)) => {
-            crate::proxy::forward(st.fleet.clone(), p, "/v1/completions", v, stream, call).await
+        Ok((p, body, stream, call)) => {
+            crate::proxy::forward(st.fleet.clone(), p, "/v1/completions", body, stream, call).await
         }
         Err(e) => error_response(e),
     }
@@ -175,7 +219,7 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
 fn route_anthropic(
     st: &AppState,
     req: &cortex_core::anthropic::MessagesRequest,
-) -> Result<(crate::config::Placement, Value), Error> {
+) -> Result<(Placement, Value), Error> {
     let p = st
         .fleet
         .placement(&req.model)
@@ -189,18 +233,12 @@ fn route_anthropic(
 /// back as its status and body.
 async fn ask_neuron(
     st: &AppState,
-    p: &crate::config::Placement,
+    p: &Placement,
     path: &str,
     body: &Value,
 ) -> Result<(axum::http::StatusCode, Bytes), Error> {
-    let resp = crate::proxy::send(
-        &st.fleet,
-        p,
-        path,
-        body,
-        &crate::proxy::Call::new("anthropic"),
-    )
-    .await?;
+    let body = crate::proxy::json_body(body);
+    let resp = crate::proxy::send(&st.fleet, p, path, &body, &Call::new("anthropic")).await?;
     let status = resp.status();
     let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
         .await
@@ -224,7 +262,8 @@ async fn messages(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
         Err(e) => return anthropic_error_of(e),
     };
     if req.stream == Some(true) {
-        return crate::anthropic::stream(st.fleet.clone(), p, oa, req.model);
+        let body = crate::proxy::json_body(&oa);
+        return crate::anthropic::stream(st.fleet.clone(), p, body, req.model);
     }
     let (status, bytes) = match ask_neuron(&st, &p, "/v1/chat/completions", &oa).await {
         Ok(r) => r,
@@ -331,7 +370,7 @@ pub async fn serve(
 }
 
 pub fn router(st: Arc<AppState>) -> Router {
-    Router::new()
+    let app = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
@@ -339,7 +378,11 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/cortex/fleet", get(fleet))
         .route("/healthz", get(|| async { "ok" }))
-        .fallback(not_found)
-        .layer(middleware::from_fn_with_state(st.clone(), auth))
-        .with_state(st)
+        .fallback(not_found);
+    let app = if st.key_hashes.is_empty() {
+        app
+    } else {
+        app.layer(middleware::from_fn_with_state(st.clone(), auth))
+    };
+    app.with_state(st)
 }

@@ -121,6 +121,8 @@ pub struct Fleet {
     catalogue: RwLock<Arc<Catalogue>>,
     backend: Box<dyn Backend>,
     pub http: reqwest::Client,
+    /// Where proxied requests go through (`http` for the neurons it cannot reach directly).
+    pub upstream: crate::upstream::Upstream,
     pub load_timeout: Duration,
     /// Longest wait for a neuron's answer to start.
     pub request_timeout: Duration,
@@ -133,14 +135,16 @@ pub struct Fleet {
 impl Fleet {
     /// An empty fleet with `gw`'s timeouts, filled and served by `backend`.
     pub fn new(gw: &GatewayConfig, backend: impl Backend + 'static) -> Arc<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .expect("building the HTTP client");
         Arc::new(Fleet {
             neurons: RwLock::default(),
             catalogue: RwLock::default(),
             backend: Box::new(backend),
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .build()
-                .expect("building the HTTP client"),
+            upstream: crate::upstream::Upstream::new(http.clone()),
+            http,
             load_timeout: Duration::from_secs(gw.load_timeout_secs),
             request_timeout: Duration::from_secs(gw.request_timeout_secs),
             stream_idle_timeout: Duration::from_secs(gw.stream_idle_timeout_secs),

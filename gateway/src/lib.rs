@@ -25,4 +25,7 @@ pub mod fleet;
 pub mod kubernetes;
 pub mod metrics;
 pub mod proxy;
+pub mod relay;
+pub mod request;
 pub mod static_mode;
+pub mod upstream;

@@ -3,9 +3,13 @@
 //! units in the names; label values are bounded: placement names, neuron names (from the config or
 //! the Neuron objects), the dialect (`openai`, `anthropic`) and the status class.
 
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
+
+use axum::http::StatusCode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -66,6 +70,85 @@ pub struct Metrics {
     pub evictions: Family<ModelLabels, Counter>,
     pub defrag_moves: Counter,
     pub neuron_up: Family<RouteLabelsNeuron, Gauge>,
+    /// The handles of each route's series, by model.
+    routes: RwLock<HashMap<String, Vec<Arc<RouteMetrics>>>>,
+}
+
+/// The handles of one route's series (model, neuron, dialect), looked up once and then reused:
+/// `Family::get_or_create` builds and hashes a label set of fresh `String`s and takes the
+/// family's lock, which on every request and every streamed chunk was a good part of the
+/// gateway's CPU per request. The handles share their values with the families, so the
+/// exposition is the same.
+pub struct RouteMetrics {
+    pub labels: RouteLabels,
+    pub in_flight: Gauge,
+    pub e2e: Histogram,
+    pub queue_time: Histogram,
+    ttfb: Series<Histogram, fn() -> Histogram>,
+    itl: Series<Histogram, fn() -> Histogram>,
+    prompt_tokens: Series<Counter, fn() -> Counter>,
+    generation_tokens: Series<Counter, fn() -> Counter>,
+    requests: Family<RequestLabels, Counter>,
+    /// The requests counters of status classes 1xx to 5xx.
+    by_class: [OnceLock<Counter>; 5],
+}
+
+/// A route's series in a family, made on first use, so that a series shows up only once it has
+/// a value (as with `get_or_create` at the point of use): a JSON route has no inter-token series.
+struct Series<M, C> {
+    family: Family<RouteLabels, M, C>,
+    handle: OnceLock<M>,
+}
+
+impl<M: Clone, C: MetricConstructor<M> + Clone> Series<M, C> {
+    fn new(family: &Family<RouteLabels, M, C>) -> Self {
+        Series {
+            family: family.clone(),
+            handle: OnceLock::new(),
+        }
+    }
+
+    fn get(&self, labels: &RouteLabels) -> &M {
+        self.handle
+            .get_or_init(|| self.family.get_or_create(labels).clone())
+    }
+}
+
+impl RouteMetrics {
+    pub fn ttfb(&self) -> &Histogram {
+        self.ttfb.get(&self.labels)
+    }
+
+    pub fn itl(&self) -> &Histogram {
+        self.itl.get(&self.labels)
+    }
+
+    pub fn prompt_tokens(&self) -> &Counter {
+        self.prompt_tokens.get(&self.labels)
+    }
+
+    pub fn generation_tokens(&self) -> &Counter {
+        self.generation_tokens.get(&self.labels)
+    }
+
+    /// Counts a request answered with `status`.
+    pub fn request(&self, status: StatusCode) {
+        let class = status.as_u16() / 100;
+        let make = || {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    model: self.labels.model.clone(),
+                    neuron: self.labels.neuron.clone(),
+                    dialect: self.labels.dialect.clone(),
+                    status_class: format!("{class}xx"),
+                })
+                .clone()
+        };
+        match self.by_class.get(usize::from(class).wrapping_sub(1)) {
+            Some(c) => c.get_or_init(make).inc(),
+            None => make().inc(),
+        };
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -96,6 +179,7 @@ impl Metrics {
             evictions: Family::default(),
             defrag_moves: Counter::default(),
             neuron_up: Family::default(),
+            routes: RwLock::default(),
         };
         let mut r = Registry::default();
         r.register(
@@ -164,6 +248,50 @@ impl Metrics {
             m.neuron_up.clone(),
         );
         Metrics { registry: r, ..m }
+    }
+
+    /// The series of requests for `model` sent to `neuron` in `dialect`.
+    pub fn route(&self, model: &str, neuron: &str, dialect: &str) -> Arc<RouteMetrics> {
+        let find = |routes: &[Arc<RouteMetrics>]| {
+            routes
+                .iter()
+                .find(|r| r.labels.neuron == neuron && r.labels.dialect == dialect)
+                .cloned()
+        };
+        let known = self.routes.read().expect("routes lock");
+        if let Some(r) = known.get(model).and_then(|v| find(v)) {
+            return r;
+        }
+        drop(known);
+        let mut routes = self.routes.write().expect("routes lock");
+        let of_model = routes.entry(model.to_string()).or_default();
+        if let Some(r) = find(of_model) {
+            return r;
+        }
+        let labels = RouteLabels {
+            model: model.into(),
+            neuron: neuron.into(),
+            dialect: dialect.into(),
+        };
+        let r = Arc::new(RouteMetrics {
+            in_flight: self
+                .in_flight
+                .get_or_create(&ModelLabels {
+                    model: model.into(),
+                })
+                .clone(),
+            e2e: self.e2e.get_or_create(&labels).clone(),
+            queue_time: self.queue_time.get_or_create(&labels).clone(),
+            ttfb: Series::new(&self.ttfb),
+            itl: Series::new(&self.itl),
+            prompt_tokens: Series::new(&self.prompt_tokens),
+            generation_tokens: Series::new(&self.generation_tokens),
+            requests: self.requests.clone(),
+            by_class: Default::default(),
+            labels,
+        });
+        of_model.push(r.clone());
+        r
     }
 
     pub fn encode(&self) -> String {

@@ -1,0 +1,305 @@
+//! A neuron's answer relayed to the client as a streaming body, frame by frame as hyper hands
+//! them over: no channel, no task, no copy of a chunk unless it must change. Each chunk counts
+//! for time-to-first-token and inter-token latency; the usage the neuron reports counts the
+//! request's tokens, and a usage event the client did not ask for is dropped; answers name the
+//! model as the client did. A neuron that fails or stays silent past the idle bound mid-stream
+//! ends an SSE answer with an error event in OpenAI's shape and `[DONE]`, so the caller never
+//! hangs.
+//!
+//! An SSE event split over two chunks is held back until its end arrives (found with `memchr`),
+//! so an event is inspected, dropped or rewritten whole.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::LazyLock;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use memchr::memmem::Finder;
+use tokio::time::Sleep;
+
+use crate::error::Error;
+use crate::proxy::{Call, RequestGuard};
+use crate::upstream::UpstreamBody;
+
+static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\":{"));
+static PROMPT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"prompt_tokens\":"));
+static COMPLETION: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b"\"completion_tokens\":"));
+static EVENT_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
+static DATA: LazyLock<memchr::memmem::FinderRev<'static>> =
+    LazyLock::new(|| memchr::memmem::FinderRev::new(b"data: "));
+
+/// `"model":"<id>"` → `"model":"<client's name>"` (both as serde writes them) in the neuron's
+/// answers, when the neuron knows the model by another id than the client sent.
+pub struct Rename {
+    from: Finder<'static>,
+    to: Vec<u8>,
+}
+
+impl Rename {
+    pub fn new(neuron: &str, client: &str) -> Self {
+        let field = |name: &str| {
+            format!("\"model\":{}", serde_json::Value::String(name.into())).into_bytes()
+        };
+        Rename {
+            from: Finder::new(&field(neuron)).into_owned(),
+            to: field(client),
+        }
+    }
+
+    fn apply(&self, b: Bytes) -> Bytes {
+        let from = self.from.needle();
+        let Some(first) = self.from.find(&b) else {
+            return b;
+        };
+        let mut out = Vec::with_capacity(b.len() + self.to.len());
+        out.extend_from_slice(&b[..first]);
+        out.extend_from_slice(&self.to);
+        let mut rest = &b[first + from.len()..];
+        while let Some(i) = self.from.find(rest) {
+            out.extend_from_slice(&rest[..i]);
+            out.extend_from_slice(&self.to);
+            rest = &rest[i + from.len()..];
+        }
+        out.extend_from_slice(rest);
+        Bytes::from(out)
+    }
+}
+
+/// The relayed answer: an [`http_body::Body`] over the neuron's.
+pub struct Relay {
+    body: UpstreamBody,
+    guard: RequestGuard,
+    sse: bool,
+    call: Call,
+    idle: Duration,
+    /// When the last chunk came (or the relay started): the idle bound counts from here.
+    last: Instant,
+    /// Armed the first time the neuron makes us wait; moved on only when it fires early, so a
+    /// chunk costs no timer work.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// The start of an SSE event whose end has not arrived yet.
+    partial: BytesMut,
+    done: bool,
+}
+
+impl Relay {
+    pub fn new(
+        body: UpstreamBody,
+        guard: RequestGuard,
+        sse: bool,
+        idle: Duration,
+        call: Call,
+    ) -> Self {
+        Relay {
+            body,
+            guard,
+            sse,
+            call,
+            idle,
+            last: Instant::now(),
+            timer: None,
+            partial: BytesMut::new(),
+            done: false,
+        }
+    }
+
+    /// Whether the relay passes the neuron's bytes through unchanged, length included.
+    fn verbatim(&self) -> bool {
+        !self.sse && self.call.rename.is_none()
+    }
+
+    /// Counts the tokens of the usage object in `b`, if it has one, and says where it starts.
+    fn count_usage(&self, b: &[u8]) -> Option<usize> {
+        let at = USAGE.find(b)?;
+        let u = &b[at..];
+        if let (Some(prompt), Some(completion)) =
+            (number_after(u, &PROMPT), number_after(u, &COMPLETION))
+        {
+            self.guard.tokens(prompt, completion);
+        }
+        Some(at)
+    }
+
+    /// Counts the usage in `b` (whole events, or a JSON answer), drops the usage event the client
+    /// did not ask for, renames the model.
+    fn inspect(&self, mut b: Bytes) -> Bytes {
+        if let Some(at) = self.count_usage(&b)
+            && self.sse
+            && self.call.strip_usage
+        {
+            // The usage event is `data: {…"choices":[],"usage":{…}}\n\n`, alone in its event.
+            let start = DATA.rfind(&b[..at]).unwrap_or(0);
+            let end = EVENT_END.find(&b[at..]).map_or(b.len(), |i| at + i + 2);
+            b = if start == 0 && end == b.len() {
+                Bytes::new()
+            } else {
+                let mut out = BytesMut::with_capacity(b.len() - (end - start));
+                out.extend_from_slice(&b[..start]);
+                out.extend_from_slice(&b[end..]);
+                out.freeze()
+            };
+        }
+        match &self.call.rename {
+            Some(r) => r.apply(b),
+            None => b,
+        }
+    }
+
+    /// The whole events of `b` (and of what came before it), ready to inspect; the tail of an
+    /// unfinished event waits in `partial`.
+    fn whole_events(&mut self, b: Bytes) -> Option<Bytes> {
+        if self.partial.is_empty() && b.ends_with(b"\n\n") {
+            return Some(b);
+        }
+        self.partial.extend_from_slice(&b);
+        let end = last_event_end(&self.partial)?;
+        Some(self.partial.split_to(end).freeze())
+    }
+
+    /// Ends the answer after a failure: an error event and `[DONE]` for SSE (an unfinished event
+    /// before it is dropped: no client could read it), a broken body otherwise.
+    fn fail(&mut self, why: String) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.done = true;
+        tracing::warn!(neuron = %self.guard.neuron_name(), error = %why, "stream cut");
+        if !self.sse {
+            return Poll::Ready(Some(Err(std::io::Error::other(why))));
+        }
+        let err = Error::Upstream(why).openai_body();
+        let mut out = b"data: ".to_vec();
+        out.extend_from_slice(&serde_json::to_vec(&err).unwrap_or_default());
+        out.extend_from_slice(b"\n\ndata: [DONE]\n\n");
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))))
+    }
+}
+
+impl Body for Relay {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let me = self.get_mut();
+        if me.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            match Pin::new(&mut me.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(b) = frame.into_data() else {
+                        continue; // trailers: not passed on
+                    };
+                    me.last = me.guard.chunk(me.sse);
+                    if me.verbatim() {
+                        me.count_usage(&b);
+                        return Poll::Ready(Some(Ok(Frame::data(b))));
+                    }
+                    let whole = if me.sse { me.whole_events(b) } else { Some(b) };
+                    match whole.map(|b| me.inspect(b)) {
+                        Some(b) if !b.is_empty() => return Poll::Ready(Some(Ok(Frame::data(b)))),
+                        _ => continue,
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    let why = format!("neuron {} failed mid-answer: {e}", me.guard.neuron_name());
+                    return me.fail(why);
+                }
+                Poll::Ready(None) => {
+                    me.done = true;
+                    if me.partial.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    let rest = std::mem::take(&mut me.partial).freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(me.inspect(rest)))));
+                }
+                Poll::Pending => break,
+            }
+        }
+        loop {
+            let deadline = (me.last + me.idle).into();
+            let timer = me
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if me.last.elapsed() >= me.idle {
+                break;
+            }
+            // Chunks came since the timer was set: wait from the last one.
+            timer.as_mut().reset(deadline);
+        }
+        let why = format!(
+            "neuron {} sent nothing for {} s mid-answer",
+            me.guard.neuron_name(),
+            me.idle.as_secs()
+        );
+        me.fail(why)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.verbatim() {
+            self.body.size_hint()
+        } else {
+            SizeHint::default()
+        }
+    }
+}
+
+/// Just past the last `\n\n` in `b`.
+fn last_event_end(b: &[u8]) -> Option<usize> {
+    memchr::memmem::rfind(b, b"\n\n").map(|i| i + 2)
+}
+
+/// The number after `key` (`"name":`) in `b`.
+fn number_after(b: &[u8], key: &Finder<'_>) -> Option<u64> {
+    let i = key.find(b)? + key.needle().len();
+    let digits = b[i..].iter().skip_while(|c| **c == b' ');
+    let mut n: u64 = 0;
+    let mut any = false;
+    for c in digits.take_while(|c| c.is_ascii_digit()) {
+        n = n.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+        any = true;
+    }
+    any.then_some(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rename_replaces_every_model_field() {
+        let r = Rename::new("smollm2", "smol");
+        let out = r.apply(Bytes::from_static(
+            b"data: {\"model\":\"smollm2\",\"x\":1}\n\ndata: {\"model\":\"smollm2\"}\n\n",
+        ));
+        assert_eq!(
+            &out[..],
+            b"data: {\"model\":\"smol\",\"x\":1}\n\ndata: {\"model\":\"smol\"}\n\n"
+        );
+    }
+
+    #[test]
+    fn numbers_are_read_after_their_key() {
+        let u = b"\"usage\":{\"prompt_tokens\": 12,\"completion_tokens\":8}";
+        assert_eq!(number_after(u, &PROMPT), Some(12));
+        assert_eq!(number_after(u, &COMPLETION), Some(8));
+        assert_eq!(number_after(b"\"prompt_tokens\":x", &PROMPT), None);
+    }
+
+    #[test]
+    fn an_event_split_over_chunks_ends_at_its_blank_line() {
+        assert_eq!(last_event_end(b"data: a\n\ndata: b"), Some(9));
+        assert_eq!(last_event_end(b"data: b"), None);
+    }
+}
