@@ -78,3 +78,19 @@ impl Error {
         }
     }
 }
+
+/// An error with its causes, `outer: inner: …` ("error sending request …: connection refused";
+/// hyper's own message alone says only "client error"); a cause already in the text is not
+/// repeated.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out = format!("{out}: {text}");
+        }
+        src = s.source();
+    }
+    out
+}

@@ -30,6 +30,8 @@ use reqwest::{Method, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use cortex_gateway::error::with_causes;
+
 /// `cortex probe` flags.
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("target").required(true).args(["neuron", "gateway"])))]
@@ -177,7 +179,7 @@ impl Server {
         let res = rb.send().await.map_err(|e| ProbeError::Unreachable {
             what: self.what,
             url: url.to_string(),
-            cause: causes(&e),
+            cause: with_causes(&e),
             hint: self.hint(),
         })?;
         if res.status().is_success() {
@@ -212,7 +214,7 @@ impl Server {
         let text = res.text().await.map_err(|e| ProbeError::Unreachable {
             what: self.what,
             url: url.to_string(),
-            cause: causes(&e),
+            cause: with_causes(&e),
             hint: self.hint(),
         })?;
         let v = serde_json::from_str(&text).map_err(|e| ProbeError::Answered {
@@ -227,20 +229,6 @@ impl Server {
         })?;
         Ok(v)
     }
-}
-
-/// A reqwest error with its causes ("error sending request …: connection refused").
-fn causes(e: &reqwest::Error) -> String {
-    let mut out = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out = format!("{out}: {text}");
-        }
-        src = s.source();
-    }
-    out
 }
 
 /// The message of an OpenAI-shaped error body, or the body itself.
@@ -571,7 +559,7 @@ async fn stream_answer(server: &Server, url: &str, req: &ChatCompletionRequest) 
                 "the stream ended before [DONE]; the server's log says why".into(),
             ));
         };
-        let bytes = bytes.map_err(|e| broke(causes(&e)))?;
+        let bytes = bytes.map_err(|e| broke(with_causes(&e)))?;
         buf.extend(bytes.iter().filter(|&&b| b != b'\r'));
         while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
             let event: Vec<u8> = buf.drain(..end + 2).collect();

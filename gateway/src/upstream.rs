@@ -16,6 +16,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::error::with_causes;
 use crate::fleet::Neuron;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -71,7 +72,7 @@ impl Upstream {
                     })?;
                     req.headers_mut().insert(header::AUTHORIZATION, v);
                 }
-                let res = client.request(req).await.map_err(|e| chain(&e))?;
+                let res = client.request(req).await.map_err(|e| with_causes(&e))?;
                 Ok(res.map(UpstreamBody::Direct))
             }
             _ => {
@@ -81,7 +82,7 @@ impl Upstream {
                     .body(body)
                     .send()
                     .await
-                    .map_err(|e| chain(&e))?;
+                    .map_err(|e| with_causes(&e))?;
                 Ok(http::Response::from(res).map(UpstreamBody::Reqwest))
             }
         }
@@ -93,21 +94,6 @@ fn proxy_in_env() -> bool {
     ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"]
         .iter()
         .any(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()))
-}
-
-/// An error and its causes, `outer: inner: …` (hyper's own message alone says only "client error").
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let msg = s.to_string();
-        if !out.ends_with(&msg) {
-            out.push_str(": ");
-            out.push_str(&msg);
-        }
-        src = s.source();
-    }
-    out
 }
 
 /// A neuron's answer body, from whichever client fetched it.

@@ -43,11 +43,7 @@ enum Inner {
         n: usize,
         k: usize,
     },
-    Candle {
-        mm: QMatMul,
-        /// Run one-row products as two identical rows (see [`Linear::forward`]).
-        pad_single_row: bool,
-    },
+    Candle(QMatMul),
 }
 
 /// candle 0.11 multiplies a CPU Q6_K matrix by one activation row with its compact GEMV and by
@@ -55,16 +51,8 @@ enum Inner {
 /// and the same sequence decoded in a batch drift apart after a few dozen tokens. Giving the one
 /// row a twin keeps every product on the tiled kernel: a row's result no longer depends on
 /// what else is in the batch (`neuron/tests/batching.rs` checks it on Gemma 3).
-fn pads_single_row(t: &QTensor) -> bool {
-    t.device().is_cpu() && t.dtype() == GgmlDType::Q6K
-}
-
-fn candle(t: QTensor) -> Result<Linear> {
-    let pad_single_row = pads_single_row(&t);
-    Ok(Linear(Inner::Candle {
-        mm: QMatMul::from_qtensor(t)?,
-        pad_single_row,
-    }))
+fn pads_single_row(mm: &QMatMul) -> bool {
+    matches!(mm, QMatMul::QTensor(t) if t.device().is_cpu() && t.dtype() == GgmlDType::Q6K)
 }
 
 impl Linear {
@@ -77,13 +65,10 @@ impl Linear {
     pub fn new(t: QTensor, matmul: Matmul) -> Result<Self> {
         match matmul {
             Matmul::Own => {}
-            Matmul::Candle => return candle(t),
+            Matmul::Candle => return Ok(Linear(Inner::Candle(QMatMul::from_qtensor(t)?))),
             Matmul::F32 => {
                 let w = t.dequantize(&t.device())?;
-                return Ok(Linear(Inner::Candle {
-                    mm: QMatMul::Tensor(w),
-                    pad_single_row: false,
-                }));
+                return Ok(Linear(Inner::Candle(QMatMul::Tensor(w))));
             }
         }
         let qtype = match t.dtype() {
@@ -100,7 +85,7 @@ impl Linear {
                 return Ok(Linear(Inner::Own { qtype, bytes, n, k }));
             }
         }
-        candle(t)
+        Ok(Linear(Inner::Candle(QMatMul::from_qtensor(t)?)))
     }
 
     /// Whether our kernels run this projection (for tests and logs).
@@ -111,9 +96,9 @@ impl Linear {
     /// `x`: f32 (.., k) → f32 (.., n).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (qtype, bytes, n, k) = match &self.0 {
-            Inner::Candle { mm, pad_single_row } => {
+            Inner::Candle(mm) => {
                 let k = x.dims().last().copied().unwrap_or(0);
-                if *pad_single_row && k > 0 && x.elem_count() == k {
+                if k > 0 && x.elem_count() == k && pads_single_row(mm) {
                     let twins = x.reshape((1, k))?.broadcast_as((2, k))?.contiguous()?;
                     let y = mm.forward(&twins)?.narrow(0, 0, 1)?;
                     let mut shape = x.dims().to_vec();
