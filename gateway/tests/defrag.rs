@@ -68,11 +68,24 @@ async fn defrag_consolidates_models_to_free_a_whole_neuron() {
         assert!(Instant::now() < deadline, "not consolidated: {cat:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let metrics = fleet.metrics().await;
-    assert!(
-        metrics.contains("cortex_gateway_defrag_moves_total 1"),
-        "{metrics}"
-    );
+    // The move is counted once the old copy's unload has been answered, which can come a moment
+    // after the catalogue already shows the model gone from there.
+    let counted_by = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = fleet.metrics().await;
+        let moves = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("cortex_gateway_defrag_moves_total "))
+            .map(str::to_string);
+        if moves.as_deref() == Some("1") {
+            break;
+        }
+        assert!(
+            Instant::now() < counted_by && moves.as_deref() == Some("0"),
+            "one move expected, metric says {moves:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Stable afterwards: a later cycle has nothing to move.
     let together = holders(&fleet.catalogue().await, "gemma3");
     assert!(together == smol_on || together == gemma_on);
