@@ -24,22 +24,25 @@ fn time(mut f: impl FnMut(), iters: usize) -> f64 {
 fn main() {
     let dev = Device::Cpu;
     let smollm2 = [(576, 576), (1536, 576), (576, 1536), (49152, 576)];
-    // Q6_K rows are 256-weight superblocks: Gemma 3 270M's ffn_down and a square one.
-    let q6k = [(640, 2048), (2048, 2048)];
+    // K-quant rows are 256-weight superblocks: Gemma 3 270M's attn_output (Q4_K) and ffn_down
+    // (Q6_K), and a square one.
+    let kquant = [(640, 1024), (640, 2048), (2048, 2048)];
     for dtype in [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q5_0,
         GgmlDType::Q5_1,
         GgmlDType::Q8_0,
-        // Candle's kernel on both sides; "ours" runs one row as two (see linear.rs).
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
         GgmlDType::Q6K,
     ] {
-        let shapes: &[(usize, usize)] = if dtype == GgmlDType::Q6K {
-            &q6k
-        } else {
-            &smollm2
-        };
+        let shapes: &[(usize, usize)] =
+            if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K) {
+                &kquant
+            } else {
+                &smollm2
+            };
         for &(n, k) in shapes {
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();

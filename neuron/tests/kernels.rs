@@ -2,16 +2,25 @@
 //! one, on random blocks of odd shapes.
 
 use neuron::engine::kernels::{
-    self, BlockQ8, Level, QK, QType, blocks::dequantize_row, quantize, scalar,
+    self, BlockQ8, Level, QK, QType,
+    blocks::{QK_K, dequantize_row},
+    quantize, scalar,
 };
 
-const TYPES: [QType; 5] = [
+const TYPES: [QType; 8] = [
     QType::Q4_0,
     QType::Q4_1,
     QType::Q8_0,
     QType::Q5_0,
     QType::Q5_1,
+    QType::Q4K,
+    QType::Q5K,
+    QType::Q6K,
 ];
+
+fn is_k(qtype: QType) -> bool {
+    qtype.block_weights() == QK_K
+}
 
 /// xorshift64*: deterministic, no dependency.
 struct Rng(u64);
@@ -41,6 +50,9 @@ const ONE_F16: u16 = 0x3c00;
 
 /// `n` rows of `k` random weights; `unit_scales` sets d = 1 (and Q4_1's m = 1).
 fn weights(rng: &mut Rng, qtype: QType, n: usize, k: usize, unit_scales: bool) -> Vec<u8> {
+    if is_k(qtype) {
+        return k_weights(rng, qtype, n, k, unit_scales);
+    }
     let mut w = Vec::with_capacity(n * qtype.row_bytes(k));
     for _ in 0..n * k / QK {
         let d = if unit_scales { ONE_F16 } else { rng.scale() };
@@ -59,6 +71,7 @@ fn weights(rng: &mut Rng, qtype: QType, n: usize, k: usize, unit_scales: bool) -
             QType::Q8_0 => 32,
             // 4 bytes of high bits, 16 of nibbles.
             QType::Q5_0 => 20,
+            QType::Q4K | QType::Q5K | QType::Q6K => unreachable!("k_weights"),
         };
         // Q8_0 weights never hold -128 (llama.cpp quantizes to ±127); the SIMD sign trick relies
         // on it.
@@ -68,6 +81,48 @@ fn weights(rng: &mut Rng, qtype: QType, n: usize, k: usize, unit_scales: bool) -
         }));
     }
     w
+}
+
+/// K-quant super-blocks: random quants, f16 `d` (and `dmin`) where the layout has them; with
+/// `unit_scales`, d = dmin = 1 and every sub-block scale (and min) within ±3 so integer sums stay
+/// exact in f32.
+fn k_weights(rng: &mut Rng, qtype: QType, n: usize, k: usize, unit_scales: bool) -> Vec<u8> {
+    let bb = qtype.block_bytes();
+    let mut w = Vec::with_capacity(n * qtype.row_bytes(k));
+    for _ in 0..n * k / QK_K {
+        let mut b: Vec<u8> = (0..bb).map(|_| rng.byte()).collect();
+        let f16_at = |b: &mut Vec<u8>, at: usize, rng: &mut Rng| {
+            let v = if unit_scales { ONE_F16 } else { rng.scale() };
+            b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        };
+        if qtype == QType::Q6K {
+            f16_at(&mut b, 208, rng);
+            if unit_scales {
+                for s in &mut b[192..208] {
+                    *s = ((*s % 7) as i8 - 3) as u8;
+                }
+            }
+        } else {
+            f16_at(&mut b, 0, rng);
+            f16_at(&mut b, 2, rng);
+            if unit_scales {
+                for s in &mut b[4..16] {
+                    *s &= 0x03;
+                }
+            }
+        }
+        w.extend_from_slice(&b);
+    }
+    w
+}
+
+/// `SHAPES` with k rounded up to whole super-blocks for the K-quants.
+fn shapes(qtype: QType) -> Vec<(usize, usize, usize)> {
+    let bw = qtype.block_weights();
+    SHAPES
+        .iter()
+        .map(|&(n, k, m)| (n, k.div_ceil(bw) * bw, m))
+        .collect()
 }
 
 fn floats(rng: &mut Rng, len: usize) -> Vec<f32> {
@@ -100,7 +155,7 @@ const SHAPES: [(usize, usize, usize); 8] = [
 fn matmul_matches_f32_reference_within_activation_rounding() {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     for qtype in TYPES {
-        for (n, k, m) in SHAPES {
+        for (n, k, m) in shapes(qtype) {
             let w = weights(&mut rng, qtype, n, k, false);
             let x = floats(&mut rng, m * k);
             let mut y = vec![f32::NAN; m * n];
@@ -173,8 +228,9 @@ fn unit_acts(rng: &mut Rng, nb: usize) -> Vec<BlockQ8> {
 fn simd_dot_products_equal_portable_integer_sums() {
     let mut rng = Rng(42);
     for qtype in TYPES {
-        for nb in [1, 2, 5, 18] {
-            let k = nb * QK;
+        for blocks in [1, 2, 5, 18] {
+            let k = blocks * qtype.block_weights();
+            let nb = k / QK;
             let w = weights(&mut rng, qtype, 1, k, true);
             for rows in 1..=9 {
                 let acts: Vec<Vec<BlockQ8>> = (0..rows).map(|_| unit_acts(&mut rng, nb)).collect();
@@ -195,7 +251,7 @@ fn simd_dot_products_equal_portable_integer_sums() {
 fn simd_matmul_matches_portable_on_random_scales() {
     let mut rng = Rng(99);
     for qtype in TYPES {
-        for (n, k, m) in SHAPES {
+        for (n, k, m) in shapes(qtype) {
             let w = weights(&mut rng, qtype, n, k, false);
             let x = floats(&mut rng, m * k);
             let mut y = vec![0f32; m * n];
@@ -222,6 +278,49 @@ fn simd_matmul_matches_portable_on_random_scales() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// Our reading of every block layout against candle's (which follows ggml's): the reference the
+/// kernels are tested against must itself be right.
+#[test]
+fn dequantize_matches_candle() {
+    use candle_core::quantized::{GgmlDType, ggml_file::qtensor_from_ggml};
+    let mut rng = Rng(5);
+    for qtype in TYPES {
+        let dtype = match qtype {
+            QType::Q4_0 => GgmlDType::Q4_0,
+            QType::Q4_1 => GgmlDType::Q4_1,
+            QType::Q8_0 => GgmlDType::Q8_0,
+            QType::Q5_0 => GgmlDType::Q5_0,
+            QType::Q5_1 => GgmlDType::Q5_1,
+            QType::Q4K => GgmlDType::Q4K,
+            QType::Q5K => GgmlDType::Q5K,
+            QType::Q6K => GgmlDType::Q6K,
+        };
+        let (n, k) = (3, 512);
+        let w = weights(&mut rng, qtype, n, k, false);
+        let want = qtensor_from_ggml(dtype, &w, vec![n, k], &candle_core::Device::Cpu)
+            .unwrap()
+            .dequantize(&candle_core::Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let mut got = vec![0f32; n * k];
+        for (row, out) in w
+            .chunks_exact(qtype.row_bytes(k))
+            .zip(got.chunks_exact_mut(k))
+        {
+            dequantize_row(qtype, row, out);
+        }
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                "{qtype:?} weight {i}: ours {g}, candle {w}"
+            );
         }
     }
 }

@@ -20,7 +20,14 @@ fn check_model(name: &str) {
         let info = &ct.tensor_infos[&tname];
         let ours = matches!(
             info.ggml_dtype,
-            GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_0
+            GgmlDType::Q4_0
+                | GgmlDType::Q4_1
+                | GgmlDType::Q5_0
+                | GgmlDType::Q5_1
+                | GgmlDType::Q8_0
+                | GgmlDType::Q4K
+                | GgmlDType::Q5K
+                | GgmlDType::Q6K
         );
         // One layer's projections and the embeddings are enough to cover every type and shape.
         if !ours

@@ -1,6 +1,6 @@
 //! A projection `y = x · Wᵀ` of quantized GGUF weights: our kernels for the types they cover on
-//! the CPU (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), candle's `QMatMul` for everything else (K-quants,
-//! whose x86 kernels in candle 0.11 are repacked AVX-512 tiles, f16, GPU tensors).
+//! the CPU (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), candle's `QMatMul` for everything
+//! else (Q2_K, Q3_K, Q8_K, f16, GPU tensors).
 
 use std::borrow::Cow;
 
@@ -50,7 +50,8 @@ enum Inner {
 /// several rows with its repacked tiles; the two round differently, so a sequence decoded alone
 /// and the same sequence decoded in a batch drift apart after a few dozen tokens. Giving the one
 /// row a twin keeps every product on the tiled kernel: a row's result no longer depends on
-/// what else is in the batch (`neuron/tests/batching.rs` checks it on Gemma 3).
+/// what else is in the batch. Our own Q6_K kernel has no such split; this matters where candle
+/// runs Q6_K on the CPU (`CORTEX_KERNELS=candle`).
 fn pads_single_row(mm: &QMatMul) -> bool {
     matches!(mm, QMatMul::QTensor(t) if t.device().is_cpu() && t.dtype() == GgmlDType::Q6K)
 }
@@ -77,6 +78,9 @@ impl Linear {
             GgmlDType::Q8_0 => Some(QType::Q8_0),
             GgmlDType::Q5_0 => Some(QType::Q5_0),
             GgmlDType::Q5_1 => Some(QType::Q5_1),
+            GgmlDType::Q4K => Some(QType::Q4K),
+            GgmlDType::Q5K => Some(QType::Q5K),
+            GgmlDType::Q6K => Some(QType::Q6K),
             _ => None,
         };
         if let (Some(qtype), true, Ok((n, k))) = (qtype, t.device().is_cpu(), t.shape().dims2()) {

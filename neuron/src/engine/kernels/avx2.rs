@@ -113,6 +113,9 @@ const Q4_1: u8 = 1;
 const Q8_0: u8 = 2;
 const Q5_0: u8 = 3;
 const Q5_1: u8 = 4;
+const Q4K: u8 = 5;
+const Q5K: u8 = 6;
+const Q6K: u8 = 7;
 
 /// Monomorphises on the weight type so the block loop carries no type dispatch.
 #[inline(always)]
@@ -130,6 +133,11 @@ unsafe fn dot_n<const R: usize, const VNNI: bool>(
             QType::Q8_0 => dot_t::<R, VNNI, Q8_0>(row, acts, out),
             QType::Q5_0 => dot_t::<R, VNNI, Q5_0>(row, acts, out),
             QType::Q5_1 => dot_t::<R, VNNI, Q5_1>(row, acts, out),
+            // Per-16 scales multiply the 16-bit pair sums (`madd` with the scales instead of
+            // ones), so VNNI's fused product has nothing to add here.
+            QType::Q4K => dot_k::<R, Q4K>(row, acts, out),
+            QType::Q5K => dot_k::<R, Q5K>(row, acts, out),
+            QType::Q6K => dot_k::<R, Q6K>(row, acts, out),
         }
     }
 }
@@ -153,7 +161,8 @@ unsafe fn dot_t<const R: usize, const VNNI: bool, const T: u8>(
         Q4_1 => QType::Q4_1.block_bytes(),
         Q5_0 => QType::Q5_0.block_bytes(),
         Q5_1 => QType::Q5_1.block_bytes(),
-        _ => QType::Q8_0.block_bytes(),
+        Q8_0 => QType::Q8_0.block_bytes(),
+        _ => unreachable!("K-quants go through dot_k"),
     };
     let nb = row.len() / bb;
     assert!(acts.len() == R && out.len() >= R && acts.iter().all(|a| a.len() >= nb));
@@ -232,6 +241,121 @@ unsafe fn block<const R: usize, const VNNI: bool, const T: u8>(
                 acc.v[r] =
                     _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * ab.d), acc.v[r]);
             }
+        }
+    }
+}
+
+/// K-quant rows: each 32-weight sub-block of a super-block meets one Q8 block; the integer pair
+/// sums are weighted by the sub-block's scales in 16 bits, then scaled by `d * d_act` in f32.
+#[inline(always)]
+unsafe fn dot_k<const R: usize, const T: u8>(row: &[u8], acts: &[&[BlockQ8]], out: &mut [f32]) {
+    let bb = match T {
+        Q4K => QType::Q4K.block_bytes(),
+        Q5K => QType::Q5K.block_bytes(),
+        _ => QType::Q6K.block_bytes(),
+    };
+    let nsb = row.len() / bb;
+    assert!(acts.len() == R && out.len() >= R && acts.iter().all(|a| a.len() >= nsb * 8));
+    let a: [*const BlockQ8; R] = std::array::from_fn(|r| acts[r].as_ptr());
+    // SAFETY: the callers enable AVX2; super-block `sb` reads bytes sb*bb..(sb+1)*bb of `row`
+    // and activation blocks 8sb..8sb+8, all in bounds by the assertion.
+    unsafe {
+        let zero = Acc {
+            v: [_mm256_setzero_ps(); R],
+            min: [0f32; R],
+        };
+        let (mut even, mut odd) = (zero, zero);
+        let low4 = _mm256_set1_epi8(0x0f);
+        for sb in 0..nsb {
+            let blk = row.as_ptr().add(sb * bb);
+            let ab0 = sb * 8;
+            if T == Q6K {
+                let d = half(blk.add(208));
+                let scales = std::slice::from_raw_parts(blk.add(192).cast::<i8>(), 16);
+                let qh = [
+                    _mm256_loadu_si256(blk.add(128).cast()),
+                    _mm256_loadu_si256(blk.add(160).cast()),
+                ];
+                for t in 0..8 {
+                    let (n, u) = (t / 4, t % 4);
+                    let v = _mm256_loadu_si256(blk.add(64 * n + 32 * (u & 1)).cast());
+                    let nib = if u < 2 {
+                        _mm256_and_si256(v, low4)
+                    } else {
+                        _mm256_and_si256(_mm256_srli_epi16(v, 4), low4)
+                    };
+                    let hb = _mm256_and_si256(
+                        _mm256_srl_epi16(qh[n], _mm_cvtsi32_si128(2 * u as i32)),
+                        _mm256_set1_epi8(3),
+                    );
+                    let q = _mm256_sub_epi8(
+                        _mm256_or_si256(nib, _mm256_slli_epi16(hb, 4)),
+                        _mm256_set1_epi8(32),
+                    );
+                    let sc = _mm256_set_m128i(
+                        _mm_set1_epi16(scales[8 * n + 2 * u + 1] as i16),
+                        _mm_set1_epi16(scales[8 * n + 2 * u] as i16),
+                    );
+                    let acc = if t % 2 == 0 { &mut even } else { &mut odd };
+                    // Signed weights: as for Q8_0, their sign moves onto the activations.
+                    let ax = _mm256_sign_epi8(q, q);
+                    for r in 0..R {
+                        let ab = &*a[r].add(ab0 + t);
+                        let qy = _mm256_loadu_si256(ab.qs.as_ptr().cast());
+                        let p = _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(ax, _mm256_sign_epi8(qy, q)),
+                            sc,
+                        );
+                        acc.v[r] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(p),
+                            _mm256_set1_ps(d * ab.d),
+                            acc.v[r],
+                        );
+                    }
+                }
+            } else {
+                let (d, dmin) = (half(blk), half(blk.add(2)));
+                let packed = std::slice::from_raw_parts(blk.add(4), 12);
+                let qs = if T == Q4K { 16 } else { 48 };
+                let qh = _mm256_loadu_si256(blk.add(16).cast());
+                for j in 0..4 {
+                    let v = _mm256_loadu_si256(blk.add(qs + 32 * j).cast());
+                    let nibs = [
+                        _mm256_and_si256(v, low4),
+                        _mm256_and_si256(_mm256_srli_epi16(v, 4), low4),
+                    ];
+                    for (h, nib) in nibs.into_iter().enumerate() {
+                        let t = 2 * j + h;
+                        let q = if T == Q5K {
+                            let bit = _mm256_and_si256(
+                                _mm256_srl_epi16(qh, _mm_cvtsi32_si128(t as i32)),
+                                _mm256_set1_epi8(1),
+                            );
+                            _mm256_or_si256(nib, _mm256_slli_epi16(bit, 4))
+                        } else {
+                            nib
+                        };
+                        let (sc, m) = super::blocks::scale_min_k4(packed, t);
+                        let sc = _mm256_set1_epi16(sc as i16);
+                        let dm = dmin * m as f32;
+                        let acc = if h == 0 { &mut even } else { &mut odd };
+                        for r in 0..R {
+                            let ab = &*a[r].add(ab0 + t);
+                            let qy = _mm256_loadu_si256(ab.qs.as_ptr().cast());
+                            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, qy), sc);
+                            acc.v[r] = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(p),
+                                _mm256_set1_ps(d * ab.d),
+                                acc.v[r],
+                            );
+                            acc.min[r] += dm * ab.s;
+                        }
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            out[r] = hsum(_mm256_add_ps(even.v[r], odd.v[r])) - (even.min[r] + odd.min[r]);
         }
     }
 }

@@ -4,8 +4,12 @@
 //! Weights stay in the bytes GGUF stores (little-endian, no padding), read in place: a row of
 //! `k` weights is `k / 32` consecutive blocks.
 
-/// Weights (and activations) per block for every type here.
+/// Activations per Q8 block, and weights per block of the legacy types (Q4_0 … Q8_0). The
+/// K-quants group eight such sub-blocks into a super-block of [`QK_K`] with shared scales.
 pub const QK: usize = 32;
+
+/// Weights per K-quant super-block.
+pub const QK_K: usize = 256;
 
 /// The weight types with our own kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +26,16 @@ pub enum QType {
     Q5_0,
     /// f16 scale `d`, f16 minimum `m`, 32 high bits, 16 bytes of nibbles: `w = d * (q | h << 4) + m`.
     Q5_1,
+    /// Super-block of 256: f16 `d`, f16 `dmin`, 12 bytes of packed 6-bit scales and mins (one
+    /// pair per 32-weight sub-block), 128 bytes of nibbles (sub-blocks 2j and 2j+1 are the low
+    /// and high nibbles of bytes 32j..32j+32): `w = d * sc * q - dmin * m`.
+    Q4K,
+    /// As Q4_K with a fifth bit per weight: 32 bytes `qh` after the scales, bit t of byte l is
+    /// weight l of sub-block t.
+    Q5K,
+    /// Super-block of 256: 128 bytes of low nibbles `ql`, 64 bytes of 2-bit highs `qh`, 16 signed
+    /// scales (one per 16 weights), f16 `d` last: `w = d * sc * (q - 32)`.
+    Q6K,
 }
 
 impl QType {
@@ -33,12 +47,23 @@ impl QType {
             QType::Q8_0 => 34,
             QType::Q5_0 => 22,
             QType::Q5_1 => 24,
+            QType::Q4K => 144,
+            QType::Q5K => 176,
+            QType::Q6K => 210,
+        }
+    }
+
+    /// Weights per block: 32, or 256 for the K-quants.
+    pub const fn block_weights(self) -> usize {
+        match self {
+            QType::Q4K | QType::Q5K | QType::Q6K => QK_K,
+            _ => QK,
         }
     }
 
     /// Bytes of one row of `k` weights.
     pub const fn row_bytes(self, k: usize) -> usize {
-        k / QK * self.block_bytes()
+        k / self.block_weights() * self.block_bytes()
     }
 }
 
@@ -89,6 +114,17 @@ pub fn read_f16(b: &[u8], at: usize) -> f32 {
 /// Expands one row of weights to f32: the reference the kernels are tested against.
 pub fn dequantize_row(qtype: QType, row: &[u8], out: &mut [f32]) {
     let bb = qtype.block_bytes();
+    if qtype.block_weights() == QK_K {
+        for (blk, o) in row.chunks_exact(bb).zip(out.chunks_exact_mut(QK_K)) {
+            for (t, o) in o.chunks_exact_mut(QK).enumerate() {
+                let sub = k_sub_block(qtype, blk, t);
+                for (l, w) in o.iter_mut().enumerate() {
+                    *w = sub.scale[l / 16] * sub.q[l] as f32 - sub.min;
+                }
+            }
+        }
+        return;
+    }
     for (blk, o) in row.chunks_exact(bb).zip(out.chunks_exact_mut(QK)) {
         let d = read_f16(blk, 0);
         match qtype {
@@ -121,6 +157,88 @@ pub fn dequantize_row(qtype: QType, row: &[u8], out: &mut [f32]) {
                     *w = d * five_bits(&blk[4..], j) as f32 + m;
                 }
             }
+            QType::Q4K | QType::Q5K | QType::Q6K => unreachable!("handled above"),
         }
+    }
+}
+
+/// The 6-bit scale and min of sub-block `t` (0..8) from a Q4_K/Q5_K super-block's 12 packed
+/// bytes (ggml's `get_scale_min_k4`).
+#[inline]
+pub fn scale_min_k4(scales: &[u8], t: usize) -> (u8, u8) {
+    if t < 4 {
+        (scales[t] & 63, scales[t + 4] & 63)
+    } else {
+        (
+            (scales[t + 4] & 0xf) | ((scales[t - 4] >> 6) << 4),
+            (scales[t + 4] >> 4) | ((scales[t] >> 6) << 4),
+        )
+    }
+}
+
+/// Sub-block `t` (32 weights) of a K-quant super-block, decoded:
+/// `w[l] = scale[l / 16] * q[l] - min`.
+pub struct KSub {
+    pub q: [i8; QK],
+    /// Scale of weights 0..16 and of 16..32 (Q4_K and Q5_K use one scale for both).
+    pub scale: [f32; 2],
+    /// Integer scale per half, for exact integer sums.
+    pub isc: [i32; 2],
+    pub d: f32,
+    pub min: f32,
+}
+
+/// Decodes sub-block `t` of a K-quant super-block: the reference layout the SIMD kernels follow.
+pub fn k_sub_block(qtype: QType, blk: &[u8], t: usize) -> KSub {
+    match qtype {
+        QType::Q4K | QType::Q5K => {
+            let (d, dmin) = (read_f16(blk, 0), read_f16(blk, 2));
+            let (sc, m) = scale_min_k4(&blk[4..16], t);
+            let qs = if qtype == QType::Q4K { 16 } else { 48 };
+            let bytes = &blk[qs + 32 * (t / 2)..][..32];
+            let q = std::array::from_fn(|l| {
+                let nib = if t.is_multiple_of(2) {
+                    bytes[l] & 0xf
+                } else {
+                    bytes[l] >> 4
+                };
+                let high = if qtype == QType::Q5K {
+                    ((blk[16 + l] >> t) & 1) << 4
+                } else {
+                    0
+                };
+                (nib | high) as i8
+            });
+            KSub {
+                q,
+                scale: [d * sc as f32; 2],
+                isc: [sc as i32; 2],
+                d,
+                min: dmin * m as f32,
+            }
+        }
+        QType::Q6K => {
+            let d = read_f16(blk, 208);
+            let (n, u) = (t / 4, t % 4);
+            let ql = &blk[64 * n + 32 * (u & 1)..][..32];
+            let qh = &blk[128 + 32 * n..][..32];
+            let q = std::array::from_fn(|l| {
+                let nib = if u < 2 { ql[l] & 0xf } else { ql[l] >> 4 };
+                let high = ((qh[l] >> (2 * u)) & 3) << 4;
+                (nib | high) as i8 - 32
+            });
+            let sc = [
+                blk[192 + 8 * n + 2 * u] as i8,
+                blk[192 + 8 * n + 2 * u + 1] as i8,
+            ];
+            KSub {
+                q,
+                scale: [d * sc[0] as f32, d * sc[1] as f32],
+                isc: [sc[0] as i32, sc[1] as i32],
+                d,
+                min: 0.0,
+            }
+        }
+        _ => panic!("{qtype:?} is not a K-quant"),
     }
 }

@@ -30,7 +30,8 @@ thread_local! {
 /// # Panics
 /// If `k` is not a multiple of 32 or a slice length does not match `n`, `k`, `m`.
 pub fn matmul(qtype: QType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize, y: &mut [f32]) {
-    assert!(k.is_multiple_of(QK), "k = {k} is not a multiple of {QK}");
+    let bw = qtype.block_weights();
+    assert!(k.is_multiple_of(bw), "k = {k} is not a multiple of {bw}");
     assert_eq!(
         w.len(),
         n * qtype.row_bytes(k),

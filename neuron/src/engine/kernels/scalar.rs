@@ -1,7 +1,7 @@
 //! Portable dot products of one weight row with Q8 activation rows: the fallback on CPUs
 //! without the SIMD paths, and the reference the SIMD paths must match.
 
-use super::blocks::{BlockQ8, QType, five_bits, read_f16};
+use super::blocks::{BlockQ8, QK, QType, five_bits, k_sub_block, read_f16};
 
 /// `out[r] = row · acts[r]` for every activation row.
 pub fn dot_rows(qtype: QType, row: &[u8], acts: &[&[BlockQ8]], out: &mut [f32]) {
@@ -12,6 +12,9 @@ pub fn dot_rows(qtype: QType, row: &[u8], acts: &[&[BlockQ8]], out: &mut [f32]) 
 
 pub fn dot(qtype: QType, row: &[u8], a: &[BlockQ8]) -> f32 {
     let bb = qtype.block_bytes();
+    if qtype.block_weights() != QK {
+        return dot_k(qtype, row, a);
+    }
     let mut sum = 0f32;
     let mut min_sum = 0f32;
     for (w, a) in row.chunks_exact(bb).zip(a) {
@@ -45,8 +48,30 @@ pub fn dot(qtype: QType, row: &[u8], a: &[BlockQ8]) -> f32 {
                     .map(|j| five_bits(&w[4..], j) as i32 * a.qs[j] as i32)
                     .sum()
             }
+            QType::Q4K | QType::Q5K | QType::Q6K => unreachable!("dot_k"),
         };
         sum += isum as f32 * (d * a.d);
     }
     sum + min_sum
+}
+
+/// K-quants: every 32-weight sub-block meets one Q8 block; per half of 16 weights an integer sum
+/// times its scale, as the SIMD kernels do.
+fn dot_k(qtype: QType, row: &[u8], a: &[BlockQ8]) -> f32 {
+    let mut sum = 0f32;
+    let mut min_sum = 0f32;
+    for (blk, a8) in row.chunks_exact(qtype.block_bytes()).zip(a.chunks_exact(8)) {
+        for (t, a) in a8.iter().enumerate() {
+            let sub = k_sub_block(qtype, blk, t);
+            let half = |h: usize| -> i32 {
+                (16 * h..16 * h + 16)
+                    .map(|l| sub.q[l] as i32 * a.qs[l] as i32)
+                    .sum()
+            };
+            let isum = half(0) * sub.isc[0] + half(1) * sub.isc[1];
+            sum += isum as f32 * (sub.d * a.d);
+            min_sum += sub.min * a.s;
+        }
+    }
+    sum - min_sum
 }
