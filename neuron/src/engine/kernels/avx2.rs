@@ -97,6 +97,13 @@ unsafe fn bytes_from_bits(p: *const u8) -> __m256i {
     }
 }
 
+/// Q5 high bits (u32 at `p`) as 0x10 in the bytes whose weight has it.
+#[inline(always)]
+unsafe fn fifth_bits(p: *const u8) -> __m256i {
+    // SAFETY: the callers enable AVX2 and pass 4 readable bytes.
+    unsafe { _mm256_and_si256(bytes_from_bits(p), _mm256_set1_epi8(0x10)) }
+}
+
 #[inline(always)]
 unsafe fn hsum(v: __m256) -> f32 {
     // SAFETY: the callers enable AVX2.
@@ -202,15 +209,23 @@ unsafe fn block<const R: usize, const VNNI: bool, const T: u8>(
 ) {
     // SAFETY: the caller enables AVX2 and passes in-bounds blocks.
     unsafe {
-        if T == Q4_1 || T == Q5_1 {
-            let qx = if T == Q4_1 {
-                unpack_nibbles(wb.add(4))
-            } else {
-                let high = _mm256_and_si256(bytes_from_bits(wb.add(4)), _mm256_set1_epi8(0x10));
-                _mm256_or_si256(unpack_nibbles(wb.add(8)), high)
-            };
+        if T != Q8_0 {
+            // Unsigned quants times the activations, plus a per-block offset times the
+            // activations' sum: Q4_1/Q5_1's minimum, or -8d / -16d for Q4_0/Q5_0 (whose quants are
+            // stored with that bias), so no sign juggling is needed.
             let d = half(wb);
-            let m = half(wb.add(2));
+            let (qx, m) = match T {
+                Q4_0 => (unpack_nibbles(wb.add(2)), -8.0 * d),
+                Q5_0 => (
+                    _mm256_or_si256(unpack_nibbles(wb.add(6)), fifth_bits(wb.add(2))),
+                    -16.0 * d,
+                ),
+                Q4_1 => (unpack_nibbles(wb.add(4)), half(wb.add(2))),
+                _ => (
+                    _mm256_or_si256(unpack_nibbles(wb.add(8)), fifth_bits(wb.add(4))),
+                    half(wb.add(2)),
+                ),
+            };
             for r in 0..R {
                 let ab = &*a[r].add(b);
                 let qy = _mm256_loadu_si256(ab.qs.as_ptr().cast());
@@ -220,18 +235,10 @@ unsafe fn block<const R: usize, const VNNI: bool, const T: u8>(
                 acc.min[r] += m * ab.s;
             }
         } else {
-            // Signed weights: make them unsigned for the u8×i8 product and move their sign onto
-            // the activations (exact while no byte is -128: GGUF Q8_0 and our activations stay
-            // within ±127; Q4_0 and Q5_0 within -16..15).
-            let qx = if T == Q4_0 {
-                _mm256_sub_epi8(unpack_nibbles(wb.add(2)), _mm256_set1_epi8(8))
-            } else if T == Q5_0 {
-                // q | h << 4 minus 16 is q where h is set, else q - 16 = q | 0xf0 (as i8).
-                let low = _mm256_andnot_si256(bytes_from_bits(wb.add(2)), _mm256_set1_epi8(-16));
-                _mm256_or_si256(unpack_nibbles(wb.add(6)), low)
-            } else {
-                _mm256_loadu_si256(wb.add(2).cast())
-            };
+            // Q8_0's signed weights: make them unsigned for the u8×i8 product and move their
+            // sign onto the activations (exact while no byte is -128: GGUF Q8_0 and our
+            // activations stay within ±127).
+            let qx = _mm256_loadu_si256(wb.add(2).cast());
             let ax = _mm256_sign_epi8(qx, qx);
             let d = half(wb);
             for r in 0..R {
