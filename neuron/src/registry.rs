@@ -490,8 +490,8 @@ impl Registry {
                 }
             }
         };
-        let bytes = estimate_bytes(&content, &cfg, kv_tokens);
         let (device, device_name, free) = self.pick_device(req.device)?;
+        let bytes = estimate_bytes(&content, &cfg, kv_tokens, &device);
         self.check_memory(&req.id, &device_name, free, bytes)?;
         Ok(Prepared {
             path,

@@ -33,6 +33,21 @@ impl Matmul {
     }
 }
 
+/// The GGUF types our kernels multiply (on the CPU).
+pub fn own_qtype(dtype: GgmlDType) -> Option<QType> {
+    match dtype {
+        GgmlDType::Q4_0 => Some(QType::Q4_0),
+        GgmlDType::Q4_1 => Some(QType::Q4_1),
+        GgmlDType::Q8_0 => Some(QType::Q8_0),
+        GgmlDType::Q5_0 => Some(QType::Q5_0),
+        GgmlDType::Q5_1 => Some(QType::Q5_1),
+        GgmlDType::Q4K => Some(QType::Q4K),
+        GgmlDType::Q5K => Some(QType::Q5K),
+        GgmlDType::Q6K => Some(QType::Q6K),
+        _ => None,
+    }
+}
+
 pub struct Linear(Inner);
 
 enum Inner {
@@ -72,17 +87,7 @@ impl Linear {
                 return Ok(Linear(Inner::Candle(QMatMul::Tensor(w))));
             }
         }
-        let qtype = match t.dtype() {
-            GgmlDType::Q4_0 => Some(QType::Q4_0),
-            GgmlDType::Q4_1 => Some(QType::Q4_1),
-            GgmlDType::Q8_0 => Some(QType::Q8_0),
-            GgmlDType::Q5_0 => Some(QType::Q5_0),
-            GgmlDType::Q5_1 => Some(QType::Q5_1),
-            GgmlDType::Q4K => Some(QType::Q4K),
-            GgmlDType::Q5K => Some(QType::Q5K),
-            GgmlDType::Q6K => Some(QType::Q6K),
-            _ => None,
-        };
+        let qtype = own_qtype(t.dtype());
         if let (Some(qtype), true, Ok((n, k))) = (qtype, t.device().is_cpu(), t.shape().dims2()) {
             let bytes = t.data()?.into_owned();
             if bytes.len() == n * qtype.row_bytes(k) {
@@ -90,6 +95,45 @@ impl Linear {
             }
         }
         Ok(Linear(Inner::Candle(QMatMul::from_qtensor(t)?)))
+    }
+
+    /// Rows `ids` of the weights in f32, `(ids.len(), k)`: an embedding lookup that expands only
+    /// the rows asked for. The whole table is expanded where candle holds the weights.
+    pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        match &self.0 {
+            Inner::Own { qtype, bytes, n, k } => {
+                let rb = qtype.row_bytes(*k);
+                let mut out = vec![0f32; ids.len() * k];
+                for (&id, o) in ids.iter().zip(out.chunks_exact_mut(*k)) {
+                    let id = id as usize;
+                    if id >= *n {
+                        return Err(candle_core::Error::Msg(format!(
+                            "token id {id} is outside the embedding table of {n} rows"
+                        ))
+                        .into());
+                    }
+                    kernels::blocks::dequantize_row(*qtype, &bytes[id * rb..][..rb], o);
+                }
+                Ok(Tensor::from_vec(out, (ids.len(), *k), &Device::Cpu)?)
+            }
+            Inner::Candle(_) => Err(candle_core::Error::Msg(
+                "Linear::rows needs weights our kernels hold; use dequantize".into(),
+            )
+            .into()),
+        }
+    }
+
+    /// All the weights in f32, `(n, k)`.
+    pub fn dequantize(&self) -> Result<Tensor> {
+        Ok(match &self.0 {
+            Inner::Own { n, .. } => {
+                let ids: Vec<u32> = (0..*n as u32).collect();
+                return self.rows(&ids);
+            }
+            Inner::Candle(QMatMul::QTensor(t)) => t.dequantize(&t.device())?,
+            Inner::Candle(QMatMul::Tensor(w)) => w.clone(),
+            Inner::Candle(QMatMul::TensorF16(w)) => w.to_dtype(DType::F32)?,
+        })
     }
 
     /// Whether our kernels run this projection (for tests and logs).

@@ -8,13 +8,14 @@
 //! which is what batching needs.
 
 use std::io::{Read, Seek};
+use std::sync::Arc;
 
 use candle_core::quantized::{QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Storage, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
 use super::attention;
-use super::linear::{Linear, Matmul};
+use super::linear::{Linear, Matmul, own_qtype};
 use crate::error::{Error, Result};
 use crate::gguf::Meta;
 
@@ -265,16 +266,33 @@ pub struct SeqInput<'a> {
     pub cache: &'a mut KvCache,
 }
 
+/// Token embeddings. On the CPU, for the types our kernels read, the table stays quantized and
+/// only the rows a pass needs are expanded (Gemma 3 270M's 262k × 640 table is 178 MB as Q8_0 and
+/// 671 MB in f32); the tied output projection shares it. Elsewhere it is expanded once.
+enum Embedding {
+    Rows(Arc<Linear>),
+    Table(Tensor),
+}
+
+impl Embedding {
+    fn lookup(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        match self {
+            Embedding::Rows(l) => l.rows(ids),
+            Embedding::Table(t) => Ok(t.index_select(&Tensor::new(ids, device)?, 0)?),
+        }
+    }
+}
+
 /// The weights of a loaded model. Immutable: sequences carry their own [`KvCache`].
 pub struct Model {
     pub cfg: Config,
     /// Max positions served (the KV cache size): the requested context, at most the trained one.
     pub max_len: usize,
-    embed: Tensor,
+    embed: Embedding,
     embed_scale: Option<f64>,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    output: Linear,
+    output: Arc<Linear>,
     ropes: Vec<Rope>,
     device: Device,
 }
@@ -296,7 +314,7 @@ impl<R: Read + Seek> Loader<'_, R> {
             .tensor(self.reader, name, self.device)
             .map_err(|e| Error::Load(format!("reading tensor '{name}': {e}")))?;
         self.loaded += 1;
-        (self.progress)(self.loaded as f32 / self.ct.tensor_infos.len().max(1) as f32);
+        (self.progress)((self.loaded as f32 / self.ct.tensor_infos.len().max(1) as f32).min(1.0));
         Ok(t)
     }
 
@@ -351,10 +369,17 @@ impl Model {
         };
         let eps = cfg.rms_eps;
         let embed_q = l.get("token_embd.weight")?;
-        let embed = embed_q.dequantize(device)?;
+        let table = Arc::new(Linear::new(embed_q, Matmul::Own)?);
+        let embed = if table.is_own() {
+            Embedding::Rows(table.clone())
+        } else {
+            Embedding::Table(table.dequantize()?)
+        };
         let output = match l.opt("output.weight")? {
-            Some(t) => Linear::new(t, cfg.matmul)?,
-            None => Linear::new(embed_q, cfg.matmul)?,
+            Some(t) => Arc::new(Linear::new(t, cfg.matmul)?),
+            None if cfg.matmul == Matmul::Own => table,
+            // Tied, for a reference run on other kernels: the weights once more, as it asks.
+            None => Arc::new(Linear::new(l.get("token_embd.weight")?, cfg.matmul)?),
         };
         let norm = l.norm("output_norm.weight", eps)?;
         let factors = l
@@ -475,8 +500,7 @@ impl Model {
             positions.extend(pos as u32..(pos + t) as u32);
         }
         let total = ids.len();
-        let ids = Tensor::new(ids.as_slice(), &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
+        let mut x = self.embed.lookup(&ids, &self.device)?.unsqueeze(0)?;
         if let Some(s) = self.embed_scale {
             x = (x * s)?;
         }
@@ -765,7 +789,12 @@ fn host(s: &Storage) -> Result<&[f32]> {
 
 /// Memory a model will take, estimated from the GGUF before loading it: the tensors as stored,
 /// plus the f32 copy of the token embeddings, plus a KV cache budget of `kv_tokens` tokens.
-pub fn estimate_bytes(ct: &gguf_file::Content, cfg: &Config, kv_tokens: usize) -> u64 {
+pub fn estimate_bytes(
+    ct: &gguf_file::Content,
+    cfg: &Config,
+    kv_tokens: usize,
+    device: &Device,
+) -> u64 {
     let tensors: u64 = ct
         .tensor_infos
         .values()
@@ -774,9 +803,11 @@ pub fn estimate_bytes(ct: &gguf_file::Content, cfg: &Config, kv_tokens: usize) -
             (n / ti.ggml_dtype.block_size() * ti.ggml_dtype.type_size()) as u64
         })
         .sum();
+    // The embedding table is expanded to f32 unless our kernels read its rows (see `Embedding`).
     let embed_f32 = ct
         .tensor_infos
         .get("token_embd.weight")
+        .filter(|ti| !(device.is_cpu() && own_qtype(ti.ggml_dtype).is_some()))
         .map(|ti| ti.shape.elem_count() as u64 * 4)
         .unwrap_or(0);
     tensors + embed_f32 + cfg.kv_bytes_per_token() * kv_tokens as u64
