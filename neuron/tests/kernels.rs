@@ -170,10 +170,12 @@ fn matmul_matches_f32_reference_within_activation_rounding() {
                 for i in 0..m {
                     let xr = &x[i * k..][..k];
                     let want: f64 = wf.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum();
-                    // Rounding x to 8 bits moves each element by at most half a step (amax/254).
+                    // Rounding x to 8 bits moves each element by at most half a step (amax/254,
+                    // amax of the block, or of the super-block for the K-quants).
+                    let group = qtype.block_weights();
                     let bound: f64 = wf
-                        .chunks(QK)
-                        .zip(xr.chunks(QK))
+                        .chunks(group)
+                        .zip(xr.chunks(group))
                         .map(|(wb, xb)| {
                             let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
                             let wsum: f64 = wb.iter().map(|v| v.abs() as f64).sum();
@@ -198,11 +200,17 @@ fn matmul_matches_f32_reference_within_activation_rounding() {
 fn simd_quantization_matches_portable_exactly() {
     let mut rng = Rng(7);
     let x = floats(&mut rng, 64 * QK);
-    let mut fast = vec![BlockQ8::default(); 64];
-    let mut slow = vec![BlockQ8::default(); 64];
-    quantize::quantize_row(&x, &mut fast);
-    quantize::quantize_row_scalar(&x, &mut slow);
-    assert_eq!(fast, slow, "level {:?}", kernels::level());
+    for group in [1, 8] {
+        let mut fast = vec![BlockQ8::default(); 64];
+        let mut slow = vec![BlockQ8::default(); 64];
+        quantize::quantize_row(&x, &mut fast, group);
+        quantize::quantize_row_scalar(&x, &mut slow, group);
+        assert_eq!(fast, slow, "level {:?} group {group}", kernels::level());
+        // A group shares one scale, that of its largest magnitude.
+        for g in fast.chunks(group) {
+            assert!(g.iter().all(|b| b.d == g[0].d));
+        }
+    }
 }
 
 /// Every SIMD level this CPU runs (the tests cover the ones it has).
@@ -262,7 +270,7 @@ fn simd_matmul_matches_portable_on_random_scales() {
             for i in 0..m {
                 let xr = &x[i * k..][..k];
                 let mut a = vec![BlockQ8::default(); nb];
-                quantize::quantize_row_scalar(xr, &mut a);
+                quantize::quantize_row_scalar(xr, &mut a, qtype.block_weights() / QK);
                 for j in 0..n {
                     let row = &w[j * rb..][..rb];
                     let want = scalar::dot(qtype, row, &a);
@@ -321,6 +329,21 @@ fn dequantize_matches_candle() {
                 (g - w).abs() <= 1e-6 * w.abs().max(1.0),
                 "{qtype:?} weight {i}: ours {g}, candle {w}"
             );
+        }
+    }
+}
+
+/// The masked all-at-once reading of Q4_K/Q5_K scales and mins equals the plain one, on every
+/// byte pattern of random blocks.
+#[test]
+fn packed_k_scales_decode_alike() {
+    use neuron::engine::kernels::blocks::{scale_min_k4, scales_mins_k4};
+    let mut rng = Rng(11);
+    for _ in 0..10_000 {
+        let packed: [u8; 12] = std::array::from_fn(|_| rng.byte());
+        let (sc, mn) = scales_mins_k4(&packed);
+        for t in 0..8 {
+            assert_eq!((sc[t], mn[t]), scale_min_k4(&packed, t), "{packed:?} t={t}");
         }
     }
 }

@@ -253,7 +253,8 @@ unsafe fn block<const R: usize, const VNNI: bool, const T: u8>(
 }
 
 /// K-quant rows: each 32-weight sub-block of a super-block meets one Q8 block; the integer pair
-/// sums are weighted by the sub-block's scales in 16 bits, then scaled by `d * d_act` in f32.
+/// sums are weighted by the sub-block's scales in 16 bits and added over the super-block (its
+/// activations share one scale, see `quantize_row`), then scaled by `d * d_act` in f32 once.
 #[inline(always)]
 unsafe fn dot_k<const R: usize, const T: u8>(row: &[u8], acts: &[&[BlockQ8]], out: &mut [f32]) {
     let bb = match T {
@@ -271,11 +272,12 @@ unsafe fn dot_k<const R: usize, const T: u8>(row: &[u8], acts: &[&[BlockQ8]], ou
             v: [_mm256_setzero_ps(); R],
             min: [0f32; R],
         };
-        let (mut even, mut odd) = (zero, zero);
+        let mut acc = zero;
         let low4 = _mm256_set1_epi8(0x0f);
         for sb in 0..nsb {
             let blk = row.as_ptr().add(sb * bb);
             let ab0 = sb * 8;
+            let mut isum = [_mm256_setzero_si256(); R];
             if T == Q6K {
                 let d = half(blk.add(208));
                 let scales = std::slice::from_raw_parts(blk.add(192).cast::<i8>(), 16);
@@ -303,7 +305,6 @@ unsafe fn dot_k<const R: usize, const T: u8>(row: &[u8], acts: &[&[BlockQ8]], ou
                         _mm_set1_epi16(scales[8 * n + 2 * u + 1] as i16),
                         _mm_set1_epi16(scales[8 * n + 2 * u] as i16),
                     );
-                    let acc = if t % 2 == 0 { &mut even } else { &mut odd };
                     // Signed weights: as for Q8_0, their sign moves onto the activations.
                     let ax = _mm256_sign_epi8(q, q);
                     for r in 0..R {
@@ -313,16 +314,21 @@ unsafe fn dot_k<const R: usize, const T: u8>(row: &[u8], acts: &[&[BlockQ8]], ou
                             _mm256_maddubs_epi16(ax, _mm256_sign_epi8(qy, q)),
                             sc,
                         );
-                        acc.v[r] = _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(p),
-                            _mm256_set1_ps(d * ab.d),
-                            acc.v[r],
-                        );
+                        isum[r] = _mm256_add_epi32(isum[r], p);
                     }
+                }
+                for r in 0..R {
+                    let da = (*a[r].add(ab0)).d;
+                    acc.v[r] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(isum[r]),
+                        _mm256_set1_ps(d * da),
+                        acc.v[r],
+                    );
                 }
             } else {
                 let (d, dmin) = (half(blk), half(blk.add(2)));
-                let packed = std::slice::from_raw_parts(blk.add(4), 12);
+                let (scs, mins) =
+                    super::blocks::scales_mins_k4(std::slice::from_raw_parts(blk.add(4), 12));
                 let qs = if T == Q4K { 16 } else { 48 };
                 let qh = _mm256_loadu_si256(blk.add(16).cast());
                 for j in 0..4 {
@@ -342,27 +348,29 @@ unsafe fn dot_k<const R: usize, const T: u8>(row: &[u8], acts: &[&[BlockQ8]], ou
                         } else {
                             nib
                         };
-                        let (sc, m) = super::blocks::scale_min_k4(packed, t);
-                        let sc = _mm256_set1_epi16(sc as i16);
-                        let dm = dmin * m as f32;
-                        let acc = if h == 0 { &mut even } else { &mut odd };
+                        let sc = _mm256_set1_epi16(scs[t] as i16);
+                        let dm = dmin * mins[t] as f32;
                         for r in 0..R {
                             let ab = &*a[r].add(ab0 + t);
                             let qy = _mm256_loadu_si256(ab.qs.as_ptr().cast());
                             let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, qy), sc);
-                            acc.v[r] = _mm256_fmadd_ps(
-                                _mm256_cvtepi32_ps(p),
-                                _mm256_set1_ps(d * ab.d),
-                                acc.v[r],
-                            );
+                            isum[r] = _mm256_add_epi32(isum[r], p);
                             acc.min[r] += dm * ab.s;
                         }
                     }
                 }
+                for r in 0..R {
+                    let da = (*a[r].add(ab0)).d;
+                    acc.v[r] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(isum[r]),
+                        _mm256_set1_ps(d * da),
+                        acc.v[r],
+                    );
+                }
             }
         }
         for r in 0..R {
-            out[r] = hsum(_mm256_add_ps(even.v[r], odd.v[r])) - (even.min[r] + odd.min[r]);
+            out[r] = hsum(acc.v[r]) - acc.min[r];
         }
     }
 }

@@ -176,6 +176,25 @@ pub fn scale_min_k4(scales: &[u8], t: usize) -> (u8, u8) {
     }
 }
 
+/// All eight 6-bit scales and mins of a Q4_K/Q5_K super-block at once, with ggml's masks on
+/// three u32 words (what the kernels use; [`scale_min_k4`] is the plain reading they are tested
+/// against).
+#[inline(always)]
+pub fn scales_mins_k4(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const TOP2: u32 = 0x0303_0303;
+    let w = |i: usize| u32::from_le_bytes([packed[i], packed[i + 1], packed[i + 2], packed[i + 3]]);
+    let (w0, w1, w2) = (w(0), w(4), w(8));
+    let sc = [w0 & LOW6, (w2 & LOW4) | (((w0 >> 6) & TOP2) << 4)];
+    let mn = [w1 & LOW6, ((w2 >> 4) & LOW4) | (((w1 >> 6) & TOP2) << 4)];
+    let bytes = |v: [u32; 2]| {
+        let (a, b) = (v[0].to_le_bytes(), v[1].to_le_bytes());
+        [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
+    };
+    (bytes(sc), bytes(mn))
+}
+
 /// Sub-block `t` (32 weights) of a K-quant super-block, decoded:
 /// `w[l] = scale[l / 16] * q[l] - min`.
 pub struct KSub {

@@ -46,7 +46,7 @@ pub fn matmul(qtype: QType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize, y
         }
         let acts = &mut acts[..m * nb];
         for (xr, ar) in x.chunks_exact(k).zip(acts.chunks_exact_mut(nb)) {
-            quantize::quantize_row(xr, ar);
+            quantize::quantize_row(xr, ar, bw / QK);
         }
         run(qtype, w, n, k, acts, m, y);
     });

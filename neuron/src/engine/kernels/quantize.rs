@@ -3,20 +3,29 @@
 
 use super::blocks::{BlockQ8, QK};
 
-/// Quantizes `x` (a multiple of 32 long) into `out` (`x.len() / 32` blocks).
-pub fn quantize_row(x: &[f32], out: &mut [BlockQ8]) {
+/// Quantizes `x` into `out` (`x.len() / 32` blocks), every `group` consecutive blocks sharing one
+/// scale: 1 for the legacy weight types, 8 for the K-quants, whose kernels then add a whole
+/// super-block's integer sums before scaling (as llama.cpp's Q8_K). `x.len()` must be a multiple
+/// of `32 * group`.
+pub fn quantize_row(x: &[f32], out: &mut [BlockQ8], group: usize) {
     #[cfg(target_arch = "x86_64")]
     if super::level() >= super::Level::Avx2 {
         // SAFETY: AVX2 was detected at run time.
-        unsafe { quantize_row_avx2(x, out) };
+        unsafe { quantize_row_avx2(x, out, group) };
         return;
     }
-    quantize_row_scalar(x, out)
+    quantize_row_scalar(x, out, group)
 }
 
-pub fn quantize_row_scalar(x: &[f32], out: &mut [BlockQ8]) {
+pub fn quantize_row_scalar(x: &[f32], out: &mut [BlockQ8], group: usize) {
+    for (xg, bg) in x.chunks_exact(QK * group).zip(out.chunks_exact_mut(group)) {
+        let amax = xg.iter().fold(0f32, |a, v| a.max(v.abs()));
+        quantize_group_scalar(xg, bg, amax);
+    }
+}
+
+fn quantize_group_scalar(x: &[f32], out: &mut [BlockQ8], amax: f32) {
     for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
-        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
@@ -31,9 +40,29 @@ pub fn quantize_row_scalar(x: &[f32], out: &mut [BlockQ8]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_row_avx2(x: &[f32], out: &mut [BlockQ8]) {
+unsafe fn quantize_row_avx2(x: &[f32], out: &mut [BlockQ8], group: usize) {
     use std::arch::x86_64::*;
     let abs_mask = _mm256_set1_ps(-0.0);
+    for (xg, bg) in x.chunks_exact(QK * group).zip(out.chunks_exact_mut(group)) {
+        let mut m = _mm256_setzero_ps();
+        for c in xg.chunks_exact(8) {
+            // SAFETY: `c` holds 8 floats; the load is unaligned.
+            let v = unsafe { _mm256_loadu_ps(c.as_ptr()) };
+            m = _mm256_max_ps(m, _mm256_andnot_ps(abs_mask, v));
+        }
+        let m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let m1 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        let amax = _mm_cvtss_f32(m1);
+        // SAFETY: forwarded; the features are enabled on this function.
+        unsafe { quantize_group_avx2(xg, bg, amax) };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_group_avx2(x: &[f32], out: &mut [BlockQ8], amax: f32) {
+    use std::arch::x86_64::*;
     for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
         // SAFETY: `xs` holds 32 floats; loads are unaligned.
         let v = unsafe {
@@ -44,14 +73,6 @@ unsafe fn quantize_row_avx2(x: &[f32], out: &mut [BlockQ8]) {
                 _mm256_loadu_ps(xs.as_ptr().add(24)),
             ]
         };
-        let mut m = _mm256_andnot_ps(abs_mask, v[0]);
-        for vi in &v[1..] {
-            m = _mm256_max_ps(m, _mm256_andnot_ps(abs_mask, *vi));
-        }
-        let m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
-        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        let m1 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        let amax = _mm_cvtss_f32(m1);
         let d = amax / 127.0;
         let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
         let r = v.map(|vi| {

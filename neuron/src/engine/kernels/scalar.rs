@@ -56,11 +56,14 @@ pub fn dot(qtype: QType, row: &[u8], a: &[BlockQ8]) -> f32 {
 }
 
 /// K-quants: every 32-weight sub-block meets one Q8 block; per half of 16 weights an integer sum
-/// times its scale, as the SIMD kernels do.
+/// times its scale, added over the super-block (whose activations share one scale, see
+/// `quantize_row`) before the f32 scaling, as the SIMD kernels do.
 fn dot_k(qtype: QType, row: &[u8], a: &[BlockQ8]) -> f32 {
     let mut sum = 0f32;
     let mut min_sum = 0f32;
     for (blk, a8) in row.chunks_exact(qtype.block_bytes()).zip(a.chunks_exact(8)) {
+        let mut isum = 0i32;
+        let mut d = 0f32;
         for (t, a) in a8.iter().enumerate() {
             let sub = k_sub_block(qtype, blk, t);
             let half = |h: usize| -> i32 {
@@ -68,10 +71,11 @@ fn dot_k(qtype: QType, row: &[u8], a: &[BlockQ8]) -> f32 {
                     .map(|l| sub.q[l] as i32 * a.qs[l] as i32)
                     .sum()
             };
-            let isum = half(0) * sub.isc[0] + half(1) * sub.isc[1];
-            sum += isum as f32 * (sub.d * a.d);
+            isum += half(0) * sub.isc[0] + half(1) * sub.isc[1];
+            d = sub.d;
             min_sum += sub.min * a.s;
         }
+        sum += isum as f32 * (d * a8[0].d);
     }
     sum - min_sum
 }
