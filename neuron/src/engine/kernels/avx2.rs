@@ -10,37 +10,57 @@ use std::arch::x86_64::*;
 
 use super::blocks::{BlockQ8, QType};
 
-/// `out[r] = row · acts[r]`, `acts.len() <= 4`.
+/// `out[j * R + r] = row_j · acts[r]` for every row `j` of `rows` (consecutive rows of `rb`
+/// bytes), `R = acts.len() <= 4`: the type dispatch happens once per call, not once per row.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C (and AVX-512 F/VL/VNNI when `vnni`).
-pub unsafe fn dot_rows(qtype: QType, row: &[u8], acts: &[&[BlockQ8]], out: &mut [f32], vnni: bool) {
+pub unsafe fn dot_rows(
+    qtype: QType,
+    rows: &[u8],
+    rb: usize,
+    acts: &[&[BlockQ8]],
+    out: &mut [f32],
+    vnni: bool,
+) {
     // SAFETY: forwarded from the caller.
     unsafe {
         match (acts.len(), vnni) {
-            (4, false) => dot_avx2::<4>(qtype, row, acts, out),
-            (3, false) => dot_avx2::<3>(qtype, row, acts, out),
-            (2, false) => dot_avx2::<2>(qtype, row, acts, out),
-            (1, false) => dot_avx2::<1>(qtype, row, acts, out),
-            (4, true) => dot_vnni::<4>(qtype, row, acts, out),
-            (3, true) => dot_vnni::<3>(qtype, row, acts, out),
-            (2, true) => dot_vnni::<2>(qtype, row, acts, out),
-            (1, true) => dot_vnni::<1>(qtype, row, acts, out),
+            (4, false) => dot_avx2::<4>(qtype, rows, rb, acts, out),
+            (3, false) => dot_avx2::<3>(qtype, rows, rb, acts, out),
+            (2, false) => dot_avx2::<2>(qtype, rows, rb, acts, out),
+            (1, false) => dot_avx2::<1>(qtype, rows, rb, acts, out),
+            (4, true) => dot_vnni::<4>(qtype, rows, rb, acts, out),
+            (3, true) => dot_vnni::<3>(qtype, rows, rb, acts, out),
+            (2, true) => dot_vnni::<2>(qtype, rows, rb, acts, out),
+            (1, true) => dot_vnni::<1>(qtype, rows, rb, acts, out),
             (n, _) => panic!("dot_rows takes 1 to 4 activation rows, got {n}"),
         }
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_avx2<const R: usize>(qtype: QType, row: &[u8], acts: &[&[BlockQ8]], out: &mut [f32]) {
+unsafe fn dot_avx2<const R: usize>(
+    qtype: QType,
+    rows: &[u8],
+    rb: usize,
+    acts: &[&[BlockQ8]],
+    out: &mut [f32],
+) {
     // SAFETY: forwarded; the features are enabled on this function.
-    unsafe { dot_n::<R, false>(qtype, row, acts, out) }
+    unsafe { dot_n::<R, false>(qtype, rows, rb, acts, out) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-unsafe fn dot_vnni<const R: usize>(qtype: QType, row: &[u8], acts: &[&[BlockQ8]], out: &mut [f32]) {
+unsafe fn dot_vnni<const R: usize>(
+    qtype: QType,
+    rows: &[u8],
+    rb: usize,
+    acts: &[&[BlockQ8]],
+    out: &mut [f32],
+) {
     // SAFETY: forwarded; the features are enabled on this function.
-    unsafe { dot_n::<R, true>(qtype, row, acts, out) }
+    unsafe { dot_n::<R, true>(qtype, rows, rb, acts, out) }
 }
 
 /// Sums of unsigned bytes `u` times signed bytes `s` in groups of four, as eight i32.
@@ -124,27 +144,31 @@ const Q4K: u8 = 5;
 const Q5K: u8 = 6;
 const Q6K: u8 = 7;
 
-/// Monomorphises on the weight type so the block loop carries no type dispatch.
+/// Monomorphises on the weight type so the block loop carries no type dispatch; the row loop
+/// runs here, inside the function that enables the CPU features, so nothing per row is a call.
 #[inline(always)]
 unsafe fn dot_n<const R: usize, const VNNI: bool>(
     qtype: QType,
-    row: &[u8],
+    rows: &[u8],
+    rb: usize,
     acts: &[&[BlockQ8]],
     out: &mut [f32],
 ) {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        match qtype {
-            QType::Q4_0 => dot_t::<R, VNNI, Q4_0>(row, acts, out),
-            QType::Q4_1 => dot_t::<R, VNNI, Q4_1>(row, acts, out),
-            QType::Q8_0 => dot_t::<R, VNNI, Q8_0>(row, acts, out),
-            QType::Q5_0 => dot_t::<R, VNNI, Q5_0>(row, acts, out),
-            QType::Q5_1 => dot_t::<R, VNNI, Q5_1>(row, acts, out),
-            // Per-16 scales multiply the 16-bit pair sums (`madd` with the scales instead of
-            // ones), so VNNI's fused product has nothing to add here.
-            QType::Q4K => dot_k::<R, Q4K>(row, acts, out),
-            QType::Q5K => dot_k::<R, Q5K>(row, acts, out),
-            QType::Q6K => dot_k::<R, Q6K>(row, acts, out),
+    for (w, o) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(R)) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match qtype {
+                QType::Q4_0 => dot_t::<R, VNNI, Q4_0>(w, acts, o),
+                QType::Q4_1 => dot_t::<R, VNNI, Q4_1>(w, acts, o),
+                QType::Q8_0 => dot_t::<R, VNNI, Q8_0>(w, acts, o),
+                QType::Q5_0 => dot_t::<R, VNNI, Q5_0>(w, acts, o),
+                QType::Q5_1 => dot_t::<R, VNNI, Q5_1>(w, acts, o),
+                // Per-16 scales multiply the 16-bit pair sums (`madd` with the scales instead
+                // of ones), so VNNI's fused product has nothing to add here.
+                QType::Q4K => dot_k::<R, Q4K>(w, acts, o),
+                QType::Q5K => dot_k::<R, Q5K>(w, acts, o),
+                QType::Q6K => dot_k::<R, Q6K>(w, acts, o),
+            }
         }
     }
 }

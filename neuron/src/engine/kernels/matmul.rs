@@ -17,6 +17,9 @@ const TILE: usize = 4;
 const TASKS_PER_THREAD: usize = 4;
 /// Up to this many activation rows, each weight row meets all of them before the next.
 const SMALL_M: usize = 16;
+/// Weight rows per kernel call: one type dispatch per this many rows, and a stack buffer for
+/// their outputs.
+const CHUNK: usize = 32;
 /// Below this many weight rows per task the hand-off costs more than it saves.
 const MIN_ROWS_PER_TASK: usize = 16;
 
@@ -59,17 +62,33 @@ pub fn dot_rows(qtype: QType, row: &[u8], acts: &[&[BlockQ8]], out: &mut [f32]) 
 
 /// [`dot_rows`] with the kernels of `lvl`, or of [`detected`] if that is lower (for tests).
 pub fn dot_rows_at(lvl: Level, qtype: QType, row: &[u8], acts: &[&[BlockQ8]], out: &mut [f32]) {
-    let lvl = lvl.min(detected());
     for (a, o) in acts.chunks(TILE).zip(out.chunks_mut(TILE)) {
-        #[cfg(target_arch = "x86_64")]
-        if lvl >= Level::Avx2 {
-            // SAFETY: `detected()` checked the CPU features.
-            unsafe { super::avx2::dot_rows(qtype, row, a, o, lvl >= Level::Avx512Vnni) };
-            continue;
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = lvl;
-        scalar::dot_rows(qtype, row, a, o);
+        dot_many(lvl, qtype, row, row.len(), a, o);
+    }
+}
+
+/// `out[j * R + r] = row_j · acts[r]` for the consecutive `rb`-byte weight rows in `rows`,
+/// `R = acts.len() <= TILE`.
+fn dot_many(
+    lvl: Level,
+    qtype: QType,
+    rows: &[u8],
+    rb: usize,
+    acts: &[&[BlockQ8]],
+    out: &mut [f32],
+) {
+    let lvl = lvl.min(detected());
+    #[cfg(target_arch = "x86_64")]
+    if lvl >= Level::Avx2 {
+        // SAFETY: `detected()` checked the CPU features.
+        unsafe { super::avx2::dot_rows(qtype, rows, rb, acts, out, lvl >= Level::Avx512Vnni) };
+        return;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = lvl;
+    let r = acts.len();
+    for (w, o) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(r)) {
+        scalar::dot_rows(qtype, w, acts, o);
     }
 }
 
@@ -104,37 +123,49 @@ fn run(qtype: QType, w: &[u8], n: usize, k: usize, acts: &[BlockQ8], m: usize, y
             std::array::from_fn(|i| &acts[(i0 + i.min(r - 1)) * nb..][..nb]),
         )
     };
-    let one = |j: usize, i0: usize, r: usize, a: &[&[BlockQ8]]| {
-        let mut tile = [0f32; TILE];
-        dot_rows(qtype, &w[j * rb..][..rb], a, &mut tile[..r]);
-        for (i, v) in tile[..r].iter().enumerate() {
-            // SAFETY: (i0 + i) < m and j < n, inside `y`; no other task owns column j.
-            unsafe { *out.at((i0 + i) * n + j) = *v };
+    let lvl = level();
+    // Weight rows `js` times one tile of activation rows, through a stack buffer.
+    let chunk = |js: std::ops::Range<usize>, i0: usize, r: usize, a: &[&[BlockQ8]]| {
+        let mut buf = [0f32; CHUNK * TILE];
+        let len = js.len();
+        dot_many(
+            lvl,
+            qtype,
+            &w[js.start * rb..js.end * rb],
+            rb,
+            a,
+            &mut buf[..len * r],
+        );
+        for (jj, vals) in buf[..len * r].chunks_exact(r).enumerate() {
+            for (i, v) in vals.iter().enumerate() {
+                // SAFETY: (i0 + i) < m and js.start + jj < n, inside `y`; no other task owns
+                // these columns.
+                unsafe { *out.at((i0 + i) * n + js.start + jj) = *v };
+            }
         }
+    };
+    let chunks = |rows: std::ops::Range<usize>| {
+        (rows.start..rows.end)
+            .step_by(CHUNK)
+            .map(move |j| j..(j + CHUNK).min(rows.end))
     };
     let task = |t: usize| {
         let rows = t * per_task..((t + 1) * per_task).min(n);
         if m <= SMALL_M {
-            // A decode batch: every activation row meets a weight row while it is in L1, so the
-            // weights stream from memory once per product, not once per tile.
-            let count = m.div_ceil(TILE);
-            let tiles: [(usize, usize, [&[BlockQ8]; TILE]); SMALL_M / TILE] =
-                std::array::from_fn(|t| {
-                    let i0 = if t < count { t * TILE } else { 0 };
+            // A decode batch: every activation row meets a chunk of weight rows while it is in
+            // L1, so the weights stream from memory once per product, not once per tile.
+            for js in chunks(rows) {
+                for i0 in (0..m).step_by(TILE) {
                     let (r, a) = tile_at(i0);
-                    (i0, r, a)
-                });
-            for j in rows {
-                for (i0, r, a) in &tiles[..count] {
-                    one(j, *i0, *r, &a[..*r]);
+                    chunk(js.clone(), i0, r, &a[..r]);
                 }
             }
         } else {
             // A prompt: the task's weight rows stay in cache while the tiles pass over them.
             for i0 in (0..m).step_by(TILE) {
                 let (r, a) = tile_at(i0);
-                for j in rows.clone() {
-                    one(j, i0, r, &a[..r]);
+                for js in chunks(rows.clone()) {
+                    chunk(js, i0, r, &a[..r]);
                 }
             }
         }
