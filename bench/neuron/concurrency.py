@@ -4,6 +4,7 @@
 threads, streamed /v1/completions, greedy, in one run."""
 
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -95,8 +96,12 @@ def main():
     slots, ctx = max(args.levels), 1024
     n_new = args.new_tokens
 
-    def prompt(i):
-        return f"Story {i + 1}. {PROMPT}"
+    # Every request's prompt is new (a running story number opens it), so neither engine answers
+    # from a prompt it cached on an earlier run: llama-server's slots keep their last prompt.
+    serial = itertools.count(1)
+
+    def prompt(_i):
+        return f"Story {next(serial)}. {PROMPT}"
 
     engines, procs = [], []
     try:
