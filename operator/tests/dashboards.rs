@@ -274,9 +274,10 @@ async fn every_dashboard_and_alert_query_returns_data_from_the_real_binaries() {
     let checked = run_ok(Command::new(&promtool).args(["check", "rules"]).arg(&rules));
     assert!(checked.contains("SUCCESS"), "{checked}");
 
-    // alpha has room for one SmolLM2 copy (so a second placement evicts), beta for more.
+    // alpha has room for one SmolLM2 copy of 1024 tokens (about 144 MB; so a second placement
+    // evicts), beta for more.
     let (alpha, beta) = (free_port(), free_port());
-    let _alpha = start_neuron(alpha, &["--max-memory", "400000000"]);
+    let _alpha = start_neuron(alpha, &["--max-memory", "200000000"]);
     let mut beta_proc = Some(start_neuron(beta, &[]));
     apply(&cp, "alpha", &labelled_neuron("alpha", alpha));
     apply(&cp, "beta", &labelled_neuron("beta", beta));
