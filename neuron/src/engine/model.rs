@@ -314,7 +314,7 @@ impl<R: Read + Seek> Loader<'_, R> {
             .tensor(self.reader, name, self.device)
             .map_err(|e| Error::Load(format!("reading tensor '{name}': {e}")))?;
         self.loaded += 1;
-        (self.progress)((self.loaded as f32 / self.ct.tensor_infos.len().max(1) as f32).min(1.0));
+        (self.progress)(self.loaded as f32 / self.ct.tensor_infos.len().max(1) as f32);
         Ok(t)
     }
 
@@ -369,17 +369,24 @@ impl Model {
         };
         let eps = cfg.rms_eps;
         let embed_q = l.get("token_embd.weight")?;
-        let table = Arc::new(Linear::new(embed_q, Matmul::Own)?);
-        let embed = if table.is_own() {
-            Embedding::Rows(table.clone())
+        let output_q = l.opt("output.weight")?;
+        let (embed, output) = if cfg.matmul == Matmul::Own {
+            let table = Arc::new(Linear::new(embed_q, Matmul::Own)?);
+            let embed = if table.is_own() {
+                Embedding::Rows(table.clone())
+            } else {
+                Embedding::Table(table.dequantize()?)
+            };
+            let output = match output_q {
+                Some(t) => Arc::new(Linear::new(t, Matmul::Own)?),
+                None => table,
+            };
+            (embed, output)
         } else {
-            Embedding::Table(table.dequantize()?)
-        };
-        let output = match l.opt("output.weight")? {
-            Some(t) => Arc::new(Linear::new(t, cfg.matmul)?),
-            None if cfg.matmul == Matmul::Own => table,
-            // Tied, for a reference run on other kernels: the weights once more, as it asks.
-            None => Arc::new(Linear::new(l.get("token_embd.weight")?, cfg.matmul)?),
+            // Reference runs (candle's kernels, f32 weights): candle's f32 table, as it has it.
+            let embed = Embedding::Table(embed_q.dequantize(device)?);
+            let output = Arc::new(Linear::new(output_q.unwrap_or(embed_q), cfg.matmul)?);
+            (embed, output)
         };
         let norm = l.norm("output_norm.weight", eps)?;
         let factors = l
@@ -788,7 +795,8 @@ fn host(s: &Storage) -> Result<&[f32]> {
 }
 
 /// Memory a model will take, estimated from the GGUF before loading it: the tensors as stored,
-/// plus the f32 copy of the token embeddings, plus a KV cache budget of `kv_tokens` tokens.
+/// plus the f32 copy of the token embeddings where one is made (see [`Embedding`]), plus a KV
+/// cache budget of `kv_tokens` tokens.
 pub fn estimate_bytes(
     ct: &gguf_file::Content,
     cfg: &Config,
@@ -803,11 +811,12 @@ pub fn estimate_bytes(
             (n / ti.ggml_dtype.block_size() * ti.ggml_dtype.type_size()) as u64
         })
         .sum();
-    // The embedding table is expanded to f32 unless our kernels read its rows (see `Embedding`).
+    let rows_read_in_place =
+        |dtype| cfg.matmul == Matmul::Own && device.is_cpu() && own_qtype(dtype).is_some();
     let embed_f32 = ct
         .tensor_infos
         .get("token_embd.weight")
-        .filter(|ti| !(device.is_cpu() && own_qtype(ti.ggml_dtype).is_some()))
+        .filter(|ti| !rows_read_in_place(ti.ggml_dtype))
         .map(|ti| ti.shape.elem_count() as u64 * 4)
         .unwrap_or(0);
     tensors + embed_f32 + cfg.kv_bytes_per_token() * kv_tokens as u64

@@ -292,18 +292,17 @@ unsafe fn dot_k<const R: usize, const T: u8>(row: &[u8], acts: &[&[BlockQ8]], ou
     // SAFETY: the callers enable AVX2; super-block `sb` reads bytes sb*bb..(sb+1)*bb of `row`
     // and activation blocks 8sb..8sb+8, all in bounds by the assertion.
     unsafe {
-        let zero = Acc {
+        let mut acc = Acc {
             v: [_mm256_setzero_ps(); R],
             min: [0f32; R],
         };
-        let mut acc = zero;
         let low4 = _mm256_set1_epi8(0x0f);
         for sb in 0..nsb {
             let blk = row.as_ptr().add(sb * bb);
             let ab0 = sb * 8;
             let mut isum = [_mm256_setzero_si256(); R];
-            if T == Q6K {
-                let d = half(blk.add(208));
+            // The super-block's `d`, once its integer sums are in `isum`.
+            let d = if T == Q6K {
                 let scales = std::slice::from_raw_parts(blk.add(192).cast::<i8>(), 16);
                 let qh = [
                     _mm256_loadu_si256(blk.add(128).cast()),
@@ -341,14 +340,7 @@ unsafe fn dot_k<const R: usize, const T: u8>(row: &[u8], acts: &[&[BlockQ8]], ou
                         isum[r] = _mm256_add_epi32(isum[r], p);
                     }
                 }
-                for r in 0..R {
-                    let da = (*a[r].add(ab0)).d;
-                    acc.v[r] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(isum[r]),
-                        _mm256_set1_ps(d * da),
-                        acc.v[r],
-                    );
-                }
+                half(blk.add(208))
             } else {
                 let (d, dmin) = (half(blk), half(blk.add(2)));
                 let (scs, mins) =
@@ -383,14 +375,16 @@ unsafe fn dot_k<const R: usize, const T: u8>(row: &[u8], acts: &[&[BlockQ8]], ou
                         }
                     }
                 }
-                for r in 0..R {
-                    let da = (*a[r].add(ab0)).d;
-                    acc.v[r] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(isum[r]),
-                        _mm256_set1_ps(d * da),
-                        acc.v[r],
-                    );
-                }
+                d
+            };
+            // One activation scale for the whole super-block (see `quantize_row`).
+            for r in 0..R {
+                let da = (*a[r].add(ab0)).d;
+                acc.v[r] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(isum[r]),
+                    _mm256_set1_ps(d * da),
+                    acc.v[r],
+                );
             }
         }
         for r in 0..R {

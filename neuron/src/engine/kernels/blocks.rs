@@ -119,7 +119,7 @@ pub fn dequantize_row(qtype: QType, row: &[u8], out: &mut [f32]) {
             for (t, o) in o.chunks_exact_mut(QK).enumerate() {
                 let sub = k_sub_block(qtype, blk, t);
                 for (l, w) in o.iter_mut().enumerate() {
-                    *w = sub.scale[l / 16] * sub.q[l] as f32 - sub.min;
+                    *w = sub.weight(l);
                 }
             }
         }
@@ -196,15 +196,20 @@ pub fn scales_mins_k4(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
 }
 
 /// Sub-block `t` (32 weights) of a K-quant super-block, decoded:
-/// `w[l] = scale[l / 16] * q[l] - min`.
+/// `w[l] = d * isc[l / 16] * q[l] - min`.
 pub struct KSub {
     pub q: [i8; QK],
-    /// Scale of weights 0..16 and of 16..32 (Q4_K and Q5_K use one scale for both).
-    pub scale: [f32; 2],
-    /// Integer scale per half, for exact integer sums.
+    /// Integer scale of weights 0..16 and of 16..32 (Q4_K and Q5_K use one scale for both).
     pub isc: [i32; 2],
     pub d: f32,
     pub min: f32,
+}
+
+impl KSub {
+    /// Weight `l` in f32, rounded as ggml's dequantization (`(d * sc) * q - min`).
+    pub fn weight(&self, l: usize) -> f32 {
+        self.d * self.isc[l / 16] as f32 * self.q[l] as f32 - self.min
+    }
 }
 
 /// Decodes sub-block `t` of a K-quant super-block: the reference layout the SIMD kernels follow.
@@ -230,7 +235,6 @@ pub fn k_sub_block(qtype: QType, blk: &[u8], t: usize) -> KSub {
             });
             KSub {
                 q,
-                scale: [d * sc as f32; 2],
                 isc: [sc as i32; 2],
                 d,
                 min: dmin * m as f32,
@@ -252,7 +256,6 @@ pub fn k_sub_block(qtype: QType, blk: &[u8], t: usize) -> KSub {
             ];
             KSub {
                 q,
-                scale: [d * sc[0] as f32, d * sc[1] as f32],
                 isc: [sc[0] as i32, sc[1] as i32],
                 d,
                 min: 0.0,

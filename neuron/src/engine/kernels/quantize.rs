@@ -25,9 +25,9 @@ pub fn quantize_row_scalar(x: &[f32], out: &mut [BlockQ8], group: usize) {
 }
 
 fn quantize_group_scalar(x: &[f32], out: &mut [BlockQ8], amax: f32) {
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, v) in b.qs.iter_mut().zip(xs) {
             *q = (v * id).round_ties_even() as i8;
@@ -63,6 +63,8 @@ unsafe fn quantize_row_avx2(x: &[f32], out: &mut [BlockQ8], group: usize) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn quantize_group_avx2(x: &[f32], out: &mut [BlockQ8], amax: f32) {
     use std::arch::x86_64::*;
+    let d = amax / 127.0;
+    let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
     for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
         // SAFETY: `xs` holds 32 floats; loads are unaligned.
         let v = unsafe {
@@ -73,8 +75,6 @@ unsafe fn quantize_group_avx2(x: &[f32], out: &mut [BlockQ8], amax: f32) {
                 _mm256_loadu_ps(xs.as_ptr().add(24)),
             ]
         };
-        let d = amax / 127.0;
-        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
         let r = v.map(|vi| {
             _mm256_cvtps_epi32(_mm256_round_ps(
                 _mm256_mul_ps(vi, id),
