@@ -2,7 +2,7 @@
 //! one, on random blocks of odd shapes.
 
 use neuron::engine::kernels::{
-    self, BlockQ8, Level, QK, QType,
+    self, BlockQ8, Level, QK, QType, Weights,
     blocks::{QK_K, dequantize_row},
     quantize, scalar,
 };
@@ -159,7 +159,7 @@ fn matmul_matches_f32_reference_within_activation_rounding() {
             let w = weights(&mut rng, qtype, n, k, false);
             let x = floats(&mut rng, m * k);
             let mut y = vec![f32::NAN; m * n];
-            kernels::matmul(qtype, &w, n, k, &x, m, &mut y);
+            kernels::matmul(&Weights::new(qtype, w.clone(), n, k), &x, m, &mut y);
             let mut wf = vec![0f32; k];
             for j in 0..n {
                 dequantize_row(
@@ -255,6 +255,49 @@ fn simd_dot_products_equal_portable_integer_sums() {
     }
 }
 
+/// Interleaved rows (Q4_0, Q4_1), with the tail rows past the last group of eight left in GGUF
+/// layout, give every row's portable integer sum exactly, at every level; and each row reads
+/// back as the GGUF bytes it was made from.
+#[test]
+fn interleaved_rows_equal_portable_integer_sums() {
+    let mut rng = Rng(11);
+    for qtype in TYPES {
+        for (n, blocks) in [(8, 1), (16, 3), (13, 2), (27, 18), (5, 4)] {
+            let k = blocks * qtype.block_weights();
+            let (nb, rb) = (k / QK, qtype.row_bytes(k));
+            let w = weights(&mut rng, qtype, n, k, true);
+            let packed = Weights::new(qtype, w.clone(), n, k);
+            assert_eq!(
+                packed.packed(),
+                if kernels::interleaves(qtype) {
+                    n / 8 * 8
+                } else {
+                    0
+                },
+                "{qtype:?}"
+            );
+            let mut row = vec![0u8; rb];
+            for j in 0..n {
+                packed.row(j, &mut row);
+                assert_eq!(row, w[j * rb..][..rb], "{qtype:?} n={n} row {j}");
+            }
+            for m in [1, 3, 4, 6] {
+                let acts: Vec<Vec<BlockQ8>> = (0..m).map(|_| unit_acts(&mut rng, nb)).collect();
+                let refs: Vec<&[BlockQ8]> = acts.iter().map(|a| a.as_slice()).collect();
+                let slow: Vec<f32> = refs
+                    .iter()
+                    .flat_map(|a| (0..n).map(|j| scalar::dot(qtype, &w[j * rb..][..rb], a)))
+                    .collect();
+                for lvl in [Level::Scalar].into_iter().chain(levels()) {
+                    let mut fast = vec![f32::NAN; m * n];
+                    kernels::dot_all_at(lvl, &packed, &refs, &mut fast);
+                    assert_eq!(fast, slow, "{qtype:?} n={n} k={k} m={m} {lvl:?}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn simd_matmul_matches_portable_on_random_scales() {
     let mut rng = Rng(99);
@@ -263,7 +306,7 @@ fn simd_matmul_matches_portable_on_random_scales() {
             let w = weights(&mut rng, qtype, n, k, false);
             let x = floats(&mut rng, m * k);
             let mut y = vec![0f32; m * n];
-            kernels::matmul(qtype, &w, n, k, &x, m, &mut y);
+            kernels::matmul(&Weights::new(qtype, w.clone(), n, k), &x, m, &mut y);
             let nb = k / QK;
             let rb = qtype.row_bytes(k);
             let mut wf = vec![0f32; k];

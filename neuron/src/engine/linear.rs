@@ -51,13 +51,8 @@ pub fn own_qtype(dtype: GgmlDType) -> Option<QType> {
 pub struct Linear(Inner);
 
 enum Inner {
-    /// GGUF block bytes of `n` rows of `k` weights.
-    Own {
-        qtype: QType,
-        bytes: Vec<u8>,
-        n: usize,
-        k: usize,
-    },
+    /// Our kernels' copy of the weights (Q4_0/Q4_1 rows interleaved, see `kernels::Weights`).
+    Own(kernels::Weights),
     Candle(QMatMul),
 }
 
@@ -90,8 +85,10 @@ impl Linear {
         let qtype = own_qtype(t.dtype());
         if let (Some(qtype), true, Ok((n, k))) = (qtype, t.device().is_cpu(), t.shape().dims2()) {
             let bytes = t.data()?.into_owned();
-            if bytes.len() == n * qtype.row_bytes(k) {
-                return Ok(Linear(Inner::Own { qtype, bytes, n, k }));
+            if k.is_multiple_of(qtype.block_weights()) && bytes.len() == n * qtype.row_bytes(k) {
+                return Ok(Linear(Inner::Own(kernels::Weights::new(
+                    qtype, bytes, n, k,
+                ))));
             }
         }
         Ok(Linear(Inner::Candle(QMatMul::from_qtensor(t)?)))
@@ -101,20 +98,22 @@ impl Linear {
     /// the rows asked for. The whole table is expanded where candle holds the weights.
     pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
         match &self.0 {
-            Inner::Own { qtype, bytes, n, k } => {
-                let rb = qtype.row_bytes(*k);
+            Inner::Own(w) => {
+                let (n, k) = (w.n(), w.k());
+                let mut row = vec![0u8; w.row_bytes()];
                 let mut out = vec![0f32; ids.len() * k];
-                for (&id, o) in ids.iter().zip(out.chunks_exact_mut(*k)) {
+                for (&id, o) in ids.iter().zip(out.chunks_exact_mut(k)) {
                     let id = id as usize;
-                    if id >= *n {
+                    if id >= n {
                         return Err(candle_core::Error::Msg(format!(
                             "token id {id} is outside the embedding table of {n} rows"
                         ))
                         .into());
                     }
-                    kernels::blocks::dequantize_row(*qtype, &bytes[id * rb..][..rb], o);
+                    w.row(id, &mut row);
+                    kernels::blocks::dequantize_row(w.qtype(), &row, o);
                 }
-                Ok(Tensor::from_vec(out, (ids.len(), *k), &Device::Cpu)?)
+                Ok(Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)?)
             }
             Inner::Candle(_) => Err(candle_core::Error::Msg(
                 "Linear::rows needs weights our kernels hold; use dequantize".into(),
@@ -126,8 +125,8 @@ impl Linear {
     /// All the weights in f32, `(n, k)`.
     pub fn dequantize(&self) -> Result<Tensor> {
         Ok(match &self.0 {
-            Inner::Own { n, .. } => {
-                let ids: Vec<u32> = (0..*n as u32).collect();
+            Inner::Own(w) => {
+                let ids: Vec<u32> = (0..w.n() as u32).collect();
                 return self.rows(&ids);
             }
             Inner::Candle(QMatMul::QTensor(t)) => t.dequantize(&t.device())?,
@@ -138,12 +137,12 @@ impl Linear {
 
     /// Whether our kernels run this projection (for tests and logs).
     pub fn is_own(&self) -> bool {
-        matches!(self.0, Inner::Own { .. })
+        matches!(self.0, Inner::Own(_))
     }
 
     /// `x`: f32 (.., k) → f32 (.., n).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (qtype, bytes, n, k) = match &self.0 {
+        let w = match &self.0 {
             Inner::Candle(mm) => {
                 let k = x.dims().last().copied().unwrap_or(0);
                 if k > 0 && x.elem_count() == k && pads_single_row(mm) {
@@ -157,8 +156,9 @@ impl Linear {
                 }
                 return Ok(mm.forward(x)?);
             }
-            Inner::Own { qtype, bytes, n, k } => (*qtype, bytes, *n, *k),
+            Inner::Own(w) => w,
         };
+        let (n, k) = (w.n(), w.k());
         let dims = x.dims();
         if dims.last() != Some(&k) {
             return Err(candle_core::Error::Msg(format!(
@@ -187,7 +187,7 @@ impl Linear {
                 .into());
             };
             let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..][..m * k];
-            kernels::matmul(qtype, bytes, n, k, xs, m, &mut y);
+            kernels::matmul(w, xs, m, &mut y);
         }
         let mut shape = dims.to_vec();
         if let Some(last) = shape.last_mut() {

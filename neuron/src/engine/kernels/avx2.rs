@@ -392,3 +392,113 @@ unsafe fn dot_k<const R: usize, const T: u8>(row: &[u8], acts: &[&[BlockQ8]], ou
         }
     }
 }
+
+/// Interleaved Q4_0/Q4_1 groups (`weights.rs`): `out[g * 8R + r * 8 + i] = row(8g + i) · acts[r]`
+/// for every group in `groups` (`nb` blocks each), `R = acts.len() <= 4`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+pub unsafe fn dot_groups(
+    qtype: QType,
+    groups: &[u8],
+    nb: usize,
+    acts: &[&[BlockQ8]],
+    out: &mut [f32],
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match (qtype, acts.len()) {
+            (QType::Q4_0, 1) => groups_avx2::<1, Q4_0>(groups, nb, acts, out),
+            (QType::Q4_0, 2) => groups_avx2::<2, Q4_0>(groups, nb, acts, out),
+            (QType::Q4_0, 3) => groups_avx2::<3, Q4_0>(groups, nb, acts, out),
+            (QType::Q4_0, 4) => groups_avx2::<4, Q4_0>(groups, nb, acts, out),
+            (QType::Q4_1, 1) => groups_avx2::<1, Q4_1>(groups, nb, acts, out),
+            (QType::Q4_1, 2) => groups_avx2::<2, Q4_1>(groups, nb, acts, out),
+            (QType::Q4_1, 3) => groups_avx2::<3, Q4_1>(groups, nb, acts, out),
+            (QType::Q4_1, 4) => groups_avx2::<4, Q4_1>(groups, nb, acts, out),
+            (t, r) => panic!("dot_groups takes Q4_0/Q4_1 and 1 to 4 rows, got {t:?} and {r}"),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn groups_avx2<const R: usize, const T: u8>(
+    groups: &[u8],
+    nb: usize,
+    acts: &[&[BlockQ8]],
+    out: &mut [f32],
+) {
+    // Bytes of one block of eight rows: eight f16 scales (and minimums), 128 of nibbles.
+    let head = if T == Q4_0 { 16 } else { 32 };
+    let gb = head + 128;
+    assert!(acts.len() == R && acts.iter().all(|a| a.len() >= nb));
+    assert!(groups.len().is_multiple_of(nb * gb) && out.len() >= groups.len() / (nb * gb) * 8 * R);
+    let a: [*const BlockQ8; R] = std::array::from_fn(|r| acts[r].as_ptr());
+    // SAFETY: group `g` block `b` reads bytes (g * nb + b) * gb .. + gb of `groups`, activation
+    // block `b < nb` of each row, and writes out[g * 8R .. (g + 1) * 8R], all in bounds by the
+    // assertions; AVX2, FMA and F16C are enabled on this function.
+    unsafe {
+        let low4 = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        for (g, grp) in groups.chunks_exact(nb * gb).enumerate() {
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut acc_min = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                let p = grp.as_ptr().add(b * gb);
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
+                // w[v] (w[4 + v]): the low (high) nibbles, weights 4v..4v+4 (16+4v..) of each row.
+                let mut w = [_mm256_setzero_si256(); 8];
+                for v in 0..4 {
+                    let raw = _mm256_loadu_si256(p.add(head + 32 * v).cast());
+                    w[v] = _mm256_and_si256(raw, low4);
+                    w[4 + v] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+                }
+                for r in 0..R {
+                    let ab = &*a[r].add(b);
+                    let q = ab.qs.as_ptr();
+                    let lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(q.cast()));
+                    let hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(q.add(16).cast()));
+                    // Each 16-bit lane adds 16 products of a nibble and a byte: at most
+                    // 16 * 15 * 127 = 30480 in magnitude, so the sums stay in 16 bits.
+                    let p0 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(w[0], _mm256_shuffle_epi32(lo, 0x00)),
+                        _mm256_maddubs_epi16(w[1], _mm256_shuffle_epi32(lo, 0x55)),
+                    );
+                    let p1 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(w[2], _mm256_shuffle_epi32(lo, 0xaa)),
+                        _mm256_maddubs_epi16(w[3], _mm256_shuffle_epi32(lo, 0xff)),
+                    );
+                    let p2 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(w[4], _mm256_shuffle_epi32(hi, 0x00)),
+                        _mm256_maddubs_epi16(w[5], _mm256_shuffle_epi32(hi, 0x55)),
+                    );
+                    let p3 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(w[6], _mm256_shuffle_epi32(hi, 0xaa)),
+                        _mm256_maddubs_epi16(w[7], _mm256_shuffle_epi32(hi, 0xff)),
+                    );
+                    let sum16 =
+                        _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
+                    let isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones));
+                    if T == Q4_0 {
+                        // d * (d_act * Σ q a - 8 * s): the stored quants are q + 8.
+                        let t = _mm256_fmadd_ps(
+                            isum,
+                            _mm256_set1_ps(ab.d),
+                            _mm256_set1_ps(-8.0 * ab.s),
+                        );
+                        acc[r] = _mm256_fmadd_ps(t, d, acc[r]);
+                    } else {
+                        let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast()));
+                        acc[r] =
+                            _mm256_fmadd_ps(_mm256_mul_ps(isum, _mm256_set1_ps(ab.d)), d, acc[r]);
+                        acc_min[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(ab.s), acc_min[r]);
+                    }
+                }
+            }
+            for r in 0..R {
+                let o = out.as_mut_ptr().add(g * 8 * R + r * 8);
+                _mm256_storeu_ps(o, _mm256_add_ps(acc[r], acc_min[r]));
+            }
+        }
+    }
+}

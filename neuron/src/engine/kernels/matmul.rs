@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 
 use super::blocks::{BlockQ8, QK, QType};
+use super::weights::{GROUP, Weights, dot_groups_scalar};
 use super::{Level, detected, level, pool, quantize, scalar};
 
 /// Activation rows that share one pass over a weight row.
@@ -27,32 +28,39 @@ thread_local! {
     static ACTS: RefCell<Vec<BlockQ8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Computes `y[i * n + j] = Σₖ x[i * k + k'] · W[j, k']` where `w` holds `n` rows of `k`
-/// weights of type `qtype` in GGUF block layout.
+/// Computes `y[i * n + j] = Σₖ x[i * k + k'] · W[j, k']` for the `n` rows of `k` weights in `w`.
 ///
 /// # Panics
-/// If `k` is not a multiple of 32 or a slice length does not match `n`, `k`, `m`.
-pub fn matmul(qtype: QType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize, y: &mut [f32]) {
-    let bw = qtype.block_weights();
-    assert!(k.is_multiple_of(bw), "k = {k} is not a multiple of {bw}");
-    assert_eq!(
-        w.len(),
-        n * qtype.row_bytes(k),
-        "weight bytes for {n}x{k} {qtype:?}"
-    );
+/// If a slice length does not match `n`, `k`, `m`.
+pub fn matmul(w: &Weights, x: &[f32], m: usize, y: &mut [f32]) {
+    let (n, k) = (w.n(), w.k());
     assert_eq!(x.len(), m * k, "activations for {m}x{k}");
     assert_eq!(y.len(), m * n, "output for {m}x{n}");
     let nb = k / QK;
+    let group = w.qtype().block_weights() / QK;
     ACTS.with_borrow_mut(|acts| {
         if acts.len() < m * nb {
             acts.resize(m * nb, BlockQ8::default());
         }
         let acts = &mut acts[..m * nb];
         for (xr, ar) in x.chunks_exact(k).zip(acts.chunks_exact_mut(nb)) {
-            quantize::quantize_row(xr, ar, bw / QK);
+            quantize::quantize_row(xr, ar, group);
         }
-        run(qtype, w, n, k, acts, m, y);
+        run(w, acts, m, y);
     });
+}
+
+/// `out[r * n + j] = row_j · acts[r]` for every row of `w` with the kernels of `lvl` (or of
+/// [`detected`] if that is lower), on one thread: what [`matmul`] computes once the activations
+/// are quantized (for tests).
+pub fn dot_all_at(lvl: Level, w: &Weights, acts: &[&[BlockQ8]], out: &mut [f32]) {
+    let n = w.n();
+    for (i0, a) in (0..acts.len()).step_by(TILE).zip(acts.chunks(TILE)) {
+        let mut buf = vec![0f32; n * a.len()];
+        rows_into(lvl, w, 0..n, a, &mut buf, |j, r, v| {
+            out[(i0 + r) * n + j] = v
+        });
+    }
 }
 
 /// `out[r] = row · acts[r]` with the best kernel this CPU has (any number of rows).
@@ -92,6 +100,57 @@ fn dot_many(
     }
 }
 
+/// Products of weight rows `js` with up to [`TILE`] activation rows, handed to `put(j, r, v)`;
+/// `buf` holds at least `js.len() * acts.len()` floats. `js.start` is a multiple of [`GROUP`]
+/// where it is below `w.packed()`.
+fn rows_into(
+    lvl: Level,
+    w: &Weights,
+    js: std::ops::Range<usize>,
+    acts: &[&[BlockQ8]],
+    buf: &mut [f32],
+    mut put: impl FnMut(usize, usize, f32),
+) {
+    let r = acts.len();
+    let split = js.end.min(w.packed()).max(js.start);
+    if split > js.start {
+        let groups = w.groups(js.start / GROUP..split / GROUP);
+        let out = &mut buf[..(split - js.start) * r];
+        dot_groups(lvl, w, groups, acts, out);
+        for (g, vals) in out.chunks_exact(GROUP * r).enumerate() {
+            for (ri, v8) in vals.chunks_exact(GROUP).enumerate() {
+                for (i, v) in v8.iter().enumerate() {
+                    put(js.start + g * GROUP + i, ri, *v);
+                }
+            }
+        }
+    }
+    if js.end > split {
+        let out = &mut buf[..(js.end - split) * r];
+        let rb = w.row_bytes();
+        dot_many(lvl, w.qtype(), w.gguf_rows(split..js.end), rb, acts, out);
+        for (jj, vals) in out.chunks_exact(r).enumerate() {
+            for (ri, v) in vals.iter().enumerate() {
+                put(split + jj, ri, *v);
+            }
+        }
+    }
+}
+
+/// Interleaved groups of `w` times up to [`TILE`] activation rows: `out[g * 8R + r * 8 + i]`.
+fn dot_groups(lvl: Level, w: &Weights, groups: &[u8], acts: &[&[BlockQ8]], out: &mut [f32]) {
+    let lvl = lvl.min(detected());
+    #[cfg(target_arch = "x86_64")]
+    if lvl >= Level::Avx2 {
+        // SAFETY: `detected()` checked the CPU features.
+        unsafe { super::avx2::dot_groups(w.qtype(), groups, w.k() / QK, acts, out) };
+        return;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = lvl;
+    dot_groups_scalar(w, groups, acts, out)
+}
+
 /// Output pointer shared by tasks that write disjoint columns.
 #[derive(Clone, Copy)]
 struct Out(*mut f32);
@@ -106,13 +165,14 @@ impl Out {
     }
 }
 
-fn run(qtype: QType, w: &[u8], n: usize, k: usize, acts: &[BlockQ8], m: usize, y: &mut [f32]) {
-    let nb = k / QK;
-    let rb = qtype.row_bytes(k);
+fn run(w: &Weights, acts: &[BlockQ8], m: usize, y: &mut [f32]) {
+    let (n, nb) = (w.n(), w.k() / QK);
     let threads = candle_core::utils::get_num_threads().max(1);
+    // Whole groups of interleaved rows per task.
     let per_task = n
         .div_ceil(threads * TASKS_PER_THREAD)
         .max(MIN_ROWS_PER_TASK)
+        .next_multiple_of(GROUP)
         .min(n.max(1));
     let tasks = n.div_ceil(per_task);
     let out = Out(y.as_mut_ptr());
@@ -125,24 +185,12 @@ fn run(qtype: QType, w: &[u8], n: usize, k: usize, acts: &[BlockQ8], m: usize, y
     };
     let lvl = level();
     // Weight rows `js` times one tile of activation rows, through a stack buffer.
-    let chunk = |js: std::ops::Range<usize>, i0: usize, r: usize, a: &[&[BlockQ8]]| {
+    let chunk = |js: std::ops::Range<usize>, i0: usize, a: &[&[BlockQ8]]| {
         let mut buf = [0f32; CHUNK * TILE];
-        let len = js.len();
-        dot_many(
-            lvl,
-            qtype,
-            &w[js.start * rb..js.end * rb],
-            rb,
-            a,
-            &mut buf[..len * r],
-        );
-        for (jj, vals) in buf[..len * r].chunks_exact(r).enumerate() {
-            for (i, v) in vals.iter().enumerate() {
-                // SAFETY: (i0 + i) < m and js.start + jj < n, inside `y`; no other task owns
-                // these columns.
-                unsafe { *out.at((i0 + i) * n + js.start + jj) = *v };
-            }
-        }
+        rows_into(lvl, w, js, a, &mut buf, |j, i, v| {
+            // SAFETY: (i0 + i) < m and j < n, inside `y`; no other task owns column j.
+            unsafe { *out.at((i0 + i) * n + j) = v };
+        });
     };
     let chunks = |rows: std::ops::Range<usize>| {
         (rows.start..rows.end)
@@ -157,7 +205,7 @@ fn run(qtype: QType, w: &[u8], n: usize, k: usize, acts: &[BlockQ8], m: usize, y
             for js in chunks(rows) {
                 for i0 in (0..m).step_by(TILE) {
                     let (r, a) = tile_at(i0);
-                    chunk(js.clone(), i0, r, &a[..r]);
+                    chunk(js.clone(), i0, &a[..r]);
                 }
             }
         } else {
@@ -165,7 +213,7 @@ fn run(qtype: QType, w: &[u8], n: usize, k: usize, acts: &[BlockQ8], m: usize, y
             for i0 in (0..m).step_by(TILE) {
                 let (r, a) = tile_at(i0);
                 for js in chunks(rows.clone()) {
-                    chunk(js, i0, r, &a[..r]);
+                    chunk(js, i0, &a[..r]);
                 }
             }
         }

@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! let mut y = vec![0f32; m * n];
-//! kernels::matmul(QType::Q4_0, &weight_bytes, n, k, &x, m, &mut y);
+//! let w = Weights::new(QType::Q4_0, weight_bytes, n, k);
+//! kernels::matmul(&w, &x, m, &mut y);
 //! ```
 
 #[cfg(target_arch = "x86_64")]
@@ -17,11 +18,13 @@ mod matmul;
 mod pool;
 pub mod quantize;
 pub mod scalar;
+mod weights;
 
 use std::sync::OnceLock;
 
 pub use blocks::{BlockQ8, QK, QType};
-pub use matmul::{dot_rows, dot_rows_at, matmul};
+pub use matmul::{dot_all_at, dot_rows, dot_rows_at, matmul};
+pub use weights::{GROUP, Weights, interleaves};
 
 /// Calls `f(0..tasks)` once per task over the kernel workers and the calling thread (see
 /// `pool.rs`), for other CPU loops of the forward pass that split the same way.
