@@ -88,15 +88,19 @@ def requantized(src, ftype_name):
     return dst
 
 
-def read_bandwidth():
-    """Bytes per second one thread reads from memory (a sum over 512 MB, best of 3)."""
+def read_bandwidth(threads):
+    """Bytes per second `threads` threads read from memory together (each sums its share of
+    512 MB; numpy releases the GIL while it sums), best of 3: the same threads decode uses."""
     import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
     a = np.ones(64 << 20, dtype=np.float64)
+    parts = np.array_split(a, threads)
     best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t)
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(3):
+            t = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - t)
     return a.nbytes / best
 
 
@@ -136,7 +140,7 @@ def main():
         models = [str(requantized(smol, "Q4_0")), str(smol), str(requantized(smol, "Q8_0")),
                   str(pathlib.Path(a.model_dir) / "gemma-3-270m-Q4_K_M.gguf")]
     dirs = ",".join(sorted({str(pathlib.Path(m).resolve().parent) for m in models}))
-    bandwidth = read_bandwidth()
+    bandwidth = read_bandwidth(a.threads)
     engines = {"cortex": start_neuron(a.neuron, dirs, a.threads, {})}
     if not a.no_candle:
         engines["candle"] = start_neuron(a.neuron, dirs, a.threads, {"CORTEX_KERNELS": "candle"})
@@ -168,7 +172,7 @@ def main():
             rows.append((name, len(tokens), res, lp, ld, limit))
             del llm
         print(f"\nthreads={a.threads} runs={a.runs} new_tokens={a.new_tokens} (median); "
-              f"read bandwidth {bandwidth / 1e9:.1f} GB/s; decode limit = bandwidth / file size")
+              f"read bandwidth ({a.threads} threads) {bandwidth / 1e9:.1f} GB/s; decode limit = bandwidth / file size")
         print(f"{'model':36} {'pp candle':>9} {'pp cortex':>9} {'pp llama':>8} {'ratio':>5} "
               f"{'tg candle':>9} {'tg cortex':>9} {'tg llama':>8} {'ratio':>5} {'tg limit':>8}")
         for name, nl, res, lp, ld, limit in rows:

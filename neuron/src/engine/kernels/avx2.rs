@@ -393,8 +393,9 @@ unsafe fn dot_k<const R: usize, const T: u8>(row: &[u8], acts: &[&[BlockQ8]], ou
     }
 }
 
-/// Interleaved Q4_0/Q4_1 groups (`weights.rs`): `out[g * 8R + r * 8 + i] = row(8g + i) · acts[r]`
-/// for every group in `groups` (`nb` blocks each), `R = acts.len() <= 4`.
+/// Interleaved groups of a 32-weight block type (`weights.rs`):
+/// `out[g * 8R + r * 8 + i] = row(8g + i) · acts[r]` for every group in `groups` (`nb` blocks
+/// each), `R = acts.len() <= 4`.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
@@ -407,16 +408,48 @@ pub unsafe fn dot_groups(
 ) {
     // SAFETY: forwarded from the caller.
     unsafe {
-        match (qtype, acts.len()) {
-            (QType::Q4_0, 1) => groups_avx2::<1, Q4_0>(groups, nb, acts, out),
-            (QType::Q4_0, 2) => groups_avx2::<2, Q4_0>(groups, nb, acts, out),
-            (QType::Q4_0, 3) => groups_avx2::<3, Q4_0>(groups, nb, acts, out),
-            (QType::Q4_0, 4) => groups_avx2::<4, Q4_0>(groups, nb, acts, out),
-            (QType::Q4_1, 1) => groups_avx2::<1, Q4_1>(groups, nb, acts, out),
-            (QType::Q4_1, 2) => groups_avx2::<2, Q4_1>(groups, nb, acts, out),
-            (QType::Q4_1, 3) => groups_avx2::<3, Q4_1>(groups, nb, acts, out),
-            (QType::Q4_1, 4) => groups_avx2::<4, Q4_1>(groups, nb, acts, out),
-            (t, r) => panic!("dot_groups takes Q4_0/Q4_1 and 1 to 4 rows, got {t:?} and {r}"),
+        match acts.len() {
+            1 => groups_of::<1>(qtype, groups, nb, acts, out),
+            2 => groups_of::<2>(qtype, groups, nb, acts, out),
+            3 => groups_of::<3>(qtype, groups, nb, acts, out),
+            4 => groups_of::<4>(qtype, groups, nb, acts, out),
+            r => panic!("dot_groups takes 1 to 4 activation rows, got {r}"),
+        }
+    }
+}
+
+unsafe fn groups_of<const R: usize>(
+    qtype: QType,
+    groups: &[u8],
+    nb: usize,
+    acts: &[&[BlockQ8]],
+    out: &mut [f32],
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match qtype {
+            QType::Q4_0 => groups_avx2::<R, Q4_0>(groups, nb, acts, out),
+            QType::Q4_1 => groups_avx2::<R, Q4_1>(groups, nb, acts, out),
+            QType::Q5_0 => groups_avx2::<R, Q5_0>(groups, nb, acts, out),
+            QType::Q5_1 => groups_avx2::<R, Q5_1>(groups, nb, acts, out),
+            QType::Q8_0 => groups_avx2::<R, Q8_0>(groups, nb, acts, out),
+            t => panic!("{t:?} rows are not interleaved"),
+        }
+    }
+}
+
+/// The four activation bytes `4u..4u+4` in every 32-bit lane, from the block's two halves each
+/// broadcast to both 128-bit lanes.
+#[inline(always)]
+unsafe fn act_group(lo: __m256i, hi: __m256i, u: usize) -> __m256i {
+    // SAFETY: the callers enable AVX2.
+    unsafe {
+        let h = if u < 4 { lo } else { hi };
+        match u % 4 {
+            0 => _mm256_shuffle_epi32(h, 0x00),
+            1 => _mm256_shuffle_epi32(h, 0x55),
+            2 => _mm256_shuffle_epi32(h, 0xaa),
+            _ => _mm256_shuffle_epi32(h, 0xff),
         }
     }
 }
@@ -428,9 +461,11 @@ unsafe fn groups_avx2<const R: usize, const T: u8>(
     acts: &[&[BlockQ8]],
     out: &mut [f32],
 ) {
-    // Bytes of one block of eight rows: eight f16 scales (and minimums), 128 of nibbles.
-    let head = if T == Q4_0 { 16 } else { 32 };
-    let gb = head + 128;
+    let minimum = T == Q4_1 || T == Q5_1;
+    let fifth = T == Q5_0 || T == Q5_1;
+    // Where the quants start in one interleaved block, and its bytes.
+    let quants = 16 * (1 + minimum as usize) + 32 * fifth as usize;
+    let gb = quants + if T == Q8_0 { 256 } else { 128 };
     assert!(acts.len() == R && acts.iter().all(|a| a.len() >= nb));
     assert!(groups.len().is_multiple_of(nb * gb) && out.len() >= groups.len() / (nb * gb) * 8 * R);
     let a: [*const BlockQ8; R] = std::array::from_fn(|r| acts[r].as_ptr());
@@ -439,6 +474,7 @@ unsafe fn groups_avx2<const R: usize, const T: u8>(
     // assertions; AVX2, FMA and F16C are enabled on this function.
     unsafe {
         let low4 = _mm256_set1_epi8(0x0f);
+        let bit4 = _mm256_set1_epi8(0x10);
         let ones = _mm256_set1_epi16(1);
         for (g, grp) in groups.chunks_exact(nb * gb).enumerate() {
             let mut acc = [_mm256_setzero_ps(); R];
@@ -446,52 +482,93 @@ unsafe fn groups_avx2<const R: usize, const T: u8>(
             for b in 0..nb {
                 let p = grp.as_ptr().add(b * gb);
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
-                // w[v] (w[4 + v]): the low (high) nibbles, weights 4v..4v+4 (16+4v..) of each row.
+                // w[u]: weights 4u..4u+4 of each row, in its 32-bit lane (the low nibbles of
+                // the four loads, then the high nibbles; Q8_0's eight loads as they are).
                 let mut w = [_mm256_setzero_si256(); 8];
-                for v in 0..4 {
-                    let raw = _mm256_loadu_si256(p.add(head + 32 * v).cast());
-                    w[v] = _mm256_and_si256(raw, low4);
-                    w[4 + v] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+                if T == Q8_0 {
+                    for u in 0..8 {
+                        w[u] = _mm256_loadu_si256(p.add(quants + 32 * u).cast());
+                    }
+                } else {
+                    for v in 0..4 {
+                        let raw = _mm256_loadu_si256(p.add(quants + 32 * v).cast());
+                        w[v] = _mm256_and_si256(raw, low4);
+                        w[4 + v] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+                    }
+                }
+                if fifth {
+                    // Bit u of each byte is vector u's fifth bit (`weights::fifth_bits`).
+                    let q = _mm256_loadu_si256(p.add(quants - 32).cast());
+                    w[0] = _mm256_or_si256(w[0], _mm256_and_si256(_mm256_slli_epi16(q, 4), bit4));
+                    w[1] = _mm256_or_si256(w[1], _mm256_and_si256(_mm256_slli_epi16(q, 3), bit4));
+                    w[2] = _mm256_or_si256(w[2], _mm256_and_si256(_mm256_slli_epi16(q, 2), bit4));
+                    w[3] = _mm256_or_si256(w[3], _mm256_and_si256(_mm256_slli_epi16(q, 1), bit4));
+                    w[4] = _mm256_or_si256(w[4], _mm256_and_si256(q, bit4));
+                    w[5] = _mm256_or_si256(w[5], _mm256_and_si256(_mm256_srli_epi16(q, 1), bit4));
+                    w[6] = _mm256_or_si256(w[6], _mm256_and_si256(_mm256_srli_epi16(q, 2), bit4));
+                    w[7] = _mm256_or_si256(w[7], _mm256_and_si256(_mm256_srli_epi16(q, 3), bit4));
                 }
                 for r in 0..R {
                     let ab = &*a[r].add(b);
-                    let q = ab.qs.as_ptr();
-                    let lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(q.cast()));
-                    let hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(q.add(16).cast()));
-                    // Each 16-bit lane adds 16 products of a nibble and a byte: at most
-                    // 16 * 15 * 127 = 30480 in magnitude, so the sums stay in 16 bits.
-                    let p0 = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(w[0], _mm256_shuffle_epi32(lo, 0x00)),
-                        _mm256_maddubs_epi16(w[1], _mm256_shuffle_epi32(lo, 0x55)),
-                    );
-                    let p1 = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(w[2], _mm256_shuffle_epi32(lo, 0xaa)),
-                        _mm256_maddubs_epi16(w[3], _mm256_shuffle_epi32(lo, 0xff)),
-                    );
-                    let p2 = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(w[4], _mm256_shuffle_epi32(hi, 0x00)),
-                        _mm256_maddubs_epi16(w[5], _mm256_shuffle_epi32(hi, 0x55)),
-                    );
-                    let p3 = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(w[6], _mm256_shuffle_epi32(hi, 0xaa)),
-                        _mm256_maddubs_epi16(w[7], _mm256_shuffle_epi32(hi, 0xff)),
-                    );
-                    let sum16 =
-                        _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
-                    let isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones));
-                    if T == Q4_0 {
-                        // d * (d_act * Σ q a - 8 * s): the stored quants are q + 8.
-                        let t = _mm256_fmadd_ps(
-                            isum,
-                            _mm256_set1_ps(ab.d),
-                            _mm256_set1_ps(-8.0 * ab.s),
+                    let qa = ab.qs.as_ptr();
+                    let lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(qa.cast()));
+                    let hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(qa.add(16).cast()));
+                    let prod = |u: usize| _mm256_maddubs_epi16(w[u], act_group(lo, hi, u));
+                    let isum = if T == Q8_0 {
+                        // Signed weights: their sign moves onto the activations (as in
+                        // `block`); a pair sum may reach 2 * 127 * 127, so each widens alone.
+                        let mut s = _mm256_setzero_si256();
+                        for u in 0..8 {
+                            let p = _mm256_maddubs_epi16(
+                                _mm256_sign_epi8(w[u], w[u]),
+                                _mm256_sign_epi8(act_group(lo, hi, u), w[u]),
+                            );
+                            s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+                        }
+                        s
+                    } else if fifth {
+                        // 8 products of up to 31 * 127 per 16-bit lane: two halves.
+                        let h0 = _mm256_add_epi16(
+                            _mm256_add_epi16(prod(0), prod(1)),
+                            _mm256_add_epi16(prod(2), prod(3)),
                         );
-                        acc[r] = _mm256_fmadd_ps(t, d, acc[r]);
+                        let h1 = _mm256_add_epi16(
+                            _mm256_add_epi16(prod(4), prod(5)),
+                            _mm256_add_epi16(prod(6), prod(7)),
+                        );
+                        _mm256_add_epi32(_mm256_madd_epi16(h0, ones), _mm256_madd_epi16(h1, ones))
                     } else {
+                        // 16 products of a nibble and a byte: at most 16 * 15 * 127 = 30480.
+                        let h0 = _mm256_add_epi16(
+                            _mm256_add_epi16(prod(0), prod(1)),
+                            _mm256_add_epi16(prod(2), prod(3)),
+                        );
+                        let h1 = _mm256_add_epi16(
+                            _mm256_add_epi16(prod(4), prod(5)),
+                            _mm256_add_epi16(prod(6), prod(7)),
+                        );
+                        _mm256_madd_epi16(_mm256_add_epi16(h0, h1), ones)
+                    };
+                    let isum = _mm256_cvtepi32_ps(isum);
+                    if minimum {
                         let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast()));
                         acc[r] =
                             _mm256_fmadd_ps(_mm256_mul_ps(isum, _mm256_set1_ps(ab.d)), d, acc[r]);
                         acc_min[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(ab.s), acc_min[r]);
+                    } else {
+                        // d * (d_act * Σ q a - offset * s): Q4_0 and Q5_0 quants are stored
+                        // as q + 8 and q + 16.
+                        let offset = match T {
+                            Q4_0 => -8.0,
+                            Q5_0 => -16.0,
+                            _ => 0.0,
+                        };
+                        let t = _mm256_fmadd_ps(
+                            isum,
+                            _mm256_set1_ps(ab.d),
+                            _mm256_set1_ps(offset * ab.s),
+                        );
+                        acc[r] = _mm256_fmadd_ps(t, d, acc[r]);
                     }
                 }
             }

@@ -1,13 +1,14 @@
 //! A projection's weights as the kernels read them.
 //!
-//! Q4_0 and Q4_1 rows are repacked at load, eight rows interleaved (as llama.cpp's `Q4_0x8`):
-//! for each block of 32 weights, the eight rows' f16 scales (and Q4_1's minimums) side by side,
-//! then 128 bytes where byte `32v + 4i + t` is byte `4v + t` of row `i`'s nibbles. A 32-byte load
-//! then holds four weights of each of the eight rows, the vector lanes are the rows, and one
-//! broadcast group of four activation bytes meets all eight at once: no per-row horizontal sum,
-//! no per-block scalar scale, and the eight scales convert in one instruction. The layout has
-//! exactly the bytes GGUF has. Rows past the last whole group of eight, and every other type,
-//! stay in GGUF layout.
+//! Rows of the 32-weight block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) are repacked at load, eight
+//! rows interleaved (as llama.cpp's `Q4_0x8`). For each block of 32 weights: the eight rows' f16
+//! scales side by side (16 bytes), then their minimums (Q4_1, Q5_1); for Q5 the fifth bits
+//! (32 bytes, see [`fifth_bits`]); then the quants, where byte `32c + 4i + t` is byte `4c + t` of
+//! row `i`'s quants (nibbles or bytes). A 32-byte load then holds four weights of each of the
+//! eight rows, the vector lanes are the rows, and one broadcast group of four activation bytes
+//! meets all eight at once: no per-row horizontal sum, no per-block scalar scale, and the eight
+//! scales convert in one instruction. The layout has exactly the bytes GGUF has. Rows past the
+//! last whole group of eight, and the K-quants, stay in GGUF layout.
 
 use std::cell::RefCell;
 
@@ -30,12 +31,49 @@ pub struct Weights {
 
 /// Whether rows of this type are interleaved at load.
 pub fn interleaves(qtype: QType) -> bool {
-    matches!(qtype, QType::Q4_0 | QType::Q4_1)
+    qtype.block_weights() == QK
 }
 
-/// Bytes before the nibbles in a GGUF block: `d`, and Q4_1's `m`.
+/// f16 fields at the head of a block: `d`, and the minimum `m` of Q4_1 and Q5_1.
+fn f16_fields(qtype: QType) -> usize {
+    match qtype {
+        QType::Q4_1 | QType::Q5_1 => 2,
+        _ => 1,
+    }
+}
+
+/// Whether blocks carry 32 fifth bits (a u32 after the f16 fields in GGUF).
+fn has_fifth_bits(qtype: QType) -> bool {
+    matches!(qtype, QType::Q5_0 | QType::Q5_1)
+}
+
+/// Bytes of a GGUF block before its quants.
 fn head(qtype: QType) -> usize {
-    qtype.block_bytes() - QK / 2
+    2 * f16_fields(qtype) + if has_fifth_bits(qtype) { 4 } else { 0 }
+}
+
+/// The fifth bits of eight rows, arranged for the kernels: bit `u` of byte `4i + t` is the fifth
+/// bit of row `i`'s weight `4u + t`, the weight whose nibble is in byte `t` of row `i`'s lane of
+/// quant vector `u` (low nibbles of vectors 0..4, high nibbles of 4..8). Shifting the 32 bytes by
+/// `4 - u` and masking 0x10 then gives vector `u` its fifth bits in place.
+fn fifth_bits(qh: [u32; GROUP]) -> [u8; 32] {
+    std::array::from_fn(|p| {
+        let (i, t) = (p / 4, p % 4);
+        (0..8).fold(0u8, |b, u| b | ((((qh[i] >> (4 * u + t)) & 1) as u8) << u))
+    })
+}
+
+/// Row `i`'s GGUF fifth bits back from [`fifth_bits`].
+fn row_fifth_bits(packed: &[u8], i: usize) -> u32 {
+    (0..32).fold(0u32, |q, j| {
+        let (u, t) = (j / 4, j % 4);
+        q | ((((packed[4 * i + t] >> u) & 1) as u32) << j)
+    })
+}
+
+/// Offset of the quants in an interleaved block.
+fn quants_at(qtype: QType) -> usize {
+    GROUP * 2 * f16_fields(qtype) + if has_fifth_bits(qtype) { 32 } else { 0 }
 }
 
 impl Weights {
@@ -70,23 +108,14 @@ impl Weights {
     }
 
     fn interleave(&mut self) {
-        let (rb, bb, h) = (self.row_bytes(), self.qtype.block_bytes(), head(self.qtype));
+        let (rb, bb) = (self.row_bytes(), self.qtype.block_bytes());
         let nb = self.k / QK;
         let mut out = vec![0u8; GROUP * rb];
         for g in self.bytes[..self.packed * rb].chunks_exact_mut(GROUP * rb) {
             for b in 0..nb {
                 let dst = &mut out[b * GROUP * bb..][..GROUP * bb];
-                for i in 0..GROUP {
-                    let src = &g[i * rb + b * bb..][..bb];
-                    // The head fields: d of every row, then m of every row.
-                    for f in 0..h / 2 {
-                        dst[f * 2 * GROUP + 2 * i..][..2].copy_from_slice(&src[2 * f..][..2]);
-                    }
-                    for v in 0..4 {
-                        dst[GROUP * h + 32 * v + 4 * i..][..4]
-                            .copy_from_slice(&src[h + 4 * v..][..4]);
-                    }
-                }
+                let src: [&[u8]; GROUP] = std::array::from_fn(|i| &g[i * rb + b * bb..][..bb]);
+                pack_block(self.qtype, src, dst);
             }
             g.copy_from_slice(&out);
         }
@@ -181,16 +210,38 @@ pub(super) fn dot_groups_scalar(w: &Weights, groups: &[u8], acts: &[&[BlockQ8]],
     });
 }
 
+/// One block of eight GGUF rows (`src[i]`, `bb` bytes each) into the interleaved layout.
+fn pack_block(qtype: QType, src: [&[u8]; GROUP], dst: &mut [u8]) {
+    let (h, q) = (head(qtype), quants_at(qtype));
+    for (i, s) in src.iter().enumerate() {
+        for f in 0..f16_fields(qtype) {
+            dst[f * 2 * GROUP + 2 * i..][..2].copy_from_slice(&s[2 * f..][..2]);
+        }
+        for (c, four) in s[h..].chunks_exact(4).enumerate() {
+            dst[q + 32 * c + 4 * i..][..4].copy_from_slice(four);
+        }
+    }
+    if has_fifth_bits(qtype) {
+        let at = 2 * f16_fields(qtype);
+        let qh = src.map(|s| u32::from_le_bytes(s[at..at + 4].try_into().expect("4 bytes")));
+        dst[GROUP * at..][..32].copy_from_slice(&fifth_bits(qh));
+    }
+}
+
 /// Row `i` of the one interleaved group `grp`, in GGUF bytes.
 fn row_from(qtype: QType, grp: &[u8], i: usize, out: &mut [u8]) {
-    let (bb, h) = (qtype.block_bytes(), head(qtype));
+    let (bb, h, q) = (qtype.block_bytes(), head(qtype), quants_at(qtype));
     for (b, dst) in out.chunks_exact_mut(bb).enumerate() {
         let src = &grp[b * GROUP * bb..][..GROUP * bb];
-        for f in 0..h / 2 {
+        for f in 0..f16_fields(qtype) {
             dst[2 * f..][..2].copy_from_slice(&src[f * 2 * GROUP + 2 * i..][..2]);
         }
-        for v in 0..4 {
-            dst[h + 4 * v..][..4].copy_from_slice(&src[GROUP * h + 32 * v + 4 * i..][..4]);
+        if has_fifth_bits(qtype) {
+            let at = 2 * f16_fields(qtype);
+            dst[at..at + 4].copy_from_slice(&row_fifth_bits(&src[GROUP * at..], i).to_le_bytes());
+        }
+        for (c, four) in dst[h..].chunks_exact_mut(4).enumerate() {
+            four.copy_from_slice(&src[q + 32 * c + 4 * i..][..4]);
         }
     }
 }
