@@ -62,49 +62,97 @@ pub fn decode(q: &[f32], tokens: usize, rows: &[Row<'_>], h: Heads, out: &mut [f
         assert!(r.k.len() >= r.end * nkv * hd && r.v.len() >= r.end * nkv * hd);
     }
     let dst = Out(out.as_mut_ptr());
+    let avx2 = kernels::level() >= kernels::Level::Avx2;
     kernels::parallel(rows.len() * nkv, |t| {
         let (row, g) = (&rows[t / nkv], t % nkv);
         SCORES.with_borrow_mut(|scores| {
-            for r in 0..rep {
-                let head = g * rep + r;
-                let qr = &q[(head * tokens + row.token) * hd..][..hd];
-                // SAFETY: (row.token, head) is this task's alone, inside `out` (checked above).
-                let o = unsafe {
-                    std::slice::from_raw_parts_mut(dst.at(row.token * width + head * hd), hd)
-                };
-                one_head(qr, row, g, h, scores, o);
+            let qs = Queries { q, tokens, rep };
+            // SAFETY: the heads of group g at row.token are this task's alone: `rep * hd`
+            // consecutive floats inside `out` (checked above).
+            let o = unsafe {
+                std::slice::from_raw_parts_mut(dst.at(row.token * width + g * rep * hd), rep * hd)
+            };
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: AVX2 and FMA were detected at run time.
+                unsafe { group_avx2(qs, row, g, h, scores, o) };
+                return;
             }
+            let _ = avx2;
+            group(qs, row, g, h, scores, o);
         });
     });
 }
 
-/// softmax(q·Kᵀ · scale) · V for one query head over the keys of KV head `g`.
-fn one_head(q: &[f32], row: &Row<'_>, g: usize, h: Heads, scores: &mut Vec<f32>, out: &mut [f32]) {
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn group_avx2(
+    qs: Queries<'_>,
+    row: &Row<'_>,
+    g: usize,
+    h: Heads,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    group(qs, row, g, h, scores, out)
+}
+
+/// The batch's queries, `(n_head, tokens, head_dim)`, with `rep` query heads per KV head.
+#[derive(Clone, Copy)]
+struct Queries<'a> {
+    q: &'a [f32],
+    tokens: usize,
+    rep: usize,
+}
+
+/// softmax(q·Kᵀ · scale) · V for the query heads that share KV head `g`: each key and
+/// value row is read once for all of them. `out` holds the heads' outputs one after another.
+#[inline(always)]
+fn group(
+    qs: Queries<'_>,
+    row: &Row<'_>,
+    g: usize,
+    h: Heads,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     let (hd, stride) = (h.head_dim, h.n_kv_head * h.head_dim);
+    let (rep, len) = (qs.rep, row.end - row.start);
+    let q_of = |r: usize| &qs.q[((g * rep + r) * qs.tokens + row.token) * hd..][..hd];
+    // scores[r * len + i]: head r, key row.start + i.
     scores.clear();
-    let mut max = f32::NEG_INFINITY;
-    for j in row.start..row.end {
-        let s = dot(q, &row.k[j * stride + g * hd..][..hd]) * h.scale;
-        max = max.max(s);
-        scores.push(s);
-    }
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    out.fill(0.0);
-    for (j, p) in (row.start..row.end).zip(scores.iter()) {
-        let v = &row.v[j * stride + g * hd..][..hd];
-        for (o, x) in out.iter_mut().zip(v) {
-            *o += p * x;
+    scores.resize(rep * len, 0.0);
+    for (i, j) in (row.start..row.end).enumerate() {
+        let k = &row.k[j * stride + g * hd..][..hd];
+        for r in 0..rep {
+            scores[r * len + i] = dot(q_of(r), k) * h.scale;
         }
     }
-    let inv = 1.0 / sum;
-    out.iter_mut().for_each(|o| *o *= inv);
+    // Each head's weights, normalised.
+    for s in scores.chunks_exact_mut(len) {
+        let max = s.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+        let mut sum = 0f32;
+        for v in s.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        s.iter_mut().for_each(|v| *v *= inv);
+    }
+    out.fill(0.0);
+    for (i, j) in (row.start..row.end).enumerate() {
+        let v = &row.v[j * stride + g * hd..][..hd];
+        for (r, o) in out.chunks_exact_mut(hd).enumerate() {
+            let p = scores[r * len + i];
+            for (o, x) in o.iter_mut().zip(v) {
+                *o += p * x;
+            }
+        }
+    }
 }
 
 /// Eight running sums, so the compiler keeps them in one vector register.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));

@@ -146,7 +146,13 @@ fn dot_groups(lvl: Level, w: &Weights, groups: &[u8], acts: &[&[BlockQ8]], out: 
         unsafe { super::avx2::dot_groups(w.qtype(), groups, w.k() / QK, acts, out) };
         return;
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    if lvl == Level::Neon {
+        // SAFETY: `detected()` checked NEON and the dot-product extension.
+        unsafe { super::neon::dot_groups(w.qtype(), groups, w.k() / QK, acts, out) };
+        return;
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     let _ = lvl;
     dot_groups_scalar(w, groups, acts, out)
 }

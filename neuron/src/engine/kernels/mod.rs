@@ -15,6 +15,8 @@
 mod avx2;
 pub mod blocks;
 mod matmul;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod pool;
 pub mod quantize;
 pub mod scalar;
@@ -36,6 +38,8 @@ pub fn parallel<F: Fn(usize) + Sync>(tasks: usize, f: F) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
     Scalar,
+    /// Arm64 NEON with the dot-product extension (the interleaved types; the rest portable).
+    Neon,
     /// AVX2 + FMA + F16C.
     Avx2,
     /// AVX2 plus AVX-512 F/VL/VNNI (`vpdpbusd` on 256-bit vectors).
@@ -43,6 +47,7 @@ pub enum Level {
 }
 
 /// What this CPU supports, capped by `CORTEX_KERNELS` (`scalar`, `avx2`; for comparisons).
+/// Levels of the other architecture never come out of [`detected`].
 pub fn level() -> Level {
     static LEVEL: OnceLock<Level> = OnceLock::new();
     *LEVEL.get_or_init(|| {
@@ -78,6 +83,14 @@ pub fn detected() -> Level {
             _ => Level::Scalar,
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            Level::Neon
+        } else {
+            Level::Scalar
+        }
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     Level::Scalar
 }
