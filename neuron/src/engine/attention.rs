@@ -62,7 +62,6 @@ pub fn decode(q: &[f32], tokens: usize, rows: &[Row<'_>], h: Heads, out: &mut [f
         assert!(r.k.len() >= r.end * nkv * hd && r.v.len() >= r.end * nkv * hd);
     }
     let dst = Out(out.as_mut_ptr());
-    let avx2 = kernels::level() >= kernels::Level::Avx2;
     kernels::parallel(rows.len() * nkv, |t| {
         let (row, g) = (&rows[t / nkv], t % nkv);
         SCORES.with_borrow_mut(|scores| {
@@ -72,29 +71,9 @@ pub fn decode(q: &[f32], tokens: usize, rows: &[Row<'_>], h: Heads, out: &mut [f
             let o = unsafe {
                 std::slice::from_raw_parts_mut(dst.at(row.token * width + g * rep * hd), rep * hd)
             };
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: AVX2 and FMA were detected at run time.
-                unsafe { group_avx2(qs, row, g, h, scores, o) };
-                return;
-            }
-            let _ = avx2;
             group(qs, row, g, h, scores, o);
         });
     });
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn group_avx2(
-    qs: Queries<'_>,
-    row: &Row<'_>,
-    g: usize,
-    h: Heads,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    group(qs, row, g, h, scores, out)
 }
 
 /// The batch's queries, `(n_head, tokens, head_dim)`, with `rep` query heads per KV head.
@@ -107,7 +86,6 @@ struct Queries<'a> {
 
 /// softmax(q·Kᵀ · scale) · V for the query heads that share KV head `g`: each key and
 /// value row is read once for all of them. `out` holds the heads' outputs one after another.
-#[inline(always)]
 fn group(
     qs: Queries<'_>,
     row: &Row<'_>,
@@ -119,25 +97,23 @@ fn group(
     let (hd, stride) = (h.head_dim, h.n_kv_head * h.head_dim);
     let (rep, len) = (qs.rep, row.end - row.start);
     let q_of = |r: usize| &qs.q[((g * rep + r) * qs.tokens + row.token) * hd..][..hd];
-    // scores[r * len + i]: head r, key row.start + i.
+    // scores[r * len + i]: head r, key row.start + i; then each head's sum.
     scores.clear();
-    scores.resize(rep * len, 0.0);
+    scores.resize(rep * len + rep, 0.0);
+    let (scores, sums) = scores.split_at_mut(rep * len);
     for (i, j) in (row.start..row.end).enumerate() {
         let k = &row.k[j * stride + g * hd..][..hd];
         for r in 0..rep {
             scores[r * len + i] = dot(q_of(r), k) * h.scale;
         }
     }
-    // Each head's weights, normalised.
-    for s in scores.chunks_exact_mut(len) {
+    // Each head's unnormalised weights; the sums divide the outputs at the end.
+    for (r, s) in scores.chunks_exact_mut(len).enumerate() {
         let max = s.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
-        let mut sum = 0f32;
         for v in s.iter_mut() {
             *v = (*v - max).exp();
-            sum += *v;
+            sums[r] += *v;
         }
-        let inv = 1.0 / sum;
-        s.iter_mut().for_each(|v| *v *= inv);
     }
     out.fill(0.0);
     for (i, j) in (row.start..row.end).enumerate() {
@@ -148,6 +124,10 @@ fn group(
                 *o += p * x;
             }
         }
+    }
+    for (o, sum) in out.chunks_exact_mut(hd).zip(sums.iter()) {
+        let inv = 1.0 / sum;
+        o.iter_mut().for_each(|v| *v *= inv);
     }
 }
 
