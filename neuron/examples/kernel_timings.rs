@@ -1,5 +1,6 @@
 //! Timings of our kernels against candle's `QMatMul` on SmolLM2-sized products, side by side in
-//! one run (a measurement, not a check): `cargo run --release -p neuron --example kernel_timings`.
+//! one run (a measurement, not a check): `cargo run --release -p neuron --example kernel_timings`
+//! (all types), or with type names to time only those (`-- Q4K Q6K`).
 
 use std::time::Instant;
 
@@ -27,6 +28,7 @@ fn main() {
     // K-quant rows are 256-weight superblocks: Gemma 3 270M's attn_output (Q4_K) and ffn_down
     // (Q6_K), and a square one.
     let kquant = [(640, 1024), (640, 2048), (2048, 2048)];
+    let only: Vec<String> = std::env::args().skip(1).collect();
     for dtype in [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
@@ -37,6 +39,9 @@ fn main() {
         GgmlDType::Q5K,
         GgmlDType::Q6K,
     ] {
+        if !only.is_empty() && !only.iter().any(|t| *t == format!("{dtype:?}")) {
+            continue;
+        }
         let shapes: &[(usize, usize)] =
             if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K) {
                 &kquant

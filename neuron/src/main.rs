@@ -67,8 +67,22 @@ enum Device {
     Cuda,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // candle counts CPU threads on every matrix product it runs (prompt attention), reading
+    // /proc/cpuinfo each time unless RAYON_NUM_THREADS is set: count once, before any thread
+    // exists, and set it to what candle would find.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        // SAFETY: no other thread has started yet, so nothing reads the environment meanwhile.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     cortex_core::init_tracing();
     let args = Args::parse();
     let node = args.node_name.clone().unwrap_or_else(|| {

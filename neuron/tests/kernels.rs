@@ -237,8 +237,19 @@ fn unit_acts(rng: &mut Rng, nb: usize) -> Vec<BlockQ8> {
     (0..nb)
         .map(|_| {
             let qs: [i8; QK] = std::array::from_fn(|_| (rng.byte() as i8).max(-127));
-            let s = qs.iter().map(|&q| q as i32).sum::<i32>() as f32;
-            BlockQ8 { d: 1.0, s, qs }
+            let half = |h: usize| {
+                qs[16 * h..16 * h + 16]
+                    .iter()
+                    .map(|&q| q as i32)
+                    .sum::<i32>()
+            };
+            let hs = [half(0) as i16, half(1) as i16];
+            BlockQ8 {
+                d: 1.0,
+                s: (hs[0] + hs[1]) as f32,
+                qs,
+                hs,
+            }
         })
         .collect()
 }

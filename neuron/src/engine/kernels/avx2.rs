@@ -393,9 +393,8 @@ unsafe fn dot_k<const R: usize, const T: u8>(row: &[u8], acts: &[&[BlockQ8]], ou
     }
 }
 
-/// Interleaved groups of a 32-weight block type (`weights.rs`):
-/// `out[g * 8R + r * 8 + i] = row(8g + i) · acts[r]` for every group in `groups` (`nb` blocks
-/// each), `R = acts.len() <= 4`.
+/// Interleaved groups (`weights.rs`): `out[g * 8R + r * 8 + i] = row(8g + i) · acts[r]` for
+/// every group in `groups` (`nb` blocks, or K-quant super-blocks, each), `R = acts.len() <= 4`.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
@@ -433,7 +432,9 @@ unsafe fn groups_of<const R: usize>(
             QType::Q5_0 => groups_avx2::<R, Q5_0>(groups, nb, acts, out),
             QType::Q5_1 => groups_avx2::<R, Q5_1>(groups, nb, acts, out),
             QType::Q8_0 => groups_avx2::<R, Q8_0>(groups, nb, acts, out),
-            t => panic!("{t:?} rows are not interleaved"),
+            QType::Q4K => groups_k::<R, Q4K>(groups, nb, acts, out),
+            QType::Q5K => groups_k::<R, Q5K>(groups, nb, acts, out),
+            QType::Q6K => groups_k::<R, Q6K>(groups, nb, acts, out),
         }
     }
 }
@@ -575,6 +576,272 @@ unsafe fn groups_avx2<const R: usize, const T: u8>(
             for r in 0..R {
                 let o = out.as_mut_ptr().add(g * 8 * R + r * 8);
                 _mm256_storeu_ps(o, _mm256_add_ps(acc[r], acc_min[r]));
+            }
+        }
+    }
+}
+
+/// Shuffle masks (per 128-bit lane) putting byte `t` of each 32-bit lane into both of its
+/// 16-bit halves, zero-extended: a per-row scale for `madd`.
+const BYTE_TO_PAIRS: [[i8; 16]; 4] = [pairs_mask(0), pairs_mask(1), pairs_mask(2), pairs_mask(3)];
+
+const fn pairs_mask(t: i8) -> [i8; 16] {
+    let mut m = [-128i8; 16]; // 0x80: a zero byte
+    let mut i = 0;
+    while i < 4 {
+        m[4 * i] = 4 * i as i8 + t;
+        m[4 * i + 2] = 4 * i as i8 + t;
+        i += 1;
+    }
+    m
+}
+
+/// Shuffle masks copying the low (`[0]`) or high (`[1]`) 16-bit half of each 32-bit lane into
+/// both halves.
+const HALF_TO_PAIRS: [[i8; 16]; 2] = [halves_mask(0), halves_mask(2)];
+
+const fn halves_mask(at: i8) -> [i8; 16] {
+    let mut m = [0i8; 16];
+    let mut i = 0;
+    while i < 4 {
+        m[4 * i] = 4 * i as i8 + at;
+        m[4 * i + 1] = 4 * i as i8 + at + 1;
+        m[4 * i + 2] = 4 * i as i8 + at;
+        m[4 * i + 3] = 4 * i as i8 + at + 1;
+        i += 1;
+    }
+    m
+}
+
+/// `_mm256_shuffle_epi8` with the same 16-byte mask in both lanes.
+#[inline(always)]
+unsafe fn shuffle_lanes(v: __m256i, mask: &[i8; 16]) -> __m256i {
+    // SAFETY: the callers enable AVX2; `mask` is 16 readable bytes.
+    unsafe {
+        let m = _mm_loadu_si128(mask.as_ptr().cast());
+        _mm256_shuffle_epi8(v, _mm256_set_m128i(m, m))
+    }
+}
+
+/// Interleaved K-quant groups (`weights::KLayout`). Each sub-block's eight quant vectors meet
+/// one activation block as in [`groups_avx2`]; the 16-bit sums are weighted by the rows' scales in
+/// `madd`; Q4_K's and Q5_K's minimums and Q6_K's offset of 32 multiply the activations' half sums
+/// (`BlockQ8::hs`) in `madd` too, so a super-block ends in integers before one f32 scaling (its
+/// activations share one scale, see `quantize_row`).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn groups_k<const R: usize, const T: u8>(
+    groups: &[u8],
+    nsb: usize,
+    acts: &[&[BlockQ8]],
+    out: &mut [f32],
+) {
+    let qtype = match T {
+        Q4K => QType::Q4K,
+        Q5K => QType::Q5K,
+        _ => QType::Q6K,
+    };
+    let lay = super::weights::k_layout(qtype);
+    let gb = 8 * qtype.block_bytes();
+    assert!(acts.len() == R && acts.iter().all(|a| a.len() >= nsb * 8));
+    assert!(
+        groups.len().is_multiple_of(nsb * gb) && out.len() >= groups.len() / (nsb * gb) * 8 * R
+    );
+    let a: [*const BlockQ8; R] = std::array::from_fn(|r| acts[r].as_ptr());
+    // SAFETY: group `g` super-block `sb` reads bytes (g * nsb + sb) * gb .. + gb of `groups`
+    // (the layout's pieces lie inside), activation blocks 8sb..8sb+8 of each row, and writes
+    // out[g * 8R .. (g + 1) * 8R], all in bounds by the assertions; AVX2, FMA and F16C are
+    // enabled on this function.
+    unsafe {
+        let low4 = _mm256_set1_epi8(0x0f);
+        for (g, grp) in groups.chunks_exact(nsb * gb).enumerate() {
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut acc_min = [_mm256_setzero_ps(); R];
+            for sb in 0..nsb {
+                let p = grp.as_ptr().add(sb * gb);
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
+                // Q4_K/Q5_K: the rows' scales (bytes 0..4 of each lane: sub-blocks 0..4, then
+                // 4..8) and minimums, decoded from the three words as `scales_mins_k4` does.
+                let (mut sc, mut mn) = ([_mm256_setzero_si256(); 2], [_mm256_setzero_si256(); 2]);
+                if T != Q6K {
+                    let word = |w: usize| _mm256_loadu_si256(p.add(lay.scales + 32 * w).cast());
+                    let (w0, w1, w2) = (word(0), word(1), word(2));
+                    let (low6, low4w, top2) = (
+                        _mm256_set1_epi32(0x3f3f_3f3f),
+                        _mm256_set1_epi32(0x0f0f_0f0f),
+                        _mm256_set1_epi32(0x0303_0303),
+                    );
+                    let high = |w: __m256i| {
+                        _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(w, 6), top2), 4)
+                    };
+                    sc = [
+                        _mm256_and_si256(w0, low6),
+                        _mm256_or_si256(_mm256_and_si256(w2, low4w), high(w0)),
+                    ];
+                    mn = [
+                        _mm256_and_si256(w1, low6),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi32(w2, 4), low4w),
+                            high(w1),
+                        ),
+                    ];
+                }
+                let mut isum = [_mm256_setzero_si256(); R];
+                // Q4_K/Q5_K: Σ min * half sums; Q6_K: Σ scale * half sums (times 32).
+                let mut ioff = [_mm256_setzero_si256(); R];
+                for pair in 0..4 {
+                    let (_, sub_lo, sub_hi) = super::weights::k_pair(qtype, pair);
+                    for (half, t) in [(0, sub_lo), (1, sub_hi)] {
+                        let mut w = [_mm256_setzero_si256(); 8];
+                        for (u, wu) in w.iter_mut().enumerate() {
+                            let raw =
+                                _mm256_loadu_si256(p.add(lay.nibbles + 256 * pair + 32 * u).cast());
+                            *wu = if half == 0 {
+                                _mm256_and_si256(raw, low4)
+                            } else {
+                                _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4)
+                            };
+                        }
+                        if T == Q5K {
+                            let q = _mm256_loadu_si256(p.add(lay.high + 32 * t).cast());
+                            let bit4 = _mm256_set1_epi8(0x10);
+                            w[0] = _mm256_or_si256(
+                                w[0],
+                                _mm256_and_si256(_mm256_slli_epi16(q, 4), bit4),
+                            );
+                            w[1] = _mm256_or_si256(
+                                w[1],
+                                _mm256_and_si256(_mm256_slli_epi16(q, 3), bit4),
+                            );
+                            w[2] = _mm256_or_si256(
+                                w[2],
+                                _mm256_and_si256(_mm256_slli_epi16(q, 2), bit4),
+                            );
+                            w[3] = _mm256_or_si256(
+                                w[3],
+                                _mm256_and_si256(_mm256_slli_epi16(q, 1), bit4),
+                            );
+                            w[4] = _mm256_or_si256(w[4], _mm256_and_si256(q, bit4));
+                            w[5] = _mm256_or_si256(
+                                w[5],
+                                _mm256_and_si256(_mm256_srli_epi16(q, 1), bit4),
+                            );
+                            w[6] = _mm256_or_si256(
+                                w[6],
+                                _mm256_and_si256(_mm256_srli_epi16(q, 2), bit4),
+                            );
+                            w[7] = _mm256_or_si256(
+                                w[7],
+                                _mm256_and_si256(_mm256_srli_epi16(q, 3), bit4),
+                            );
+                        }
+                        if T == Q6K {
+                            // Bits 2u'..2u'+2 of vector h's bytes: the high bits of vector 4h + u'.
+                            let bits = _mm256_set1_epi8(0x30);
+                            for h in 0..2 {
+                                let q =
+                                    _mm256_loadu_si256(p.add(lay.high + 64 * t + 32 * h).cast());
+                                let u = 4 * h;
+                                w[u] = _mm256_or_si256(
+                                    w[u],
+                                    _mm256_and_si256(_mm256_slli_epi16(q, 4), bits),
+                                );
+                                w[u + 1] = _mm256_or_si256(
+                                    w[u + 1],
+                                    _mm256_and_si256(_mm256_slli_epi16(q, 2), bits),
+                                );
+                                w[u + 2] = _mm256_or_si256(w[u + 2], _mm256_and_si256(q, bits));
+                                w[u + 3] = _mm256_or_si256(
+                                    w[u + 3],
+                                    _mm256_and_si256(_mm256_srli_epi16(q, 2), bits),
+                                );
+                            }
+                        }
+                        // The scales of this sub-block, one row per 32-bit lane: (sc, sc) for
+                        // Q4_K/Q5_K, (sc of weights 0..16, sc of 16..32) for Q6_K.
+                        let (s_a, s_b, s_off) = if T == Q6K {
+                            let ab = _mm256_cvtepi8_epi16(_mm_loadu_si128(
+                                p.add(lay.scales + 16 * t).cast(),
+                            ));
+                            (
+                                shuffle_lanes(ab, &HALF_TO_PAIRS[0]),
+                                shuffle_lanes(ab, &HALF_TO_PAIRS[1]),
+                                ab,
+                            )
+                        } else {
+                            let s = shuffle_lanes(sc[t / 4], &BYTE_TO_PAIRS[t % 4]);
+                            (s, s, shuffle_lanes(mn[t / 4], &BYTE_TO_PAIRS[t % 4]))
+                        };
+                        for r in 0..R {
+                            let ab = &*a[r].add(8 * sb + t);
+                            let qa = ab.qs.as_ptr();
+                            let lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(qa.cast()));
+                            let hi =
+                                _mm256_broadcastsi128_si256(_mm_loadu_si128(qa.add(16).cast()));
+                            let prod = |u: usize| _mm256_maddubs_epi16(w[u], act_group(lo, hi, u));
+                            let part = if T == Q6K {
+                                // Quants up to 63: two products per 16-bit sum at most.
+                                _mm256_add_epi32(
+                                    _mm256_add_epi32(
+                                        _mm256_madd_epi16(_mm256_add_epi16(prod(0), prod(1)), s_a),
+                                        _mm256_madd_epi16(_mm256_add_epi16(prod(2), prod(3)), s_a),
+                                    ),
+                                    _mm256_add_epi32(
+                                        _mm256_madd_epi16(_mm256_add_epi16(prod(4), prod(5)), s_b),
+                                        _mm256_madd_epi16(_mm256_add_epi16(prod(6), prod(7)), s_b),
+                                    ),
+                                )
+                            } else {
+                                let h0 = _mm256_add_epi16(
+                                    _mm256_add_epi16(prod(0), prod(1)),
+                                    _mm256_add_epi16(prod(2), prod(3)),
+                                );
+                                let h1 = _mm256_add_epi16(
+                                    _mm256_add_epi16(prod(4), prod(5)),
+                                    _mm256_add_epi16(prod(6), prod(7)),
+                                );
+                                if T == Q4K {
+                                    // Nibbles: 16 products per 16-bit sum stay below 2^15.
+                                    _mm256_madd_epi16(_mm256_add_epi16(h0, h1), s_a)
+                                } else {
+                                    _mm256_add_epi32(
+                                        _mm256_madd_epi16(h0, s_a),
+                                        _mm256_madd_epi16(h1, s_b),
+                                    )
+                                }
+                            };
+                            isum[r] = _mm256_add_epi32(isum[r], part);
+                            let hs = _mm256_set1_epi32(
+                                (ab.hs[0] as u16 as i32) | ((ab.hs[1] as i32) << 16),
+                            );
+                            ioff[r] = _mm256_add_epi32(ioff[r], _mm256_madd_epi16(s_off, hs));
+                        }
+                    }
+                }
+                for r in 0..R {
+                    // One activation scale for the whole super-block.
+                    let da = _mm256_set1_ps((*a[r].add(8 * sb)).d);
+                    if T == Q6K {
+                        let q = _mm256_sub_epi32(isum[r], _mm256_slli_epi32(ioff[r], 5));
+                        acc[r] =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_mul_ps(d, da), acc[r]);
+                    } else {
+                        let dmin = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast()));
+                        acc[r] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(isum[r]),
+                            _mm256_mul_ps(d, da),
+                            acc[r],
+                        );
+                        acc_min[r] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(ioff[r]),
+                            _mm256_mul_ps(dmin, da),
+                            acc_min[r],
+                        );
+                    }
+                }
+            }
+            for r in 0..R {
+                let o = out.as_mut_ptr().add(g * 8 * R + r * 8);
+                _mm256_storeu_ps(o, _mm256_sub_ps(acc[r], acc_min[r]));
             }
         }
     }

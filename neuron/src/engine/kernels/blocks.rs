@@ -75,6 +75,9 @@ pub struct BlockQ8 {
     pub d: f32,
     pub s: f32,
     pub qs: [i8; QK],
+    /// Sums of the quants 0..16 and 16..32 (what the interleaved K-quant kernels multiply Q4_K's
+    /// and Q5_K's minimums and Q6_K's offset of 32 by).
+    pub hs: [i16; 2],
 }
 
 /// IEEE half to single precision, subnormals included (scales can be tiny).

@@ -140,20 +140,22 @@ fn rows_into(
 /// Interleaved groups of `w` times up to [`TILE`] activation rows: `out[g * 8R + r * 8 + i]`.
 fn dot_groups(lvl: Level, w: &Weights, groups: &[u8], acts: &[&[BlockQ8]], out: &mut [f32]) {
     let lvl = lvl.min(detected());
+    // Blocks (super-blocks for the K-quants) per row.
+    let nb = w.k() / w.qtype().block_weights();
     #[cfg(target_arch = "x86_64")]
     if lvl >= Level::Avx2 {
         // SAFETY: `detected()` checked the CPU features.
-        unsafe { super::avx2::dot_groups(w.qtype(), groups, w.k() / QK, acts, out) };
+        unsafe { super::avx2::dot_groups(w.qtype(), groups, nb, acts, out) };
         return;
     }
     #[cfg(target_arch = "aarch64")]
-    if lvl == Level::Neon {
+    if lvl == Level::Neon && w.qtype().block_weights() == QK {
         // SAFETY: `detected()` checked NEON and the dot-product extension.
-        unsafe { super::neon::dot_groups(w.qtype(), groups, w.k() / QK, acts, out) };
+        unsafe { super::neon::dot_groups(w.qtype(), groups, nb, acts, out) };
         return;
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    let _ = lvl;
+    let _ = (lvl, nb);
     dot_groups_scalar(w, groups, acts, out)
 }
 
@@ -173,7 +175,7 @@ impl Out {
 
 fn run(w: &Weights, acts: &[BlockQ8], m: usize, y: &mut [f32]) {
     let (n, nb) = (w.n(), w.k() / QK);
-    let threads = candle_core::utils::get_num_threads().max(1);
+    let threads = pool::threads();
     // Whole groups of interleaved rows per task.
     let per_task = n
         .div_ceil(threads * TASKS_PER_THREAD)

@@ -113,6 +113,13 @@ fn worker(s: &'static Shared) {
     }
 }
 
+/// Threads a product runs on: the workers and the caller. Read once: candle's count reads
+/// `/proc/cpuinfo` on every call when `RAYON_NUM_THREADS` is unset, tens of microseconds that
+/// every product of every token paid.
+pub fn threads() -> usize {
+    pool().workers + 1
+}
+
 /// Calls `f(0..tasks)` once per task, over the pool and the calling thread.
 pub fn run<F: Fn(usize) + Sync>(tasks: usize, f: F) {
     let p = pool();

@@ -28,13 +28,19 @@ fn quantize_group_scalar(x: &[f32], out: &mut [BlockQ8], amax: f32) {
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
-        let mut sum = 0i32;
         for (q, v) in b.qs.iter_mut().zip(xs) {
             *q = (v * id).round_ties_even() as i8;
-            sum += *q as i32;
         }
+        let half = |h: usize| {
+            b.qs[16 * h..16 * h + 16]
+                .iter()
+                .map(|&q| q as i32)
+                .sum::<i32>()
+        };
+        let (h0, h1) = (half(0), half(1));
         b.d = d;
-        b.s = d * sum as f32;
+        b.s = d * (h0 + h1) as f32;
+        b.hs = [h0 as i16, h1 as i16];
     }
 }
 
@@ -88,20 +94,19 @@ unsafe fn quantize_group_avx2(x: &[f32], out: &mut [BlockQ8], amax: f32) {
         let i = _mm256_permutevar8x32_epi32(i, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         // SAFETY: `qs` is 32 bytes.
         unsafe { _mm256_storeu_si256(b.qs.as_mut_ptr().cast(), i) };
-        let s16 = _mm256_madd_epi16(
-            _mm256_add_epi16(
-                _mm256_cvtepi8_epi16(_mm256_castsi256_si128(i)),
-                _mm256_cvtepi8_epi16(_mm256_extracti128_si256(i, 1)),
-            ),
-            _mm256_set1_epi16(1),
-        );
+        // Sums of each half's quants: pairs, then quads of each half side by side.
+        let ones = _mm256_set1_epi16(1);
+        let lo = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(i)), ones);
+        let hi = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(i, 1)), ones);
+        let both = _mm256_hadd_epi32(lo, hi);
+        let both = _mm256_hadd_epi32(both, both);
         let s4 = _mm_add_epi32(
-            _mm256_castsi256_si128(s16),
-            _mm256_extracti128_si256(s16, 1),
+            _mm256_castsi256_si128(both),
+            _mm256_extracti128_si256(both, 1),
         );
-        let s4 = _mm_hadd_epi32(s4, s4);
-        let s4 = _mm_hadd_epi32(s4, s4);
+        let (h0, h1) = (_mm_cvtsi128_si32(s4), _mm_extract_epi32(s4, 1));
         b.d = d;
-        b.s = d * _mm_cvtsi128_si32(s4) as f32;
+        b.s = d * (h0 + h1) as f32;
+        b.hs = [h0 as i16, h1 as i16];
     }
 }

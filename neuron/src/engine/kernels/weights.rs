@@ -30,8 +30,8 @@ pub struct Weights {
 }
 
 /// Whether rows of this type are interleaved at load.
-pub fn interleaves(qtype: QType) -> bool {
-    qtype.block_weights() == QK
+pub fn interleaves(_qtype: QType) -> bool {
+    true
 }
 
 /// f16 fields at the head of a block: `d`, and the minimum `m` of Q4_1 and Q5_1.
@@ -109,7 +109,7 @@ impl Weights {
 
     fn interleave(&mut self) {
         let (rb, bb) = (self.row_bytes(), self.qtype.block_bytes());
-        let nb = self.k / QK;
+        let nb = self.k / self.qtype.block_weights();
         let mut out = vec![0u8; GROUP * rb];
         for g in self.bytes[..self.packed * rb].chunks_exact_mut(GROUP * rb) {
             for b in 0..nb {
@@ -212,6 +212,9 @@ pub(super) fn dot_groups_scalar(w: &Weights, groups: &[u8], acts: &[&[BlockQ8]],
 
 /// One block of eight GGUF rows (`src[i]`, `bb` bytes each) into the interleaved layout.
 fn pack_block(qtype: QType, src: [&[u8]; GROUP], dst: &mut [u8]) {
+    if qtype.block_weights() != QK {
+        return pack_k(qtype, src, dst);
+    }
     let (h, q) = (head(qtype), quants_at(qtype));
     for (i, s) in src.iter().enumerate() {
         for f in 0..f16_fields(qtype) {
@@ -233,6 +236,10 @@ fn row_from(qtype: QType, grp: &[u8], i: usize, out: &mut [u8]) {
     let (bb, h, q) = (qtype.block_bytes(), head(qtype), quants_at(qtype));
     for (b, dst) in out.chunks_exact_mut(bb).enumerate() {
         let src = &grp[b * GROUP * bb..][..GROUP * bb];
+        if qtype.block_weights() != QK {
+            unpack_k(qtype, src, i, dst);
+            continue;
+        }
         for f in 0..f16_fields(qtype) {
             dst[2 * f..][..2].copy_from_slice(&src[f * 2 * GROUP + 2 * i..][..2]);
         }
@@ -242,6 +249,145 @@ fn row_from(qtype: QType, grp: &[u8], i: usize, out: &mut [u8]) {
         }
         for (c, four) in dst[h..].chunks_exact_mut(4).enumerate() {
             four.copy_from_slice(&src[q + 32 * c + 4 * i..][..4]);
+        }
+    }
+}
+
+/// Where the pieces of an interleaved K-quant super-block of eight rows start.
+///
+/// - Q4_K, Q5_K: `d` of each row (16 bytes), `dmin` (16), the GGUF 12 bytes of packed scales and
+///   minimums as three u32 words, word `w` of row `i` at `32 w + 4 i` (96); Q5_K's fifth bits,
+///   32 bytes per sub-block as [`fifth_bits`] arranges them (256); the nibbles.
+/// - Q6_K: `d` of each row (16); per sub-block `t`, 16 bytes: row `i`'s two scales (of weights
+///   0..16 and 16..32) at `2i`, `2i + 1` (128); per sub-block 64 bytes of high bits: two 32-byte
+///   vectors, bits `2u'..2u' + 2` of byte `4i + t'` of vector `h` are the high bits of row `i`'s
+///   weight `4 (4h + u') + t'` (512); the nibbles.
+/// - The nibbles: four pairs of sub-blocks sharing bytes, 256 bytes each, byte `32u + 4i + t'` being
+///   the byte whose low nibble is row `i`'s weight `4u + t'` of the pair's first sub-block and whose
+///   high nibble that of its second ([`k_pair`]).
+pub(super) struct KLayout {
+    pub scales: usize,
+    pub high: usize,
+    pub nibbles: usize,
+}
+
+pub(super) const fn k_layout(qtype: QType) -> KLayout {
+    match qtype {
+        QType::Q6K => KLayout {
+            scales: 16,
+            high: 144,
+            nibbles: 656,
+        },
+        QType::Q5K => KLayout {
+            scales: 32,
+            high: 128,
+            nibbles: 384,
+        },
+        _ => KLayout {
+            scales: 32,
+            high: 128,
+            nibbles: 128,
+        },
+    }
+}
+
+/// Pair `p` of sub-blocks sharing nibble bytes: (offset of its 32 bytes in a GGUF super-block,
+/// sub-block of the low nibbles, sub-block of the high nibbles).
+pub(super) const fn k_pair(qtype: QType, p: usize) -> (usize, usize, usize) {
+    match qtype {
+        // ql[64n + 32c ..]: sub-blocks 4n + c (low) and 4n + c + 2 (high).
+        QType::Q6K => (32 * p, 4 * (p / 2) + p % 2, 4 * (p / 2) + p % 2 + 2),
+        QType::Q5K => (48 + 32 * p, 2 * p, 2 * p + 1),
+        _ => (16 + 32 * p, 2 * p, 2 * p + 1),
+    }
+}
+
+/// The 2-bit high part of Q6_K weight `l` (0..32) of sub-block `t`, from a GGUF super-block.
+fn q6_high(blk: &[u8], t: usize, l: usize) -> u8 {
+    let (n, c) = (t / 4, t % 4);
+    (blk[128 + 32 * n + l] >> (2 * c)) & 3
+}
+
+fn pack_k(qtype: QType, src: [&[u8]; GROUP], dst: &mut [u8]) {
+    let lay = k_layout(qtype);
+    for (i, s) in src.iter().enumerate() {
+        for p in 0..4 {
+            let at = k_pair(qtype, p).0;
+            for u in 0..8 {
+                dst[lay.nibbles + 256 * p + 32 * u + 4 * i..][..4]
+                    .copy_from_slice(&s[at + 4 * u..][..4]);
+            }
+        }
+        if qtype == QType::Q6K {
+            dst[2 * i..][..2].copy_from_slice(&s[208..210]);
+            for t in 0..8 {
+                dst[lay.scales + 16 * t + 2 * i..][..2].copy_from_slice(&s[192 + 2 * t..][..2]);
+                for (h, v) in [0, 1]
+                    .map(|h| lay.high + 64 * t + 32 * h)
+                    .into_iter()
+                    .enumerate()
+                {
+                    for tt in 0..4 {
+                        dst[v + 4 * i + tt] = (0..4).fold(0u8, |b, u| {
+                            b | q6_high(s, t, 4 * (4 * h + u) + tt) << (2 * u)
+                        });
+                    }
+                }
+            }
+        } else {
+            dst[2 * i..][..2].copy_from_slice(&s[0..2]);
+            dst[16 + 2 * i..][..2].copy_from_slice(&s[2..4]);
+            for w in 0..3 {
+                dst[lay.scales + 32 * w + 4 * i..][..4].copy_from_slice(&s[4 + 4 * w..][..4]);
+            }
+        }
+    }
+    if qtype == QType::Q5K {
+        // GGUF: bit t of qh[l] is weight l of sub-block t.
+        for t in 0..8 {
+            let qh =
+                src.map(|s| (0..32).fold(0u32, |q, l| q | (((s[16 + l] >> t) & 1) as u32) << l));
+            dst[lay.high + 32 * t..][..32].copy_from_slice(&fifth_bits(qh));
+        }
+    }
+}
+
+/// Row `i` of one interleaved K-quant super-block `src`, as GGUF bytes.
+fn unpack_k(qtype: QType, src: &[u8], i: usize, dst: &mut [u8]) {
+    let lay = k_layout(qtype);
+    for p in 0..4 {
+        let at = k_pair(qtype, p).0;
+        for u in 0..8 {
+            dst[at + 4 * u..][..4]
+                .copy_from_slice(&src[lay.nibbles + 256 * p + 32 * u + 4 * i..][..4]);
+        }
+    }
+    if qtype == QType::Q6K {
+        dst[208..210].copy_from_slice(&src[2 * i..][..2]);
+        dst[128..192].fill(0);
+        for t in 0..8 {
+            dst[192 + 2 * t..][..2].copy_from_slice(&src[lay.scales + 16 * t + 2 * i..][..2]);
+            let (n, c) = (t / 4, t % 4);
+            for l in 0..32 {
+                let (h, u, tt) = (l / 16, (l / 4) % 4, l % 4);
+                let bits = (src[lay.high + 64 * t + 32 * h + 4 * i + tt] >> (2 * u)) & 3;
+                dst[128 + 32 * n + l] |= bits << (2 * c);
+            }
+        }
+    } else {
+        dst[0..2].copy_from_slice(&src[2 * i..][..2]);
+        dst[2..4].copy_from_slice(&src[16 + 2 * i..][..2]);
+        for w in 0..3 {
+            dst[4 + 4 * w..][..4].copy_from_slice(&src[lay.scales + 32 * w + 4 * i..][..4]);
+        }
+        if qtype == QType::Q5K {
+            dst[16..48].fill(0);
+            for t in 0..8 {
+                let qh = row_fifth_bits(&src[lay.high + 32 * t..], i);
+                for l in 0..32 {
+                    dst[16 + l] |= (((qh >> l) & 1) as u8) << t;
+                }
+            }
         }
     }
 }
