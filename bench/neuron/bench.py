@@ -12,6 +12,7 @@ import time
 import urllib.request
 
 import llama_cpp
+import numpy as np
 
 TEXT = (
     "The history of the city begins with a small settlement on an island in the river. Over the centuries "
@@ -60,16 +61,22 @@ def cortex_run(url, model, prompt, n_new):
     return usage["prompt_tokens"], usage["prompt_tokens"] / (first - t0), (gen - 1) / (last - first)
 
 
+def last_logits(llm):
+    """The logits of the last token evaluated, read from llama.cpp (`Llama.scores` stays zero
+    unless the model was opened with `logits_all`, and greedy decoding then fed token 0)."""
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
+
 def llama_run(llm, tokens, n_new):
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(tokens)
     t1 = time.perf_counter()
-    tok = int(llm.scores[llm.n_tokens - 1].argmax())
+    tok = int(last_logits(llm).argmax())
     t2 = time.perf_counter()
     for _ in range(n_new - 1):
         llm.eval([tok])
-        tok = int(llm.scores[llm.n_tokens - 1].argmax())
+        tok = int(last_logits(llm).argmax())
     t3 = time.perf_counter()
     return len(tokens) / (t1 - t0), (n_new - 1) / (t3 - t2)
 
@@ -91,7 +98,6 @@ def requantized(src, ftype_name):
 def read_bandwidth(threads):
     """Bytes per second `threads` threads read from memory together (each sums its share of
     512 MB; numpy releases the GIL while it sums), best of 3: the same threads decode uses."""
-    import numpy as np
     from concurrent.futures import ThreadPoolExecutor
     a = np.ones(64 << 20, dtype=np.float64)
     parts = np.array_split(a, threads)

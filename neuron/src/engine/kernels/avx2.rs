@@ -397,21 +397,22 @@ unsafe fn dot_k<const R: usize, const T: u8>(row: &[u8], acts: &[&[BlockQ8]], ou
 /// every group in `groups` (`nb` blocks, or K-quant super-blocks, each), `R = acts.len() <= 4`.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C.
+/// The CPU must support AVX2, FMA and F16C (and AVX-512 F/VL/VNNI when `vnni`).
 pub unsafe fn dot_groups(
     qtype: QType,
     groups: &[u8],
     nb: usize,
     acts: &[&[BlockQ8]],
     out: &mut [f32],
+    vnni: bool,
 ) {
     // SAFETY: forwarded from the caller.
     unsafe {
         match acts.len() {
-            1 => groups_of::<1>(qtype, groups, nb, acts, out),
-            2 => groups_of::<2>(qtype, groups, nb, acts, out),
-            3 => groups_of::<3>(qtype, groups, nb, acts, out),
-            4 => groups_of::<4>(qtype, groups, nb, acts, out),
+            1 => groups_of::<1>(qtype, groups, nb, acts, out, vnni),
+            2 => groups_of::<2>(qtype, groups, nb, acts, out, vnni),
+            3 => groups_of::<3>(qtype, groups, nb, acts, out, vnni),
+            4 => groups_of::<4>(qtype, groups, nb, acts, out, vnni),
             r => panic!("dot_groups takes 1 to 4 activation rows, got {r}"),
         }
     }
@@ -423,18 +424,24 @@ unsafe fn groups_of<const R: usize>(
     nb: usize,
     acts: &[&[BlockQ8]],
     out: &mut [f32],
+    vnni: bool,
 ) {
     // SAFETY: forwarded from the caller.
     unsafe {
-        match qtype {
-            QType::Q4_0 => groups_avx2::<R, Q4_0>(groups, nb, acts, out),
-            QType::Q4_1 => groups_avx2::<R, Q4_1>(groups, nb, acts, out),
-            QType::Q5_0 => groups_avx2::<R, Q5_0>(groups, nb, acts, out),
-            QType::Q5_1 => groups_avx2::<R, Q5_1>(groups, nb, acts, out),
-            QType::Q8_0 => groups_avx2::<R, Q8_0>(groups, nb, acts, out),
-            QType::Q4K => groups_k::<R, Q4K>(groups, nb, acts, out),
-            QType::Q5K => groups_k::<R, Q5K>(groups, nb, acts, out),
-            QType::Q6K => groups_k::<R, Q6K>(groups, nb, acts, out),
+        match (qtype, vnni) {
+            (QType::Q4_0, false) => groups_avx2::<R, Q4_0>(groups, nb, acts, out),
+            (QType::Q4_1, false) => groups_avx2::<R, Q4_1>(groups, nb, acts, out),
+            (QType::Q5_0, false) => groups_avx2::<R, Q5_0>(groups, nb, acts, out),
+            (QType::Q5_1, false) => groups_avx2::<R, Q5_1>(groups, nb, acts, out),
+            (QType::Q8_0, false) => groups_avx2::<R, Q8_0>(groups, nb, acts, out),
+            (QType::Q4_0, true) => groups_vnni::<R, Q4_0>(groups, nb, acts, out),
+            (QType::Q4_1, true) => groups_vnni::<R, Q4_1>(groups, nb, acts, out),
+            (QType::Q5_0, true) => groups_vnni::<R, Q5_0>(groups, nb, acts, out),
+            (QType::Q5_1, true) => groups_vnni::<R, Q5_1>(groups, nb, acts, out),
+            (QType::Q8_0, true) => groups_vnni::<R, Q8_0>(groups, nb, acts, out),
+            (QType::Q4K, _) => groups_k::<R, Q4K>(groups, nb, acts, out),
+            (QType::Q5K, _) => groups_k::<R, Q5K>(groups, nb, acts, out),
+            (QType::Q6K, _) => groups_k::<R, Q6K>(groups, nb, acts, out),
         }
     }
 }
@@ -462,6 +469,31 @@ unsafe fn groups_avx2<const R: usize, const T: u8>(
     acts: &[&[BlockQ8]],
     out: &mut [f32],
 ) {
+    // SAFETY: forwarded; the features are enabled on this function.
+    unsafe { groups_body::<R, T, false>(groups, nb, acts, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn groups_vnni<const R: usize, const T: u8>(
+    groups: &[u8],
+    nb: usize,
+    acts: &[&[BlockQ8]],
+    out: &mut [f32],
+) {
+    // SAFETY: forwarded; the features are enabled on this function.
+    unsafe { groups_body::<R, T, true>(groups, nb, acts, out) }
+}
+
+/// The interleaved product for the 32-weight types. With VNNI every group of four weight bytes
+/// meets its activation bytes in one `vpdpbusd` into 32-bit sums; without, `maddubs` products are
+/// summed in 16 bits and widened by one `madd`.
+#[inline(always)]
+unsafe fn groups_body<const R: usize, const T: u8, const VNNI: bool>(
+    groups: &[u8],
+    nb: usize,
+    acts: &[&[BlockQ8]],
+    out: &mut [f32],
+) {
     let minimum = T == Q4_1 || T == Q5_1;
     let fifth = T == Q5_0 || T == Q5_1;
     // Where the quants start in one interleaved block, and its bytes.
@@ -472,7 +504,7 @@ unsafe fn groups_avx2<const R: usize, const T: u8>(
     let a: [*const BlockQ8; R] = std::array::from_fn(|r| acts[r].as_ptr());
     // SAFETY: group `g` block `b` reads bytes (g * nb + b) * gb .. + gb of `groups`, activation
     // block `b < nb` of each row, and writes out[g * 8R .. (g + 1) * 8R], all in bounds by the
-    // assertions; AVX2, FMA and F16C are enabled on this function.
+    // assertions; inlined only into `groups_avx2` (AVX2, FMA, F16C) and `groups_vnni` (and VNNI).
     unsafe {
         let low4 = _mm256_set1_epi8(0x0f);
         let bit4 = _mm256_set1_epi8(0x10);
@@ -514,8 +546,28 @@ unsafe fn groups_avx2<const R: usize, const T: u8>(
                     let qa = ab.qs.as_ptr();
                     let lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(qa.cast()));
                     let hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(qa.add(16).cast()));
-                    let prod = |u: usize| _mm256_maddubs_epi16(w[u], act_group(lo, hi, u));
-                    let isum = if T == Q8_0 {
+                    // A macro, not a closure: a closure is a function of its own, without
+                    // the callers' target features.
+                    macro_rules! prod {
+                        ($u:expr) => {
+                            _mm256_maddubs_epi16(w[$u], act_group(lo, hi, $u))
+                        };
+                    }
+                    let isum = if VNNI {
+                        let mut s = _mm256_setzero_si256();
+                        for u in 0..8 {
+                            s = if T == Q8_0 {
+                                _mm256_dpbusd_epi32(
+                                    s,
+                                    _mm256_sign_epi8(w[u], w[u]),
+                                    _mm256_sign_epi8(act_group(lo, hi, u), w[u]),
+                                )
+                            } else {
+                                _mm256_dpbusd_epi32(s, w[u], act_group(lo, hi, u))
+                            };
+                        }
+                        s
+                    } else if T == Q8_0 {
                         // Signed weights: their sign moves onto the activations (as in
                         // `block`); a pair sum may reach 2 * 127 * 127, so each widens alone.
                         let mut s = _mm256_setzero_si256();
@@ -530,23 +582,23 @@ unsafe fn groups_avx2<const R: usize, const T: u8>(
                     } else if fifth {
                         // 8 products of up to 31 * 127 per 16-bit lane: two halves.
                         let h0 = _mm256_add_epi16(
-                            _mm256_add_epi16(prod(0), prod(1)),
-                            _mm256_add_epi16(prod(2), prod(3)),
+                            _mm256_add_epi16(prod!(0), prod!(1)),
+                            _mm256_add_epi16(prod!(2), prod!(3)),
                         );
                         let h1 = _mm256_add_epi16(
-                            _mm256_add_epi16(prod(4), prod(5)),
-                            _mm256_add_epi16(prod(6), prod(7)),
+                            _mm256_add_epi16(prod!(4), prod!(5)),
+                            _mm256_add_epi16(prod!(6), prod!(7)),
                         );
                         _mm256_add_epi32(_mm256_madd_epi16(h0, ones), _mm256_madd_epi16(h1, ones))
                     } else {
                         // 16 products of a nibble and a byte: at most 16 * 15 * 127 = 30480.
                         let h0 = _mm256_add_epi16(
-                            _mm256_add_epi16(prod(0), prod(1)),
-                            _mm256_add_epi16(prod(2), prod(3)),
+                            _mm256_add_epi16(prod!(0), prod!(1)),
+                            _mm256_add_epi16(prod!(2), prod!(3)),
                         );
                         let h1 = _mm256_add_epi16(
-                            _mm256_add_epi16(prod(4), prod(5)),
-                            _mm256_add_epi16(prod(6), prod(7)),
+                            _mm256_add_epi16(prod!(4), prod!(5)),
+                            _mm256_add_epi16(prod!(6), prod!(7)),
                         );
                         _mm256_madd_epi16(_mm256_add_epi16(h0, h1), ones)
                     };

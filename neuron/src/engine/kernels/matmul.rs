@@ -145,7 +145,9 @@ fn dot_groups(lvl: Level, w: &Weights, groups: &[u8], acts: &[&[BlockQ8]], out: 
     #[cfg(target_arch = "x86_64")]
     if lvl >= Level::Avx2 {
         // SAFETY: `detected()` checked the CPU features.
-        unsafe { super::avx2::dot_groups(w.qtype(), groups, nb, acts, out) };
+        unsafe {
+            super::avx2::dot_groups(w.qtype(), groups, nb, acts, out, lvl >= Level::Avx512Vnni)
+        };
         return;
     }
     #[cfg(target_arch = "aarch64")]
