@@ -446,6 +446,24 @@ unsafe fn groups_of<const R: usize>(
     }
 }
 
+/// Sets bit 4 of every byte of vector `u` from bit `u` of the same byte of `q` (the fifth bits
+/// as `weights::fifth_bits` arranges them).
+#[inline(always)]
+unsafe fn merge_fifth_bits(w: &mut [__m256i; 8], q: __m256i) {
+    // SAFETY: inlined only into functions that enable AVX2.
+    unsafe {
+        let bit4 = _mm256_set1_epi8(0x10);
+        w[0] = _mm256_or_si256(w[0], _mm256_and_si256(_mm256_slli_epi16(q, 4), bit4));
+        w[1] = _mm256_or_si256(w[1], _mm256_and_si256(_mm256_slli_epi16(q, 3), bit4));
+        w[2] = _mm256_or_si256(w[2], _mm256_and_si256(_mm256_slli_epi16(q, 2), bit4));
+        w[3] = _mm256_or_si256(w[3], _mm256_and_si256(_mm256_slli_epi16(q, 1), bit4));
+        w[4] = _mm256_or_si256(w[4], _mm256_and_si256(q, bit4));
+        w[5] = _mm256_or_si256(w[5], _mm256_and_si256(_mm256_srli_epi16(q, 1), bit4));
+        w[6] = _mm256_or_si256(w[6], _mm256_and_si256(_mm256_srli_epi16(q, 2), bit4));
+        w[7] = _mm256_or_si256(w[7], _mm256_and_si256(_mm256_srli_epi16(q, 3), bit4));
+    }
+}
+
 /// The four activation bytes `4u..4u+4` in every 32-bit lane, from the block's two halves each
 /// broadcast to both 128-bit lanes.
 #[inline(always)]
@@ -507,7 +525,6 @@ unsafe fn groups_body<const R: usize, const T: u8, const VNNI: bool>(
     // assertions; inlined only into `groups_avx2` (AVX2, FMA, F16C) and `groups_vnni` (and VNNI).
     unsafe {
         let low4 = _mm256_set1_epi8(0x0f);
-        let bit4 = _mm256_set1_epi8(0x10);
         let ones = _mm256_set1_epi16(1);
         for (g, grp) in groups.chunks_exact(nb * gb).enumerate() {
             let mut acc = [_mm256_setzero_ps(); R];
@@ -532,14 +549,7 @@ unsafe fn groups_body<const R: usize, const T: u8, const VNNI: bool>(
                 if fifth {
                     // Bit u of each byte is vector u's fifth bit (`weights::fifth_bits`).
                     let q = _mm256_loadu_si256(p.add(quants - 32).cast());
-                    w[0] = _mm256_or_si256(w[0], _mm256_and_si256(_mm256_slli_epi16(q, 4), bit4));
-                    w[1] = _mm256_or_si256(w[1], _mm256_and_si256(_mm256_slli_epi16(q, 3), bit4));
-                    w[2] = _mm256_or_si256(w[2], _mm256_and_si256(_mm256_slli_epi16(q, 2), bit4));
-                    w[3] = _mm256_or_si256(w[3], _mm256_and_si256(_mm256_slli_epi16(q, 1), bit4));
-                    w[4] = _mm256_or_si256(w[4], _mm256_and_si256(q, bit4));
-                    w[5] = _mm256_or_si256(w[5], _mm256_and_si256(_mm256_srli_epi16(q, 1), bit4));
-                    w[6] = _mm256_or_si256(w[6], _mm256_and_si256(_mm256_srli_epi16(q, 2), bit4));
-                    w[7] = _mm256_or_si256(w[7], _mm256_and_si256(_mm256_srli_epi16(q, 3), bit4));
+                    merge_fifth_bits(&mut w, q);
                 }
                 for r in 0..R {
                     let ab = &*a[r].add(b);
@@ -755,36 +765,7 @@ unsafe fn groups_k<const R: usize, const T: u8>(
                         }
                         if T == Q5K {
                             let q = _mm256_loadu_si256(p.add(lay.high + 32 * t).cast());
-                            let bit4 = _mm256_set1_epi8(0x10);
-                            w[0] = _mm256_or_si256(
-                                w[0],
-                                _mm256_and_si256(_mm256_slli_epi16(q, 4), bit4),
-                            );
-                            w[1] = _mm256_or_si256(
-                                w[1],
-                                _mm256_and_si256(_mm256_slli_epi16(q, 3), bit4),
-                            );
-                            w[2] = _mm256_or_si256(
-                                w[2],
-                                _mm256_and_si256(_mm256_slli_epi16(q, 2), bit4),
-                            );
-                            w[3] = _mm256_or_si256(
-                                w[3],
-                                _mm256_and_si256(_mm256_slli_epi16(q, 1), bit4),
-                            );
-                            w[4] = _mm256_or_si256(w[4], _mm256_and_si256(q, bit4));
-                            w[5] = _mm256_or_si256(
-                                w[5],
-                                _mm256_and_si256(_mm256_srli_epi16(q, 1), bit4),
-                            );
-                            w[6] = _mm256_or_si256(
-                                w[6],
-                                _mm256_and_si256(_mm256_srli_epi16(q, 2), bit4),
-                            );
-                            w[7] = _mm256_or_si256(
-                                w[7],
-                                _mm256_and_si256(_mm256_srli_epi16(q, 3), bit4),
-                            );
+                            merge_fifth_bits(&mut w, q);
                         }
                         if T == Q6K {
                             // Bits 2u'..2u'+2 of vector h's bytes: the high bits of vector 4h + u'.
