@@ -464,20 +464,12 @@ unsafe fn merge_fifth_bits(w: &mut [__m256i; 8], q: __m256i) {
     }
 }
 
-/// The four activation bytes `4u..4u+4` in every 32-bit lane, from the block's two halves each
-/// broadcast to both 128-bit lanes.
+/// The four activation bytes `4u..4u+4` of a block (`qa` at its quants) in every 32-bit lane: one
+/// broadcast load, which takes a load port rather than a shuffle beside the products.
 #[inline(always)]
-unsafe fn act_group(lo: __m256i, hi: __m256i, u: usize) -> __m256i {
-    // SAFETY: the callers enable AVX2.
-    unsafe {
-        let h = if u < 4 { lo } else { hi };
-        match u % 4 {
-            0 => _mm256_shuffle_epi32(h, 0x00),
-            1 => _mm256_shuffle_epi32(h, 0x55),
-            2 => _mm256_shuffle_epi32(h, 0xaa),
-            _ => _mm256_shuffle_epi32(h, 0xff),
-        }
-    }
+unsafe fn act_group(qa: *const i8, u: usize) -> __m256i {
+    // SAFETY: the callers enable AVX2 and pass a block's 32 quants.
+    unsafe { _mm256_set1_epi32(qa.add(4 * u).cast::<i32>().read_unaligned()) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -554,13 +546,11 @@ unsafe fn groups_body<const R: usize, const T: u8, const VNNI: bool>(
                 for r in 0..R {
                     let ab = &*a[r].add(b);
                     let qa = ab.qs.as_ptr();
-                    let lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(qa.cast()));
-                    let hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(qa.add(16).cast()));
                     // A macro, not a closure: a closure is a function of its own, without
                     // the callers' target features.
                     macro_rules! prod {
                         ($u:expr) => {
-                            _mm256_maddubs_epi16(w[$u], act_group(lo, hi, $u))
+                            _mm256_maddubs_epi16(w[$u], act_group(qa, $u))
                         };
                     }
                     let isum = if VNNI {
@@ -570,10 +560,10 @@ unsafe fn groups_body<const R: usize, const T: u8, const VNNI: bool>(
                                 _mm256_dpbusd_epi32(
                                     s,
                                     _mm256_sign_epi8(w[u], w[u]),
-                                    _mm256_sign_epi8(act_group(lo, hi, u), w[u]),
+                                    _mm256_sign_epi8(act_group(qa, u), w[u]),
                                 )
                             } else {
-                                _mm256_dpbusd_epi32(s, w[u], act_group(lo, hi, u))
+                                _mm256_dpbusd_epi32(s, w[u], act_group(qa, u))
                             };
                         }
                         s
@@ -584,7 +574,7 @@ unsafe fn groups_body<const R: usize, const T: u8, const VNNI: bool>(
                         for u in 0..8 {
                             let p = _mm256_maddubs_epi16(
                                 _mm256_sign_epi8(w[u], w[u]),
-                                _mm256_sign_epi8(act_group(lo, hi, u), w[u]),
+                                _mm256_sign_epi8(act_group(qa, u), w[u]),
                             );
                             s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
                         }
@@ -807,10 +797,7 @@ unsafe fn groups_k<const R: usize, const T: u8>(
                         for r in 0..R {
                             let ab = &*a[r].add(8 * sb + t);
                             let qa = ab.qs.as_ptr();
-                            let lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(qa.cast()));
-                            let hi =
-                                _mm256_broadcastsi128_si256(_mm_loadu_si128(qa.add(16).cast()));
-                            let prod = |u: usize| _mm256_maddubs_epi16(w[u], act_group(lo, hi, u));
+                            let prod = |u: usize| _mm256_maddubs_epi16(w[u], act_group(qa, u));
                             let part = if T == Q6K {
                                 // Quants up to 63: two products per 16-bit sum at most.
                                 _mm256_add_epi32(
