@@ -383,6 +383,8 @@ pub fn stream(
     model: String,
 ) -> axum::response::Response {
     use futures::{SinkExt, StreamExt};
+    // Created now: latencies count from the request's arrival, the wait for a cold model included.
+    let call = crate::proxy::Call::new("anthropic");
     crate::proxy::channel_stream(|mut tx| async move {
         let id = format!("msg_{:016x}", rand_id());
         let mut tr = StreamTranslator::new(id, model);
@@ -400,11 +402,11 @@ pub fn stream(
         };
         let resp = match crate::proxy::wait_ready(&fleet, &p, &mut tx, &ping).await {
             Ok(false) => return,
-            Ok(true) => {
-                let call = crate::proxy::Call::new("anthropic");
-                crate::proxy::send(&fleet, &p, "/v1/chat/completions", &body, &call).await
+            Ok(true) => crate::proxy::send(&fleet, &p, "/v1/chat/completions", &body, &call).await,
+            Err(e) => {
+                fleet.metrics.unrouted(&p.name, call.dialect, e.status());
+                Err(e)
             }
-            Err(e) => Err(e),
         };
         let resp = match resp {
             Ok(r) if r.status().is_success() => r,

@@ -224,6 +224,7 @@ fn route_anthropic(
         .fleet
         .placement(&req.model)
         .ok_or_else(|| Error::ModelNotFound(req.model.clone()))?;
+    crate::metrics::note_model(&p.name);
     let mut oa = crate::anthropic::to_openai(req)?;
     oa["model"] = json!(p.name);
     Ok((p, oa))
@@ -384,5 +385,9 @@ pub fn router(st: Arc<AppState>) -> Router {
     } else {
         app.layer(middleware::from_fn_with_state(st.clone(), auth))
     };
-    app.with_state(st)
+    app.layer(middleware::from_fn_with_state(
+        st.fleet.metrics.clone(),
+        crate::metrics::count_unrouted,
+    ))
+    .with_state(st)
 }

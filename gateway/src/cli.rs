@@ -28,42 +28,69 @@ async fn get(gateway: &str, path: &str, key: Option<&str>) -> anyhow::Result<Val
 
 /// The fleet: one line per neuron and device, then its models.
 pub async fn status(gateway: &str, key: Option<&str>) -> anyhow::Result<String> {
-    let v = get(gateway, "/cortex/fleet", key).await?;
-    let mut out = format!(
-        "{:<14} {:<28} {:<5} {:<34} {:>10} {:>10} {:>8}\n",
-        "NEURON", "ENDPOINT", "UP", "DEVICE", "FREE", "TOTAL", "INFLIGHT"
-    );
+    Ok(status_table(&get(gateway, "/cortex/fleet", key).await?))
+}
+
+/// The catalogue: every served name, its state and where it is loaded.
+pub async fn models(gateway: &str, key: Option<&str>) -> anyhow::Result<String> {
+    Ok(models_table(&get(gateway, "/v1/models", key).await?))
+}
+
+fn status_row(cells: [&str; 7]) -> String {
+    format!(
+        "{:<14}  {:<28}  {:<3}  {:<40}  {:>10}  {:>10}  {:>8}\n",
+        cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6]
+    )
+}
+
+/// A device as `cuda:0 NVIDIA H200` or `cpu AMD EPYC 7B13`, cut to the column's width.
+fn device_label(d: &Value) -> String {
+    let kind = d["kind"].as_str().unwrap_or("?");
+    let key = match (kind, d["index"].as_u64()) {
+        ("cpu", _) | (_, None) => kind.to_string(),
+        (_, Some(i)) => format!("{kind}:{i}"),
+    };
+    let label = format!("{key} {}", d["name"].as_str().unwrap_or("?"));
+    if label.chars().count() > 40 {
+        label.chars().take(39).chain(['…']).collect()
+    } else {
+        label
+    }
+}
+
+/// `/cortex/fleet` as a table: a line per neuron with its first device, a line for each further
+/// device, then a line per model it holds. A neuron that never answered has no devices (`-`).
+pub fn status_table(v: &Value) -> String {
+    let mut out = status_row([
+        "NEURON", "ENDPOINT", "UP", "DEVICE", "FREE", "TOTAL", "INFLIGHT",
+    ]);
     for n in v["neurons"].as_array().into_iter().flatten() {
         let st = &n["status"];
         let devices = st["devices"].as_array().cloned().unwrap_or_default();
-        let first = devices.first();
-        out += &format!(
-            "{:<14} {:<28} {:<5} {:<34} {:>10} {:>10} {:>8}\n",
-            n["name"].as_str().unwrap_or("?"),
-            n["endpoint"].as_str().unwrap_or("?"),
-            if n["up"].as_bool() == Some(true) {
-                "yes"
+        let inflight = st["inflight"].as_u64().unwrap_or(0).to_string();
+        let up = if n["up"].as_bool() == Some(true) {
+            "yes"
+        } else {
+            "no"
+        };
+        let name = n["name"].as_str().unwrap_or("?");
+        let endpoint = n["endpoint"].as_str().unwrap_or("?");
+        if devices.is_empty() {
+            out += &status_row([name, endpoint, up, "-", "-", "-", &inflight]);
+        }
+        for (i, d) in devices.iter().enumerate() {
+            let free = gib(d["memoryFree"].as_u64().unwrap_or(0));
+            let total = gib(d["memoryTotal"].as_u64().unwrap_or(0));
+            let label = device_label(d);
+            out += &if i == 0 {
+                status_row([name, endpoint, up, &label, &free, &total, &inflight])
             } else {
-                "no"
-            },
-            first
-                .map(|d| format!(
-                    "{} ({})",
-                    d["name"].as_str().unwrap_or("?"),
-                    d["kind"].as_str().unwrap_or("?")
-                ))
-                .unwrap_or_else(|| "-".into()),
-            first
-                .map(|d| gib(d["memoryFree"].as_u64().unwrap_or(0)))
-                .unwrap_or_else(|| "-".into()),
-            first
-                .map(|d| gib(d["memoryTotal"].as_u64().unwrap_or(0)))
-                .unwrap_or_else(|| "-".into()),
-            st["inflight"].as_u64().unwrap_or(0),
-        );
+                status_row(["", "", "", &label, &free, &total, ""])
+            };
+        }
         for m in st["models"].as_array().into_iter().flatten() {
             out += &format!(
-                "  └ {:<24} {:<11} {:>10}  in-flight {}  queued {}\n",
+                "  └ {:<24}  {:<11}  {:>10}  in-flight {}  queued {}\n",
                 m["id"].as_str().unwrap_or("?"),
                 m["state"].as_str().unwrap_or("?"),
                 gib(m["bytes"].as_u64().unwrap_or(0)),
@@ -72,14 +99,13 @@ pub async fn status(gateway: &str, key: Option<&str>) -> anyhow::Result<String> 
             );
         }
     }
-    Ok(out)
+    out
 }
 
-/// The catalogue: every served name, its state and where it is loaded.
-pub async fn models(gateway: &str, key: Option<&str>) -> anyhow::Result<String> {
-    let v = get(gateway, "/v1/models", key).await?;
+/// `/v1/models` as a table: every served name, its state and where it is loaded.
+pub fn models_table(v: &Value) -> String {
     let mut out = format!(
-        "{:<28} {:<11} {:<7} {}\n",
+        "{:<28}  {:<11}  {:<6}  {}\n",
         "MODEL", "STATE", "PINNED", "LOADED ON"
     );
     for m in v["data"].as_array().into_iter().flatten() {
@@ -96,7 +122,7 @@ pub async fn models(gateway: &str, key: Option<&str>) -> anyhow::Result<String> 
             })
             .collect();
         out += &format!(
-            "{:<28} {:<11} {:<7} {}\n",
+            "{:<28}  {:<11}  {:<6}  {}\n",
             m["id"].as_str().unwrap_or("?"),
             m["state"].as_str().unwrap_or("?"),
             m["pinned"].as_bool().unwrap_or(false),
@@ -107,5 +133,34 @@ pub async fn models(gateway: &str, key: Option<&str>) -> anyhow::Result<String> 
             }
         );
     }
-    Ok(out)
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_device_of_a_neuron_gets_a_line_with_its_free_memory() {
+        let fleet = json!({"neurons": [{
+            "name": "beast", "endpoint": "http://beast:13131", "up": true,
+            "status": {"inflight": 3, "devices": [
+                {"index": 0, "name": "NVIDIA H200", "kind": "cuda", "memoryTotal": 150u64 << 30, "memoryFree": 120u64 << 30},
+                {"index": 1, "name": "NVIDIA H200", "kind": "cuda", "memoryTotal": 150u64 << 30, "memoryFree": 7u64 << 29},
+                {"index": 0, "name": "AMD EPYC 9654 96-Core Processor with a long name", "kind": "cpu", "memoryTotal": 64u64 << 30, "memoryFree": 32u64 << 30},
+            ], "models": [{"id": "qwen", "state": "ready", "bytes": 1u64 << 30, "inflight": 3, "queued": 1}]},
+        }, {"name": "late", "endpoint": "http://late:13131", "up": false, "status": null}]});
+        let table = status_table(&fleet);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 6, "{table}");
+        assert!(lines[1].starts_with("beast ") && lines[1].contains("cuda:0 NVIDIA H200"));
+        assert!(lines[1].contains("120.0 GiB") && lines[1].trim_end().ends_with(" 3"));
+        assert!(lines[2].starts_with("     ") && lines[2].contains("cuda:1 NVIDIA H200"));
+        assert!(lines[2].contains("3.5 GiB") && lines[2].contains("150.0 GiB"));
+        assert!(lines[3].contains("cpu AMD EPYC 9654") && lines[3].contains("32.0 GiB"));
+        assert!(lines[3].contains('…'), "a long name is cut: {}", lines[3]);
+        assert!(lines[4].contains("qwen") && lines[4].contains("queued 1"));
+        assert!(lines[5].starts_with("late ") && lines[5].contains(" no "));
+    }
 }

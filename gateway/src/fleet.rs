@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use crate::config::{GatewayConfig, NeuronConfig, Placement};
 use crate::error::Error;
-use crate::metrics::{LoadLabels, Metrics, ModelLabels, RouteLabelsNeuron};
+use crate::metrics::{Metrics, RouteLabelsNeuron};
 
 pub struct Neuron {
     pub cfg: NeuronConfig,
@@ -262,24 +262,19 @@ impl Fleet {
                     let p = p.clone();
                     let fut = async move {
                         let started = std::time::Instant::now();
+                        let before: Vec<Arc<Neuron>> = me.ready_copies(&p).collect();
                         let r = me.backend.make_ready(me.clone(), p.clone()).await;
                         me.loads.lock().expect("loads lock").remove(&p.name);
-                        let result = if r.is_ok() { "success" } else { "failure" };
-                        me.metrics
-                            .cold_loads
-                            .get_or_create(&LoadLabels {
-                                model: p.name.clone(),
-                                result: result.into(),
-                            })
-                            .inc();
-                        if r.is_ok() {
-                            me.metrics
-                                .cold_load_seconds
-                                .get_or_create(&ModelLabels {
-                                    model: p.name.clone(),
-                                })
-                                .observe(started.elapsed().as_secs_f64());
-                        }
+                        // The copy made is the ready one that was not there before.
+                        let on = me
+                            .ready_copies(&p)
+                            .find(|n| !before.iter().any(|b| Arc::ptr_eq(b, n)));
+                        me.metrics.cold_load(
+                            &p.name,
+                            r.is_ok(),
+                            on.as_ref().map(|n| n.cfg.name.as_str()),
+                            started.elapsed(),
+                        );
                         r
                     }
                     .boxed()

@@ -1,12 +1,24 @@
 //! The gateway's Prometheus metrics (`cortex_gateway_*`, on `metrics_listen`). Names follow vLLM's
-//! where an equivalent exists (`time_to_first_token_seconds`, `e2e_request_latency_seconds`), with
-//! units in the names; label values are bounded: placement names, neuron names (from the config or
-//! the Neuron objects), the dialect (`openai`, `anthropic`) and the status class.
+//! where an equivalent exists (`time_to_first_token_seconds`, `e2e_request_latency_seconds`,
+//! `inter_token_latency_seconds`), with units in the names; label values are bounded: placement
+//! names (`unknown` for a request naming none), neuron names (from the config or the Neuron
+//! objects; `none` for a request answered before it reached one), the dialect (`openai`,
+//! `anthropic`) and the status class.
+//!
+//! Every client request is counted once in `cortex_gateway_requests_total`: by its route when a
+//! neuron was asked (each attempt on a neuron counts, so a request retried elsewhere after a
+//! failure counts on both), else by [`count_unrouted`] (bad bodies, unknown models, wrong keys,
+//! oversize bodies) or where a cold load failed.
 
+use std::cell::{Cell, OnceCell};
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
 
-use axum::http::StatusCode;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
@@ -29,14 +41,17 @@ pub struct RouteLabels {
     pub dialect: String,
 }
 
+/// A model on a neuron (`none` where the event had none, as a cold load that failed).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
     pub model: String,
+    pub neuron: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LoadLabels {
     pub model: String,
+    pub neuron: String,
     pub result: String,
 }
 
@@ -49,6 +64,13 @@ fn latency() -> Histogram {
     ])
 }
 
+fn throughput() -> Histogram {
+    Histogram::new([
+        1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 200.0, 300.0, 500.0, 1000.0,
+        2000.0,
+    ])
+}
+
 fn load() -> Histogram {
     Histogram::new([
         0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
@@ -58,10 +80,11 @@ fn load() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
-    pub in_flight: Family<ModelLabels, Gauge>,
-    pub ttfb: Hist<RouteLabels>,
+    pub in_flight: Family<RouteLabels, Gauge>,
+    pub ttft: Hist<RouteLabels>,
     pub e2e: Hist<RouteLabels>,
     pub itl: Hist<RouteLabels>,
+    pub tokens_per_second: Hist<RouteLabels>,
     pub queue_time: Hist<RouteLabels>,
     pub prompt_tokens: Family<RouteLabels, Counter>,
     pub generation_tokens: Family<RouteLabels, Counter>,
@@ -84,8 +107,9 @@ pub struct RouteMetrics {
     pub in_flight: Gauge,
     pub e2e: Histogram,
     pub queue_time: Histogram,
-    ttfb: Series<Histogram, fn() -> Histogram>,
+    ttft: Series<Histogram, fn() -> Histogram>,
     itl: Series<Histogram, fn() -> Histogram>,
+    tokens_per_second: Series<Histogram, fn() -> Histogram>,
     prompt_tokens: Series<Counter, fn() -> Counter>,
     generation_tokens: Series<Counter, fn() -> Counter>,
     requests: Family<RequestLabels, Counter>,
@@ -115,12 +139,16 @@ impl<M: Clone, C: MetricConstructor<M> + Clone> Series<M, C> {
 }
 
 impl RouteMetrics {
-    pub fn ttfb(&self) -> &Histogram {
-        self.ttfb.get(&self.labels)
+    pub fn ttft(&self) -> &Histogram {
+        self.ttft.get(&self.labels)
     }
 
     pub fn itl(&self) -> &Histogram {
         self.itl.get(&self.labels)
+    }
+
+    pub fn tokens_per_second(&self) -> &Histogram {
+        self.tokens_per_second.get(&self.labels)
     }
 
     pub fn prompt_tokens(&self) -> &Counter {
@@ -168,9 +196,10 @@ impl Metrics {
             registry: Registry::default(),
             requests: Family::default(),
             in_flight: Family::default(),
-            ttfb: Family::new_with_constructor(latency),
+            ttft: Family::new_with_constructor(latency),
             e2e: Family::new_with_constructor(latency),
             itl: Family::new_with_constructor(latency),
+            tokens_per_second: Family::new_with_constructor(throughput),
             queue_time: Family::new_with_constructor(latency),
             prompt_tokens: Family::default(),
             generation_tokens: Family::default(),
@@ -184,28 +213,33 @@ impl Metrics {
         let mut r = Registry::default();
         r.register(
             "cortex_gateway_requests",
-            "Requests answered, by model, neuron, dialect and status class",
+            "Requests answered, by model, neuron (none when no neuron was asked), dialect and status class",
             m.requests.clone(),
         );
         r.register(
             "cortex_gateway_in_flight_requests",
-            "Requests being proxied now",
+            "Requests being proxied to a neuron now",
             m.in_flight.clone(),
         );
         r.register(
             "cortex_gateway_time_to_first_token_seconds",
-            "Time from the request to the neuron's first byte",
-            m.ttfb.clone(),
+            "Time from the request's arrival to the first streamed chunk carrying generated text or a tool call (streams only)",
+            m.ttft.clone(),
         );
         r.register(
             "cortex_gateway_e2e_request_latency_seconds",
-            "Time from the request to the end of the answer",
+            "Time from the request's arrival to the end of the answer, once per answered request",
             m.e2e.clone(),
         );
         r.register(
             "cortex_gateway_inter_token_latency_seconds",
-            "Time between two streamed chunks of an answer (about one token each)",
+            "Time between two streamed chunks carrying generated tokens (streams only)",
             m.itl.clone(),
+        );
+        r.register(
+            "cortex_gateway_generation_tokens_per_second",
+            "Tokens a streamed answer generated after its first, per second from its first token to its last",
+            m.tokens_per_second.clone(),
         );
         r.register(
             "cortex_gateway_request_queue_time_seconds",
@@ -224,17 +258,17 @@ impl Metrics {
         );
         r.register(
             "cortex_gateway_cold_loads",
-            "Loads started because a request found no ready replica, by result",
+            "Loads started because no replica was ready, by the neuron that got the copy (none when it failed) and result",
             m.cold_loads.clone(),
         );
         r.register(
             "cortex_gateway_cold_load_duration_seconds",
-            "Time a cold load took",
+            "Time a successful cold load took, by model and the neuron that got the copy",
             m.cold_load_seconds.clone(),
         );
         r.register(
             "cortex_gateway_evictions",
-            "Models unloaded to make room, by evicted model",
+            "Models unloaded to make room, by evicted model and the neuron it left",
             m.evictions.clone(),
         );
         r.register(
@@ -274,16 +308,12 @@ impl Metrics {
             dialect: dialect.into(),
         };
         let r = Arc::new(RouteMetrics {
-            in_flight: self
-                .in_flight
-                .get_or_create(&ModelLabels {
-                    model: model.into(),
-                })
-                .clone(),
+            in_flight: self.in_flight.get_or_create(&labels).clone(),
             e2e: self.e2e.get_or_create(&labels).clone(),
             queue_time: self.queue_time.get_or_create(&labels).clone(),
-            ttfb: Series::new(&self.ttfb),
+            ttft: Series::new(&self.ttft),
             itl: Series::new(&self.itl),
+            tokens_per_second: Series::new(&self.tokens_per_second),
             prompt_tokens: Series::new(&self.prompt_tokens),
             generation_tokens: Series::new(&self.generation_tokens),
             requests: self.requests.clone(),
@@ -294,12 +324,119 @@ impl Metrics {
         r
     }
 
+    /// Counts a request answered with `status` before any neuron was asked (`model` is a
+    /// placement name, or `unknown`).
+    pub fn unrouted(&self, model: &str, dialect: &str, status: StatusCode) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                model: model.into(),
+                neuron: "none".into(),
+                dialect: dialect.into(),
+                status_class: format!("{}xx", status.as_u16() / 100),
+            })
+            .inc();
+        counted();
+    }
+
+    /// A cold load of `model` ended, successfully when `ok`, with the copy on `neuron` (`none`
+    /// for a failed load; `unknown` when the backend cannot say which neuron got it).
+    pub fn cold_load(&self, model: &str, ok: bool, neuron: Option<&str>, took: Duration) {
+        let neuron = match (ok, neuron) {
+            (false, _) => "none",
+            (true, n) => n.unwrap_or("unknown"),
+        };
+        self.cold_loads
+            .get_or_create(&LoadLabels {
+                model: model.into(),
+                neuron: neuron.into(),
+                result: if ok { "success" } else { "failure" }.into(),
+            })
+            .inc();
+        if ok {
+            self.cold_load_seconds
+                .get_or_create(&ModelLabels {
+                    model: model.into(),
+                    neuron: neuron.into(),
+                })
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    /// `model` was unloaded from `neuron` to make room.
+    pub fn evicted(&self, model: &str, neuron: &str) {
+        self.evictions
+            .get_or_create(&ModelLabels {
+                model: model.into(),
+                neuron: neuron.into(),
+            })
+            .inc();
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
     }
+}
+
+/// What the gateway knows of the request the current task is answering, kept for
+/// [`count_unrouted`] while the handler runs.
+struct Tally {
+    /// The request was counted already (by its route, or where its cold load failed), or its
+    /// answer is a stream whose task counts it.
+    counted: Cell<bool>,
+    /// The placement it named, once known.
+    model: OnceCell<String>,
+}
+
+tokio::task_local! {
+    static TALLY: Tally;
+}
+
+/// Says that the request being handled on this task has been counted (or will be, by the stream
+/// task answering it). Outside [`count_unrouted`] (a spawned stream task), it does nothing.
+pub fn counted() {
+    let _ = TALLY.try_with(|t| t.counted.set(true));
+}
+
+/// Names the placement of the request being handled on this task, for its count should it be
+/// rejected before reaching a neuron.
+pub fn note_model(placement: &str) {
+    let _ = TALLY.try_with(|t| t.model.set(placement.to_string()));
+}
+
+/// Counts the requests to the inference endpoints that were answered without reaching a neuron
+/// (400 malformed, 401 wrong key, 404 unknown model, 413 too large…), by status class, dialect
+/// and the placement when one was named (else `unknown`, so label values stay bounded). Installed
+/// outermost, so it sees the answers of the auth layer and of the body extractors too.
+pub async fn count_unrouted(State(m): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let dialect = match path {
+        "/v1/chat/completions" | "/v1/completions" => "openai",
+        "/v1/messages" | "/v1/messages/count_tokens" => "anthropic",
+        _ => return next.run(req).await,
+    };
+    if req.method() != Method::POST {
+        return next.run(req).await;
+    }
+    let tally = Tally {
+        counted: Cell::new(false),
+        model: OnceCell::new(),
+    };
+    let (res, tally) = TALLY
+        .scope(tally, async move {
+            let res = next.run(req).await;
+            (
+                res,
+                TALLY.with(|t| (t.counted.get(), t.model.get().cloned())),
+            )
+        })
+        .await;
+    if let (false, model) = tally {
+        m.unrouted(model.as_deref().unwrap_or("unknown"), dialect, res.status());
+    }
+    res
 }
 
 /// `GET /metrics`, in the exposition format the scraper asks for.

@@ -4,7 +4,8 @@
 //! while the model loads, so client timeouts do not fire during the load.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -12,6 +13,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
+use memchr::memmem::Finder;
 
 use crate::config::Placement;
 use crate::error::Error;
@@ -20,60 +22,88 @@ use crate::metrics::{Metrics, RouteMetrics};
 use crate::relay::{Relay, Rename};
 
 /// Held while a proxied answer streams: keeps the neuron's outstanding count and the in-flight
-/// gauge up, and records the request's latency when the answer is done.
+/// gauge up, and records the request's latencies and speed. Time to first token and end-to-end
+/// latency count from the request's arrival at the gateway (as vLLM's count from its arrival at
+/// the engine), so a cold load or a wait for a replica is part of them.
+///
+/// Only a stream shows when tokens come: its first chunk carrying generated text or a tool call
+/// gives the time to first token (a chat stream's first chunk, with the role and no text, comes
+/// before the prompt is processed and does not count), and the gaps between such chunks give the
+/// inter-token latency and, with the neuron's token count, the tokens per second. A JSON answer
+/// records none of the three, only its end-to-end latency and tokens.
 pub struct RequestGuard {
     neuron: Arc<Neuron>,
     route: Arc<RouteMetrics>,
-    started: Instant,
-    first_byte: bool,
-    last_chunk: Instant,
+    /// When the client's request reached the gateway.
+    arrived: Instant,
+    /// When the first and the last chunk carrying tokens came.
+    first_token: Option<Instant>,
+    last_token: Instant,
+    /// Tokens generated, as the neuron's usage reported them.
+    generated: AtomicU64,
+    /// The neuron answered and its answer is being relayed: only then does the request record its
+    /// end-to-end latency and speed, so a failed attempt retried elsewhere adds no sample.
+    answered: bool,
 }
 
 impl RequestGuard {
-    fn new(neuron: Arc<Neuron>, metrics: &Metrics, model: &str, dialect: &str) -> Self {
+    fn new(neuron: Arc<Neuron>, metrics: &Metrics, p: &Placement, call: &Call) -> Self {
         neuron.outstanding.fetch_add(1, Ordering::Relaxed);
-        let route = metrics.route(model, &neuron.cfg.name, dialect);
+        let route = metrics.route(&p.name, &neuron.cfg.name, call.dialect);
         route.in_flight.inc();
-        let now = Instant::now();
+        crate::metrics::counted();
         RequestGuard {
             neuron,
             route,
-            started: now,
-            first_byte: false,
-            last_chunk: now,
+            arrived: call.arrived,
+            first_token: None,
+            last_token: call.arrived,
+            generated: AtomicU64::new(0),
+            answered: false,
         }
     }
 
+    /// Counts an attempt that failed before the neuron answered (the request may go on elsewhere).
     fn record(&self, status: StatusCode) {
         self.route.request(status);
+    }
+
+    /// Counts the request, answered by the neuron with `status`.
+    fn answered(&mut self, status: StatusCode) {
+        self.route.request(status);
+        self.answered = true;
     }
 
     pub fn neuron_name(&self) -> &str {
         &self.neuron.cfg.name
     }
 
-    /// A chunk of the answer arrived (now, which it returns): the first is the time to first
-    /// token; later chunks of a stream (one per token or so) give the inter-token latency.
-    pub fn chunk(&mut self, sse: bool) -> Instant {
-        let now = Instant::now();
-        if !self.first_byte {
-            self.first_byte = true;
-            self.route
-                .ttfb()
-                .observe((now - self.started).as_secs_f64());
-        } else if sse {
-            self.route
-                .itl()
-                .observe((now - self.last_chunk).as_secs_f64());
+    /// Whole SSE events of the answer arrived at `now`: those carrying tokens time the first
+    /// token and the gaps between tokens.
+    pub fn events(&mut self, events: &[u8], now: Instant) {
+        if !carries_tokens(events) {
+            return;
         }
-        self.last_chunk = now;
-        now
+        match self.first_token {
+            None => {
+                self.first_token = Some(now);
+                self.route
+                    .ttft()
+                    .observe((now - self.arrived).as_secs_f64());
+            }
+            Some(_) => self
+                .route
+                .itl()
+                .observe((now - self.last_token).as_secs_f64()),
+        }
+        self.last_token = now;
     }
 
     /// Counts the tokens of the usage the neuron reported.
     pub fn tokens(&self, prompt: u64, completion: u64) {
         self.route.prompt_tokens().inc_by(prompt);
         self.route.generation_tokens().inc_by(completion);
+        self.generated.store(completion, Ordering::Relaxed);
     }
 }
 
@@ -81,8 +111,38 @@ impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.neuron.outstanding.fetch_sub(1, Ordering::Relaxed);
         self.route.in_flight.dec();
-        self.route.e2e.observe(self.started.elapsed().as_secs_f64());
+        if !self.answered {
+            return;
+        }
+        self.route.e2e.observe(self.arrived.elapsed().as_secs_f64());
+        // The first token's time is the time to first token; the speed counts those after it
+        // (as `cortex probe` does).
+        let generated = self.generated.load(Ordering::Relaxed);
+        if let Some(first) = self.first_token
+            && generated > 1
+            && self.last_token > first
+        {
+            let decode = (self.last_token - first).as_secs_f64();
+            self.route
+                .tokens_per_second()
+                .observe((generated - 1) as f64 / decode);
+        }
     }
+}
+
+static CONTENT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(br#""content":""#));
+static TEXT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(br#""text":""#));
+static TOOL_CALLS: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(br#""tool_calls":["#));
+
+/// Whether OpenAI stream events carry generated tokens: non-empty `content` (chat) or `text`
+/// (completions), or a tool call. A key cannot appear inside a JSON string (its quotes would be
+/// escaped there), so finding it finds the field.
+fn carries_tokens(events: &[u8]) -> bool {
+    let non_empty = |key: &Finder<'_>| {
+        key.find_iter(events)
+            .any(|i| matches!(events.get(i + key.needle().len()), Some(c) if !b"\"]".contains(c)))
+    };
+    non_empty(&CONTENT) || non_empty(&TEXT) || non_empty(&TOOL_CALLS)
 }
 
 /// How often a waiting stream gets a keep-alive comment.
@@ -154,16 +214,24 @@ pub async fn send(
         let n = match fleet.pick(p, &skip) {
             Some(n) => n,
             None => {
-                fleet.load_copy(p).await?;
-                fleet.pick(p, &skip).ok_or_else(|| {
-                    Error::NoCapacity(format!(
-                        "'{}' loaded but no replica is ready",
-                        p.served_name()
-                    ))
+                let ready = match fleet.load_copy(p).await {
+                    Ok(()) => fleet.pick(p, &skip).ok_or_else(|| {
+                        Error::NoCapacity(format!(
+                            "'{}' loaded but no replica is ready",
+                            p.served_name()
+                        ))
+                    }),
+                    Err(e) => Err(e),
+                };
+                // Counted here unless an attempt on a neuron already counted it.
+                ready.inspect_err(|e| {
+                    if skip.is_empty() {
+                        fleet.metrics.unrouted(&p.name, dialect, e.status())
+                    }
                 })?
             }
         };
-        let guard = RequestGuard::new(n.clone(), &fleet.metrics, &p.name, dialect);
+        let mut guard = RequestGuard::new(n.clone(), &fleet.metrics, p, call);
         if skip.is_empty() {
             guard
                 .route
@@ -196,7 +264,7 @@ pub async fn send(
             }
             Ok(r) => {
                 let (parts, body) = r.into_parts();
-                guard.record(parts.status);
+                guard.answered(parts.status);
                 let ctype = parts.headers.get(header::CONTENT_TYPE).cloned();
                 let sse = ctype
                     .as_ref()
@@ -251,6 +319,8 @@ where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = futures::channel::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    // The task counts the request: by its route, or where its cold load failed.
+    crate::metrics::counted();
     tokio::spawn(task(tx));
     (
         [
@@ -274,7 +344,10 @@ fn stream_while_loading(
         let result = match wait_ready(&fleet, &p, &mut tx, &keepalive).await {
             Ok(false) => return,
             Ok(true) => send(&fleet, &p, path, &body, &call).await,
-            Err(e) => Err(e),
+            Err(e) => {
+                fleet.metrics.unrouted(&p.name, call.dialect, e.status());
+                Err(e)
+            }
         };
         match result {
             Ok(resp) if resp.status().is_success() => {
@@ -306,4 +379,41 @@ fn sse_data(json: &[u8]) -> Bytes {
     v.extend_from_slice(json);
     v.extend_from_slice(b"\n\n");
     Bytes::from(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::carries_tokens;
+
+    #[test]
+    fn only_events_with_generated_text_or_tool_calls_carry_tokens() {
+        // A chat stream's first chunk: the role, no text yet.
+        assert!(!carries_tokens(
+            br#"data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#
+        ));
+        assert!(carries_tokens(
+            br#"data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}"#
+        ));
+        assert!(carries_tokens(
+            br#"data: {"choices":[{"delta":{"content":"\n"}}]}"#
+        ));
+        assert!(carries_tokens(br#"data: {"choices":[{"text":" Paris"}]}"#));
+        assert!(!carries_tokens(
+            br#"data: {"choices":[{"text":"","finish_reason":"stop"}]}"#
+        ));
+        assert!(carries_tokens(
+            br#"data: {"choices":[{"delta":{"tool_calls":[{"index":0}]}}]}"#
+        ));
+        assert!(!carries_tokens(
+            br#"data: {"choices":[],"usage":{"completion_tokens":3}}"#
+        ));
+        // Text that looks like a key is escaped inside its string.
+        assert!(!carries_tokens(
+            br#"data: {"choices":[{"delta":{"content":""}}],"x":"\"content\":\"a"}"#
+        ));
+        // Several events in one chunk: any one with text counts.
+        assert!(carries_tokens(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n"
+        ));
+    }
 }

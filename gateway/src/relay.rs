@@ -1,6 +1,6 @@
 //! A neuron's answer relayed to the client as a streaming body, frame by frame as hyper hands
-//! them over: no channel, no task, no copy of a chunk unless it must change. Each chunk counts
-//! for time-to-first-token and inter-token latency; the usage the neuron reports counts the
+//! them over: no channel, no task, no copy of a chunk unless it must change. Each event carrying
+//! tokens counts for time-to-first-token and inter-token latency; the usage the neuron reports counts the
 //! request's tokens, and a usage event the client did not ask for is dropped; answers name the
 //! model as the client did. A neuron that fails or stays silent past the idle bound mid-stream
 //! ends an SSE answer with an error event in OpenAI's shape and `[DONE]`, so the caller never
@@ -194,12 +194,15 @@ impl Body for Relay {
                     let Ok(b) = frame.into_data() else {
                         continue; // trailers: not passed on
                     };
-                    me.last = me.guard.chunk(me.sse);
+                    me.last = Instant::now();
                     if me.verbatim() {
                         me.count_usage(&b);
                         return Poll::Ready(Some(Ok(Frame::data(b))));
                     }
                     let whole = if me.sse { me.whole_events(b) } else { Some(b) };
+                    if let Some(events) = whole.as_ref().filter(|_| me.sse) {
+                        me.guard.events(events, me.last);
+                    }
                     match whole.map(|b| me.inspect(b)) {
                         Some(b) if !b.is_empty() => return Poll::Ready(Some(Ok(Frame::data(b)))),
                         _ => continue,

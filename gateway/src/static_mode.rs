@@ -16,7 +16,6 @@ use serde_json::{Value, json};
 
 use crate::config::{Config, Placement};
 use crate::fleet::{Backend, Catalogue, Fleet, Neuron};
-use crate::metrics::ModelLabels;
 
 /// Static mode's [`Backend`]: the planner decides where a copy goes, the gateway loads it.
 #[derive(Clone, Copy)]
@@ -272,13 +271,7 @@ async fn load_somewhere(fleet: &Fleet, p: &Placement, strategy: Strategy) -> Res
         let n = fleet.neuron(&target).expect("planned neuron exists");
         for victim in &evict {
             tracing::info!(neuron = %target, evicted = %victim, for_model = %p.name, "evicting to make room");
-            fleet
-                .metrics
-                .evictions
-                .get_or_create(&ModelLabels {
-                    model: victim.clone(),
-                })
-                .inc();
+            fleet.metrics.evicted(victim, &target);
             let _ = n
                 .request(&fleet.http, reqwest::Method::POST, "/models/unload")
                 .json(&json!({"id": victim}))

@@ -1,6 +1,7 @@
 //! `[eviction] defrag_after_cycles` in static mode, on two real neurons: the planner spreads two
-//! models over both, then a defragmentation cycle moves the one on the less used neuron beside the
-//! other so a whole neuron is free, without the model ever being unavailable.
+//! models over both, nothing moves before the N-th planning cycle, then that cycle moves the one
+//! on the less used neuron beside the other so a whole neuron is free, without the model ever
+//! being unavailable.
 
 mod common;
 
@@ -8,6 +9,17 @@ use std::time::{Duration, Instant};
 
 use common::{Fleet, models_dir};
 use serde_json::{Value, json};
+
+/// The neurons listing `model` in any state (a move shows as a second copy loading).
+fn listed_on(cat: &[Value], model: &str) -> Vec<String> {
+    let m = cat.iter().find(|m| m["id"] == model).unwrap();
+    m["loaded_on"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["neuron"].as_str().unwrap().to_string())
+        .collect()
+}
 
 fn holders(cat: &[Value], model: &str) -> Vec<String> {
     let m = cat.iter().find(|m| m["id"] == model).unwrap();
@@ -32,7 +44,7 @@ async fn defrag_consolidates_models_to_free_a_whole_neuron() {
     let fleet = Fleet::start_with(
         2,
         &["--max-memory", "2000000000"],
-        "\n[eviction]\ndefrag_after_cycles = 2\n",
+        "\n[eviction]\ndefrag_after_cycles = 3\n",
         &placements,
     )
     .await;
@@ -48,6 +60,24 @@ async fn defrag_consolidates_models_to_free_a_whole_neuron() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_ne!(smol_on, gemma_on, "the planner spreads copies first");
+    let spread_seen = Instant::now();
+
+    // Planning cycles come every 5 s, the first ending with these loads: the third, 10 s later,
+    // is the first to defragment. Until then nothing moves (a defrag every cycle, or every other,
+    // would have started a copy by now).
+    while spread_seen.elapsed() < Duration::from_secs(60) {
+        let cat = fleet.catalogue().await;
+        let (s, g) = (listed_on(&cat, "smollm2"), listed_on(&cat, "gemma3"));
+        if s != smol_on || g != gemma_on {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let quiet = spread_seen.elapsed();
+    assert!(
+        quiet > Duration::from_secs(8),
+        "a copy moved {quiet:?} after the spread, before the third cycle"
+    );
 
     // Meanwhile requests keep working; after a defrag cycle both sit on one neuron (which one
     // depends on the bytes each model holds).

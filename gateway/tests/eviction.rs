@@ -61,15 +61,15 @@ async fn lru_evicts_the_idle_model_and_never_the_pinned_one() {
     );
     let metrics = fleet.metrics().await;
     assert!(
-        metrics.contains("cortex_gateway_evictions_total{model=\"gemma3\"} 1"),
+        metrics.contains("cortex_gateway_evictions_total{model=\"gemma3\",neuron=\"n1\"} 1"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("cortex_gateway_evictions_total{model=\"smol-small\"} 1"),
+        metrics.contains("cortex_gateway_evictions_total{model=\"smol-small\",neuron=\"n1\"} 1"),
         "{metrics}"
     );
     assert!(
-        !metrics.contains("cortex_gateway_evictions_total{model=\"smollm2\"}"),
+        !metrics.contains("cortex_gateway_evictions_total{model=\"smollm2\","),
         "{metrics}"
     );
 }

@@ -196,7 +196,7 @@ async fn a_placement_at_zero_is_woken_by_scaling_and_served_from_its_status() {
         .unwrap();
     assert!(
         metrics.contains(
-            "cortex_gateway_cold_loads_total{model=\"smol.default\",result=\"success\"} 1"
+            "cortex_gateway_cold_loads_total{model=\"smol.default\",neuron=\"n1\",result=\"success\"} 1"
         ),
         "{metrics}"
     );

@@ -58,6 +58,10 @@ async fn a_static_fleet_serves_loads_on_demand_and_survives_a_dead_neuron() {
         loads += fleet.loads_on(*p, "gemma3").await;
     }
     assert_eq!(loads, 1, "concurrent cold requests must share one load");
+    let gemma_on = fleet.wait_state("gemma3", "ready").await["loaded_on"][0]["neuron"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // Unknown models get OpenAI's not-found error.
     let (s, body) = fleet
@@ -110,13 +114,21 @@ async fn a_static_fleet_serves_loads_on_demand_and_survives_a_dead_neuron() {
     // The gateway's metrics saw all of it.
     let m = fleet.metrics().await;
     for series in [
-        "cortex_gateway_requests_total{model=\"gemma3\",neuron=",
-        "dialect=\"openai\",status_class=\"2xx\"}",
-        "cortex_gateway_cold_loads_total{model=\"gemma3\",result=\"success\"} 1",
-        "cortex_gateway_cold_load_duration_seconds_count{model=\"gemma3\"} 1",
+        &format!(
+            "cortex_gateway_requests_total{{model=\"gemma3\",neuron=\"{gemma_on}\",dialect=\"openai\",status_class=\"2xx\"}} 3"
+        ),
+        &format!(
+            "cortex_gateway_cold_loads_total{{model=\"gemma3\",neuron=\"{gemma_on}\",result=\"success\"}} 1"
+        ),
+        &format!(
+            "cortex_gateway_cold_load_duration_seconds_count{{model=\"gemma3\",neuron=\"{gemma_on}\"}} 1"
+        ),
+        "cortex_gateway_requests_total{model=\"unknown\",neuron=\"none\",dialect=\"openai\",status_class=\"4xx\"} 1",
         "cortex_gateway_time_to_first_token_seconds_bucket{",
         "cortex_gateway_e2e_request_latency_seconds_count{model=\"smollm2\"",
-        "cortex_gateway_in_flight_requests{model=\"smollm2\"} 0",
+        &format!(
+            "cortex_gateway_in_flight_requests{{model=\"smollm2\",neuron=\"{holder}\",dialect=\"openai\"}} 0"
+        ),
         &format!("cortex_gateway_neuron_up{{neuron=\"{holder}\"}} 0"),
     ] {
         assert!(m.contains(series), "missing {series} in\n{m}");

@@ -156,8 +156,12 @@ def test_gateway_counts_tokens_itl_and_queue_time_and_keeps_usage_opt_in(gateway
 
     assert delta("cortex_gateway_generation_tokens_total") == 3 * r.usage.completion_tokens
     assert delta("cortex_gateway_prompt_tokens_total") == 3 * r.usage.prompt_tokens
-    # One gap per streamed chunk after the first, for both streams.
-    assert delta("cortex_gateway_inter_token_latency_seconds_count") >= 2 * (streamed_tokens - 1)
+    # One gap per streamed text chunk after the first, for both streams (the role-only first chunk
+    # and the usage chunk carry no token); the JSON answer has no token timing.
+    assert delta("cortex_gateway_inter_token_latency_seconds_count") == 2 * (streamed_tokens - 1)
+    assert delta("cortex_gateway_time_to_first_token_seconds_count") == 2
+    assert delta("cortex_gateway_generation_tokens_per_second_count") == 2
+    assert delta("cortex_gateway_e2e_request_latency_seconds_count") == 3
     assert delta("cortex_gateway_request_queue_time_seconds_count") == 3
     r = promtool(after)
     assert r.returncode == 0, r.stdout + r.stderr
