@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use axum::extract::{Request, State};
-use axum::http::{HeaderValue, header};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -52,6 +53,23 @@ fn anthropic_error_of(e: Error) -> Response {
             .insert(header::RETRY_AFTER, HeaderValue::from(s));
     }
     res
+}
+
+/// The request body, or why it could not be read: larger than `max_body_bytes` (axum's own
+/// answer to that is plain text, which no SDK can read), or cut off.
+fn read_body(st: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, Error> {
+    body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Error::BodyTooLarge {
+                limit: st.fleet.max_body_bytes,
+            }
+        } else {
+            Error::InvalidRequest {
+                message: format!("could not read the request body: {}", r.body_text()),
+                param: None,
+            }
+        }
+    })
 }
 
 /// Installed only when keys are configured (an open gateway pays nothing for it).
@@ -189,8 +207,8 @@ fn rewrite(body: &Bytes, model: &str, usage: bool) -> Result<Bytes, Error> {
     Ok(crate::proxy::json_body(&v))
 }
 
-async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
-    match route(&st, &body) {
+async fn chat(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match read_body(&st, body).and_then(|b| route(&st, &b)) {
         Ok((p, body, stream, call)) => {
             crate::proxy::forward(
                 st.fleet.clone(),
@@ -206,8 +224,11 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     }
 }
 
-async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
-    match route(&st, &body) {
+async fn completions(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match read_body(&st, body).and_then(|b| route(&st, &b)) {
         Ok((p, body, stream, call)) => {
             crate::proxy::forward(st.fleet.clone(), p, "/v1/completions", body, stream, call).await
         }
@@ -230,6 +251,27 @@ fn route_anthropic(
     Ok((p, oa))
 }
 
+/// A neuron's whole answer: its status, its `Retry-After` (a full queue's 429 has one), its body.
+struct Answer {
+    status: StatusCode,
+    retry_after: Option<HeaderValue>,
+    bytes: Bytes,
+}
+
+impl Answer {
+    /// The neuron's error answer in Anthropic's shape, its `Retry-After` kept.
+    fn anthropic_error(&self) -> Response {
+        let mut res = anthropic_error(
+            self.status,
+            &crate::anthropic::upstream_message(&self.bytes),
+        );
+        if let Some(v) = &self.retry_after {
+            res.headers_mut().insert(header::RETRY_AFTER, v.clone());
+        }
+        res
+    }
+}
+
 /// Sends to a neuron holding `p` and reads the whole answer; a neuron's own error answer comes
 /// back as its status and body.
 async fn ask_neuron(
@@ -237,18 +279,30 @@ async fn ask_neuron(
     p: &Placement,
     path: &str,
     body: &Value,
-) -> Result<(axum::http::StatusCode, Bytes), Error> {
+) -> Result<Answer, Error> {
     let body = crate::proxy::json_body(body);
     let resp = crate::proxy::send(&st.fleet, p, path, &body, &Call::new("anthropic")).await?;
     let status = resp.status();
+    let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();
     let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
         .await
         .unwrap_or_default();
-    Ok((status, bytes))
+    Ok(Answer {
+        status,
+        retry_after,
+        bytes,
+    })
 }
 
 /// `/v1/messages`: translated to the neurons' OpenAI dialect and back; errors in Anthropic's shape.
-async fn messages(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn messages(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match read_body(&st, body) {
+        Ok(b) => b,
+        Err(e) => return anthropic_error_of(e),
+    };
     let req: cortex_core::anthropic::MessagesRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -266,14 +320,14 @@ async fn messages(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
         let body = crate::proxy::json_body(&oa);
         return crate::anthropic::stream(st.fleet.clone(), p, body, req.model);
     }
-    let (status, bytes) = match ask_neuron(&st, &p, "/v1/chat/completions", &oa).await {
+    let answer = match ask_neuron(&st, &p, "/v1/chat/completions", &oa).await {
         Ok(r) => r,
         Err(e) => return anthropic_error_of(e),
     };
-    if !status.is_success() {
-        return anthropic_error(status, &crate::anthropic::upstream_message(&bytes));
+    if !answer.status.is_success() {
+        return answer.anthropic_error();
     }
-    match serde_json::from_slice::<cortex_core::openai::ChatCompletion>(&bytes) {
+    match serde_json::from_slice::<cortex_core::openai::ChatCompletion>(&answer.bytes) {
         Ok(c) => Json(crate::anthropic::from_openai(&c, &req.model)).into_response(),
         Err(e) => anthropic_error(
             axum::http::StatusCode::BAD_GATEWAY,
@@ -284,37 +338,48 @@ async fn messages(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
 
 /// `/v1/messages/count_tokens`: the request translated like a message, counted by the neuron's
 /// tokenizer and chat template (loading the model if it is cold).
-async fn count_tokens(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn count_tokens(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match read_body(&st, body) {
+        Ok(b) => b,
+        Err(e) => return anthropic_error_of(e),
+    };
     let bad = |e: String| anthropic_error(axum::http::StatusCode::BAD_REQUEST, &e);
-    let mut v: Value = match serde_json::from_slice(&body) {
+    let mut v: serde_json::Map<String, Value> = match serde_json::from_slice(&body) {
         Ok(v) => v,
+        Err(e) if e.is_data() => {
+            return bad(format!("request body must be a JSON object: {e}"));
+        }
         Err(e) => return bad(format!("request body is not valid JSON: {e}")),
     };
     // count_tokens takes no max_tokens; the translation wants one.
-    v["max_tokens"] = json!(1);
-    let req: cortex_core::anthropic::MessagesRequest = match serde_json::from_value(v) {
-        Ok(r) => r,
-        Err(e) => {
-            return bad(format!(
-                "request body is not a valid count_tokens request: {e}"
-            ));
-        }
-    };
+    v.insert("max_tokens".into(), json!(1));
+    let req: cortex_core::anthropic::MessagesRequest =
+        match serde_json::from_value(Value::Object(v)) {
+            Ok(r) => r,
+            Err(e) => {
+                return bad(format!(
+                    "request body is not a valid count_tokens request: {e}"
+                ));
+            }
+        };
     let (p, oa) = match route_anthropic(&st, &req) {
         Ok(r) => r,
         Err(e) => return anthropic_error_of(e),
     };
     let ask = json!({"model": p.name, "messages": oa["messages"], "tools": oa.get("tools")});
-    let (status, bytes) = match ask_neuron(&st, &p, "/tokenize", &ask).await {
+    let answer = match ask_neuron(&st, &p, "/tokenize", &ask).await {
         Ok(r) => r,
         Err(e) => return anthropic_error_of(e),
     };
-    let count = serde_json::from_slice::<Value>(&bytes)
+    let count = serde_json::from_slice::<Value>(&answer.bytes)
         .ok()
         .and_then(|v| v["count"].as_u64());
     match count {
-        Some(n) if status.is_success() => Json(json!({"input_tokens": n})).into_response(),
-        _ => anthropic_error(status, &crate::anthropic::upstream_message(&bytes)),
+        Some(n) if answer.status.is_success() => Json(json!({"input_tokens": n})).into_response(),
+        _ => answer.anthropic_error(),
     }
 }
 
@@ -379,7 +444,8 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/cortex/fleet", get(fleet))
         .route("/healthz", get(|| async { "ok" }))
-        .fallback(not_found);
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(st.fleet.max_body_bytes));
     let app = if st.key_hashes.is_empty() {
         app
     } else {

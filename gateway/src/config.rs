@@ -55,6 +55,14 @@ pub struct GatewayConfig {
     /// Seconds between polls of each neuron's `/status`.
     #[serde(default = "default_poll")]
     pub poll_interval_secs: f64,
+    /// Largest request body accepted, in bytes; larger ones get 413 in the caller's dialect.
+    /// Generous by default: Claude Code sends whole conversations and tool definitions.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Seconds between keep-alives (SSE comments, Anthropic `ping`s) to a streaming caller while
+    /// its model loads.
+    #[serde(default = "default_keepalive")]
+    pub keepalive_secs: f64,
 }
 
 fn default_listen() -> String {
@@ -75,6 +83,12 @@ fn default_stream_idle() -> u64 {
 fn default_poll() -> f64 {
     2.0
 }
+fn default_max_body() -> usize {
+    32 << 20
+}
+fn default_keepalive() -> f64 {
+    5.0
+}
 
 impl Default for GatewayConfig {
     fn default() -> Self {
@@ -89,6 +103,8 @@ impl Default for GatewayConfig {
             request_timeout_secs: default_request_timeout(),
             stream_idle_timeout_secs: default_stream_idle(),
             poll_interval_secs: default_poll(),
+            max_body_bytes: default_max_body(),
+            keepalive_secs: default_keepalive(),
         }
     }
 }
@@ -191,6 +207,21 @@ pub fn load(path: &Path) -> Result<(Config, Vec<Placement>), Error> {
                 n.name
             )));
         }
+    }
+    let gw = &cfg.gateway;
+    if !(gw.keepalive_secs.is_finite() && gw.keepalive_secs > 0.0) {
+        return Err(Error::Config(format!(
+            "{}: [gateway] keepalive_secs must be a positive number of seconds, got {}",
+            path.display(),
+            gw.keepalive_secs
+        )));
+    }
+    if gw.max_body_bytes == 0 {
+        return Err(Error::Config(format!(
+            "{}: [gateway] max_body_bytes must be at least 1 (default {})",
+            path.display(),
+            default_max_body()
+        )));
     }
     let dir = path.parent().unwrap_or(Path::new("."));
     cfg.gateway.key_hashes = cfg.gateway.api_keys.iter().map(|k| hash_key(k)).collect();
@@ -316,6 +347,46 @@ model = { repo = "unsloth/Qwen3-0.6B-GGUF", quant = "Q4_K_M" }
         );
         let e = load(&cfg).unwrap_err().to_string();
         assert!(e.contains("listen_addr"), "{e}");
+    }
+
+    #[test]
+    fn body_limit_and_keepalive_are_read_and_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let neuron = "[[neurons]]\nname = \"a\"\nendpoint = \"http://a\"\n";
+        let cfg = write(d.path(), "cortex.toml", neuron);
+        let (c, _) = load(&cfg).unwrap();
+        assert_eq!(c.gateway.max_body_bytes, 32 << 20);
+        assert_eq!(c.gateway.keepalive_secs, 5.0);
+        write(
+            d.path(),
+            "cortex.toml",
+            &format!("[gateway]\nmax_body_bytes = 1024\nkeepalive_secs = 0.5\n{neuron}"),
+        );
+        let (c, _) = load(&cfg).unwrap();
+        assert_eq!(
+            (c.gateway.max_body_bytes, c.gateway.keepalive_secs),
+            (1024, 0.5)
+        );
+        write(
+            d.path(),
+            "cortex.toml",
+            &format!("[gateway]\nkeepalive_secs = 0\n{neuron}"),
+        );
+        let e = load(&cfg).unwrap_err().to_string();
+        assert!(e.contains("keepalive_secs must be a positive"), "{e}");
+        // A typo names the key and lists the real ones, these among them.
+        write(
+            d.path(),
+            "cortex.toml",
+            &format!("[gateway]\nmax_body_size = 1\n{neuron}"),
+        );
+        let e = load(&cfg).unwrap_err().to_string();
+        assert!(
+            e.contains("max_body_size")
+                && e.contains("max_body_bytes")
+                && e.contains("keepalive_secs"),
+            "{e}"
+        );
     }
 
     #[test]

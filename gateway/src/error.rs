@@ -3,6 +3,9 @@
 
 use axum::http::StatusCode;
 
+/// Seconds a caller is told to wait before retrying a model that is not ready yet.
+pub const RETRY_AFTER_SECS: u64 = 10;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]
@@ -14,14 +17,21 @@ pub enum Error {
     },
     #[error("model '{0}' is not served by this gateway; list models with GET /v1/models")]
     ModelNotFound(String),
-    #[error("model '{model}' could not be loaded in {secs} s; retry later")]
+    #[error(
+        "model '{model}' could not be loaded in {secs} s; the load goes on, retry after {} s",
+        RETRY_AFTER_SECS
+    )]
     LoadTimeout { model: String, secs: u64 },
-    #[error("{0}")]
+    #[error("{0}; retry after {secs} s", secs = RETRY_AFTER_SECS)]
     NoCapacity(String),
     #[error("{0}")]
     Upstream(String),
     #[error("missing or wrong API key; send 'Authorization: Bearer <key>' or 'x-api-key: <key>'")]
     Unauthorized,
+    #[error(
+        "request body is larger than this gateway's limit of {limit} bytes; send a smaller request or raise [gateway] max_body_bytes in cortex.toml (--max-body-bytes in Kubernetes mode)"
+    )]
+    BodyTooLarge { limit: usize },
 }
 
 impl Error {
@@ -33,13 +43,16 @@ impl Error {
             Error::LoadTimeout { .. } | Error::NoCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Upstream(_) => StatusCode::BAD_GATEWAY,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
+            Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
     pub fn error_type(&self) -> &'static str {
         match self {
             Error::Config(_) => "server_error",
-            Error::InvalidRequest { .. } | Error::ModelNotFound(_) => "invalid_request_error",
+            Error::InvalidRequest { .. } | Error::ModelNotFound(_) | Error::BodyTooLarge { .. } => {
+                "invalid_request_error"
+            }
             Error::LoadTimeout { .. } | Error::NoCapacity(_) => "service_unavailable",
             Error::Upstream(_) => "upstream_error",
             Error::Unauthorized => "authentication_error",
@@ -50,13 +63,14 @@ impl Error {
         match self {
             Error::ModelNotFound(_) => Some("model_not_found"),
             Error::Unauthorized => Some("invalid_api_key"),
+            Error::BodyTooLarge { .. } => Some("request_too_large"),
             _ => None,
         }
     }
 
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            Error::LoadTimeout { .. } | Error::NoCapacity(_) => Some(10),
+            Error::LoadTimeout { .. } | Error::NoCapacity(_) => Some(RETRY_AFTER_SECS),
             _ => None,
         }
     }
@@ -76,6 +90,17 @@ impl Error {
                 free_bytes: None,
             },
         }
+    }
+
+    /// The OpenAI error body as a stream's error event carries it: with `retry_after` (seconds)
+    /// in the error object when the caller should retry, since a stream has no `Retry-After`
+    /// header left to set.
+    pub fn openai_event(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self.openai_body()).unwrap_or_default();
+        if let Some(s) = self.retry_after() {
+            v["error"]["retry_after"] = s.into();
+        }
+        v
     }
 }
 

@@ -128,6 +128,10 @@ pub struct Fleet {
     pub request_timeout: Duration,
     /// Longest silence in the middle of a streamed answer.
     pub stream_idle_timeout: Duration,
+    /// How often a streaming caller waiting for a cold model gets a keep-alive.
+    pub keepalive: Duration,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
     pub metrics: Arc<Metrics>,
     loads: Mutex<HashMap<String, LoadFuture>>,
 }
@@ -148,6 +152,9 @@ impl Fleet {
             load_timeout: Duration::from_secs(gw.load_timeout_secs),
             request_timeout: Duration::from_secs(gw.request_timeout_secs),
             stream_idle_timeout: Duration::from_secs(gw.stream_idle_timeout_secs),
+            keepalive: Duration::try_from_secs_f64(gw.keepalive_secs.max(0.01))
+                .unwrap_or(Duration::from_secs(5)),
+            max_body_bytes: gw.max_body_bytes,
             metrics: Arc::new(Metrics::new()),
             loads: Mutex::new(HashMap::new()),
         })

@@ -61,6 +61,12 @@ pub struct KubeArgs {
     /// Kubernetes mode: longest silence mid-stream, in seconds (default 60).
     #[arg(long, env = "CORTEX_STREAM_IDLE_TIMEOUT_SECS")]
     pub stream_idle_timeout_secs: Option<u64>,
+    /// Kubernetes mode: largest request body accepted, in bytes (default 32 MiB).
+    #[arg(long, env = "CORTEX_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Kubernetes mode: seconds between keep-alives to a stream waiting for a model (default 5).
+    #[arg(long, env = "CORTEX_KEEPALIVE_SECS")]
+    pub keepalive_secs: Option<f64>,
 }
 
 impl KubeArgs {
@@ -78,6 +84,8 @@ impl KubeArgs {
             stream_idle_timeout_secs: self
                 .stream_idle_timeout_secs
                 .unwrap_or(d.stream_idle_timeout_secs),
+            max_body_bytes: self.max_body_bytes.unwrap_or(d.max_body_bytes),
+            keepalive_secs: self.keepalive_secs.unwrap_or(d.keepalive_secs),
             ..d
         })
     }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::http::{StatusCode, header};
@@ -145,9 +145,6 @@ fn carries_tokens(events: &[u8]) -> bool {
     non_empty(&CONTENT) || non_empty(&TEXT) || non_empty(&TOOL_CALLS)
 }
 
-/// How often a waiting stream gets a keep-alive comment.
-const KEEPALIVE: Duration = Duration::from_secs(5);
-
 /// What the gateway knows about one client request while it proxies it.
 #[derive(Clone)]
 pub struct Call {
@@ -275,6 +272,10 @@ pub async fn send(
                 if let Some(ct) = ctype {
                     resp.headers_mut().insert(header::CONTENT_TYPE, ct);
                 }
+                // A neuron's full queue says when to come back (429 with Retry-After).
+                if let Some(ra) = parts.headers.get(header::RETRY_AFTER) {
+                    resp.headers_mut().insert(header::RETRY_AFTER, ra.clone());
+                }
                 return Ok(resp);
             }
         }
@@ -288,7 +289,7 @@ pub async fn send(
 pub type Tx = futures::channel::mpsc::Sender<Result<Bytes, std::io::Error>>;
 
 /// Waits until the placement has a ready replica, loading one if needed, and sends `keepalive`
-/// down the stream every few seconds meanwhile. `Ok(false)` when the client went away.
+/// down the stream every `[gateway] keepalive_secs` meanwhile. `Ok(false)` when the client went away.
 pub async fn wait_ready(
     fleet: &Arc<Fleet>,
     p: &Placement,
@@ -300,7 +301,7 @@ pub async fn wait_ready(
     }
     let load = fleet.load_copy(p);
     tokio::pin!(load);
-    let mut tick = tokio::time::interval(KEEPALIVE);
+    let mut tick = tokio::time::interval(fleet.keepalive);
     loop {
         tokio::select! {
             r = &mut load => return r.map(|_| true),
@@ -359,19 +360,44 @@ fn stream_while_loading(
                 }
             }
             Ok(resp) => {
+                let retry_after = retry_after_secs(resp.headers());
                 let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
                     .await
                     .unwrap_or_default();
+                let bytes = with_retry_after(bytes, retry_after);
                 let _ = tx.send(Ok(sse_data(&bytes))).await;
                 let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
             }
             Err(e) => {
-                let body = serde_json::to_vec(&e.openai_body()).unwrap_or_default();
+                let body = serde_json::to_vec(&e.openai_event()).unwrap_or_default();
                 let _ = tx.send(Ok(sse_data(&body))).await;
                 let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
             }
         }
     })
+}
+
+/// The seconds of a `Retry-After` header, when it has them.
+pub fn retry_after_secs(h: &axum::http::HeaderMap) -> Option<u64> {
+    h.get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// A neuron's OpenAI error body with `retry_after` in its error object, as a stream's error
+/// event carries what would have been the `Retry-After` header.
+fn with_retry_after(body: Bytes, secs: Option<u64>) -> Bytes {
+    let Some(secs) = secs else { return body };
+    match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(mut v) if v["error"].is_object() => {
+            v["error"]["retry_after"] = secs.into();
+            json_body(&v)
+        }
+        _ => body,
+    }
 }
 
 fn sse_data(json: &[u8]) -> Bytes {

@@ -81,10 +81,10 @@ pub async fn defrag(fleet: &Arc<Fleet>) {
             continue; // a model loaded by someone else, or a neuron gone since
         };
         tracing::info!(model = %p.name, from = %mv.from, to = %mv.to, "defrag: moving to free a neuron");
-        let loaded = match load_request(fleet, to, p).send().await {
+        let loaded = match load_on(fleet, to, p).await {
             Ok(r) if r.status().is_success() => follow_load(fleet, to, &p.name).await,
             Ok(r) => Err(format!("{} answered {}", mv.to, r.status())),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e),
         };
         if let Err(e) = loaded {
             tracing::warn!(model = %p.name, to = %mv.to, error = %e, "defrag: move failed; nothing unloaded");
@@ -108,15 +108,19 @@ pub async fn defrag(fleet: &Arc<Fleet>) {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        let _ = from
-            .request(&fleet.http, reqwest::Method::POST, "/models/unload")
-            .json(&json!({"id": p.name}))
-            .send()
-            .await;
+        if let Err(e) = unload(fleet, from, &p.name).await {
+            tracing::warn!(model = %p.name, from = %mv.from, error = %e, "defrag: unload failed");
+        }
         fleet.metrics.defrag_moves.inc();
     }
     poll(fleet).await;
 }
+
+/// Time a neuron gets past the load timeout to answer a bounded `?wait=true` load.
+const LOAD_ANSWER_SLACK: Duration = Duration::from_secs(10);
+
+/// How often a load in progress checks whether its neuron is still up.
+const DOWN_CHECK: Duration = Duration::from_millis(250);
 
 /// `POST /models/load?wait=true` of the placement on a neuron (bounded by the load timeout).
 fn load_request(fleet: &Fleet, n: &Neuron, p: &Placement) -> reqwest::RequestBuilder {
@@ -134,7 +138,41 @@ fn load_request(fleet: &Fleet, n: &Neuron, p: &Placement) -> reqwest::RequestBui
             fleet.load_timeout.as_secs()
         ),
     )
+    .timeout(fleet.load_timeout + LOAD_ANSWER_SLACK)
     .json(&body)
+}
+
+/// Sends the load of `p` to `n` and waits for its answer, giving up as soon as the poller finds
+/// the neuron down (killed, or frozen and no longer answering `/status`): a neuron that stops
+/// answering mid-load would otherwise hold every request for the model until the timeout.
+async fn load_on(fleet: &Fleet, n: &Neuron, p: &Placement) -> Result<reqwest::Response, String> {
+    tokio::select! {
+        r = load_request(fleet, n, p).send() => r.map_err(|e| crate::error::with_causes(&e)),
+        () = went_down(n) => Err(format!("{} went down while loading '{}'", n.cfg.name, p.name)),
+    }
+}
+
+/// Resolves once `n` is marked down (by the poller, or a failed request).
+async fn went_down(n: &Neuron) {
+    while n.up.load(Ordering::Relaxed) {
+        tokio::time::sleep(DOWN_CHECK).await;
+    }
+}
+
+/// `POST /models/unload` of `id` on `n`, bounded by the request timeout; an error only when the
+/// neuron did not answer (a refusal is logged: the load that follows says whether room was made).
+async fn unload(fleet: &Fleet, n: &Neuron, id: &str) -> Result<(), String> {
+    let r = n
+        .request(&fleet.http, reqwest::Method::POST, "/models/unload")
+        .timeout(fleet.request_timeout)
+        .json(&json!({"id": id}))
+        .send()
+        .await
+        .map_err(|e| format!("unloading '{id}': {}", crate::error::with_causes(&e)))?;
+    if !r.status().is_success() {
+        tracing::warn!(neuron = %n.cfg.name, model = %id, status = %r.status(), "unload refused");
+    }
+    Ok(())
 }
 
 /// Asks every neuron for its status; those that do not answer are marked down.
@@ -269,22 +307,30 @@ async fn load_somewhere(fleet: &Fleet, p: &Placement, strategy: Strategy) -> Res
             }
         };
         let n = fleet.neuron(&target).expect("planned neuron exists");
+        let mut evicted = Ok(());
         for victim in &evict {
             tracing::info!(neuron = %target, evicted = %victim, for_model = %p.name, "evicting to make room");
             fleet.metrics.evicted(victim, &target);
-            let _ = n
-                .request(&fleet.http, reqwest::Method::POST, "/models/unload")
-                .json(&json!({"id": victim}))
-                .send()
-                .await;
+            evicted = unload(fleet, &n, victim).await;
+            if evicted.is_err() {
+                break;
+            }
         }
-        let res = load_request(fleet, &n, p).send().await;
+        let res = match evicted {
+            Ok(()) => load_on(fleet, &n, p).await,
+            Err(e) => Err(e),
+        };
         match res {
             // Accepted: follow the load there to its end (a large download may outlast the
-            // neuron's bounded wait) rather than starting another copy elsewhere.
-            Ok(r) if r.status().is_success() => {
-                return follow_load(fleet, &n, &p.name).await;
-            }
+            // neuron's bounded wait) rather than starting another copy elsewhere, unless the
+            // neuron goes down meanwhile: then another one gets the load.
+            Ok(r) if r.status().is_success() => match follow_load(fleet, &n, &p.name).await {
+                Err(e) if !n.up.load(Ordering::Relaxed) => {
+                    last_error = e;
+                    exclude.push(target);
+                }
+                r => return r,
+            },
             Ok(r) => {
                 let status = r.status();
                 let err: Option<ErrorBody> = r.json().await.ok();
@@ -303,7 +349,7 @@ async fn load_somewhere(fleet: &Fleet, p: &Placement, strategy: Strategy) -> Res
                 }
             }
             Err(e) => {
-                n.mark_down(&e.to_string());
+                n.mark_down(&e);
                 last_error = format!("{target} unreachable: {e}");
                 exclude.push(target);
             }
@@ -312,11 +358,16 @@ async fn load_somewhere(fleet: &Fleet, p: &Placement, strategy: Strategy) -> Res
     Err(last_error)
 }
 
-/// Polls a neuron until `id` is ready there, or failed, for at most an hour.
+/// Polls a neuron until `id` is ready there, or failed, or the neuron stops answering (its last
+/// `/status` stays behind then, still saying "loading"), for at most an hour: a large download
+/// may outlast the load timeout, and the requests waiting give up at theirs anyway.
 async fn follow_load(fleet: &Fleet, n: &Neuron, id: &str) -> Result<(), String> {
     let deadline = std::time::Instant::now() + Duration::from_secs(3600);
     loop {
         poll(fleet).await;
+        if !n.up.load(Ordering::Relaxed) {
+            return Err(format!("{} went down while loading '{id}'", n.cfg.name));
+        }
         let state = n
             .status
             .read()
@@ -339,9 +390,6 @@ async fn follow_load(fleet: &Fleet, n: &Neuron, id: &str) -> Result<(), String> 
                     n.cfg.name,
                     error.unwrap_or_default()
                 ));
-            }
-            None if !n.up.load(Ordering::Relaxed) => {
-                return Err(format!("{} went down while loading '{id}'", n.cfg.name));
             }
             None => {
                 return Err(format!(
