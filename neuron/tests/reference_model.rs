@@ -71,9 +71,11 @@ fn smollm2_logits_match_candle_quantized_llama_for_prefill_and_decode() {
     let path = common::model_path(common::SMOLLM2);
     let (ct, mut f) = open(&path);
     let mut cfg = Config::from_meta(&Meta(&ct.metadata)).unwrap();
-    // The same matmul kernels as the reference, so what differs is the model code alone (our
-    // kernels are checked against f32 weights in kernels_model.rs).
+    // The same matmul kernels and attention operations as the reference, so what differs is the
+    // model code alone (our kernels are checked against f32 weights in kernels_model.rs, our
+    // attention against an f64 reference in its unit test and end to end in llamacpp_greedy.rs).
     cfg.matmul = Matmul::Candle;
+    cfg.candle_attention = true;
     let ours = Model::load(&ct, &mut f, cfg, 512, &Device::Cpu, &|_| {}).unwrap();
     let (ct, mut f) = open(&path);
     let mut reference = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
@@ -98,6 +100,7 @@ fn gemma3_matches_candle_quantized_gemma3_apart_from_its_activation() {
     assert_eq!(cfg.activation, Activation::GeluTanh);
     cfg.activation = Activation::Silu;
     cfg.matmul = Matmul::Candle;
+    cfg.candle_attention = true;
     let ours = Model::load(&ct, &mut f, cfg, 1024, &Device::Cpu, &|_| {}).unwrap();
     let (ct, mut f) = open(&path);
     let mut reference = candle_transformers::models::quantized_gemma3::ModelWeights::from_gguf(

@@ -1,11 +1,12 @@
-//! Attention of one new token per sequence over its cached keys and values, on the CPU, for
-//! every decoding sequence of a batch at once.
+//! Attention of each token of a batch over its sequence's cached keys and values, on the CPU:
+//! decoded tokens and prompt tokens alike, every sequence at once.
 //!
 //! Through candle this is about thirty small tensor operations per sequence and layer, whose
 //! fixed costs add up to as much as the projections once a batch holds several sequences. Here it
-//! is one pass per (sequence, KV head) over the cache in place, split over the kernel pool. A
-//! sequence's result does not depend on what else is in the batch: each task reads only its own
-//! rows, in the same order.
+//! is one pass per (token, KV head) over the cache in place, split over the kernel pool. A
+//! token's result depends only on the keys it sees, never on what else is in the batch or on
+//! whether it was decoded or read as part of a prompt: each task reads only its own rows, in the
+//! same order (so a sequence read again after a preemption gets back the very same numbers).
 
 use std::cell::RefCell;
 
@@ -101,10 +102,21 @@ fn group(
     scores.clear();
     scores.resize(rep * len + rep, 0.0);
     let (scores, sums) = scores.split_at_mut(rep * len);
-    for (i, j) in (row.start..row.end).enumerate() {
-        let k = &row.k[j * stride + g * hd..][..hd];
-        for r in 0..rep {
-            scores[r * len + i] = dot(q_of(r), k) * h.scale;
+    let key = |j: usize| &row.k[j * stride + g * hd..][..hd];
+    for r in 0..rep {
+        let (q, s) = (q_of(r), &mut scores[r * len..][..len]);
+        // Four keys at a time: the query is read once for them, one reduction for the four.
+        let mut quads = s.chunks_exact_mut(4);
+        for (i, s4) in (&mut quads).enumerate() {
+            let j = row.start + 4 * i;
+            let d = dot4(q, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
+            for (s, d) in s4.iter_mut().zip(d) {
+                *s = d * h.scale;
+            }
+        }
+        let done = len - quads.into_remainder().len();
+        for (i, s) in s.iter_mut().enumerate().skip(done) {
+            *s = dot(q, key(row.start + i)) * h.scale;
         }
     }
     // Each head's unnormalised weights; the sums divide the outputs at the end.
@@ -115,20 +127,104 @@ fn group(
             sums[r] += *v;
         }
     }
-    out.fill(0.0);
-    for (i, j) in (row.start..row.end).enumerate() {
-        let v = &row.v[j * stride + g * hd..][..hd];
-        for (r, o) in out.chunks_exact_mut(hd).enumerate() {
-            let p = scores[r * len + i];
-            for (o, x) in o.iter_mut().zip(v) {
-                *o += p * x;
-            }
-        }
-    }
-    for (o, sum) in out.chunks_exact_mut(hd).zip(sums.iter()) {
+    let values = &row.v[row.start * stride + g * hd..];
+    for ((o, p), sum) in out
+        .chunks_exact_mut(hd)
+        .zip(scores.chunks_exact(len))
+        .zip(sums.iter())
+    {
+        weighted_sum(p, values, stride, o);
         let inv = 1.0 / sum;
         o.iter_mut().for_each(|v| *v *= inv);
     }
+}
+
+/// `out = Σᵢ p[i] · v[i * stride..][..out.len()]`, in the order of `i`.
+fn weighted_sum(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+    let hd = out.len();
+    let mut col = 0;
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    {
+        use std::arch::x86_64::*;
+        // 32 columns at a time in four registers, over every key before they are stored.
+        while col + 32 <= hd {
+            // SAFETY: AVX2 and FMA are in the build's target; every load and store is inside
+            // `v` (p.len() rows of `stride`, the last holding `hd` columns) or `out`.
+            unsafe {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for (i, &w) in p.iter().enumerate() {
+                    let (w, row) = (_mm256_set1_ps(w), v.as_ptr().add(i * stride + col));
+                    for (u, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8 * u)), *a);
+                    }
+                }
+                for (u, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(out.as_mut_ptr().add(col + 8 * u), *a);
+                }
+            }
+            col += 32;
+        }
+    }
+    let rest = &mut out[col..];
+    rest.fill(0.0);
+    for (i, w) in p.iter().enumerate() {
+        for (o, x) in rest.iter_mut().zip(&v[i * stride + col..][..hd - col]) {
+            *o += w * x;
+        }
+    }
+}
+
+/// `q` against four keys.
+#[inline(always)]
+fn dot4(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    {
+        use std::arch::x86_64::*;
+        let n = q.len();
+        assert!(k.iter().all(|k| k.len() == n));
+        let body = n / 8 * 8;
+        // SAFETY: AVX2 and FMA are in the build's target; loads stay below `body <= n`.
+        let mut out = unsafe {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for c in (0..body).step_by(8) {
+                let x = _mm256_loadu_ps(q.as_ptr().add(c));
+                for (a, k) in acc.iter_mut().zip(&k) {
+                    *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(k.as_ptr().add(c)), *a);
+                }
+            }
+            // Each accumulator's eight lanes summed, the four results side by side.
+            let s = _mm256_hadd_ps(
+                _mm256_hadd_ps(acc[0], acc[1]),
+                _mm256_hadd_ps(acc[2], acc[3]),
+            );
+            let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            let mut out = [0f32; 4];
+            _mm_storeu_ps(out.as_mut_ptr(), s);
+            out
+        };
+        for (o, k) in out.iter_mut().zip(&k) {
+            *o += q[body..]
+                .iter()
+                .zip(&k[body..])
+                .map(|(a, b)| a * b)
+                .sum::<f32>();
+        }
+        out
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    k.map(|k| dot(q, k))
 }
 
 /// Eight running sums, so the compiler keeps them in one vector register.
@@ -202,7 +298,7 @@ mod tests {
                 head_dim,
                 scale: 1.0 / (head_dim as f32).sqrt(),
             };
-            let tokens = 5;
+            let tokens = 6;
             let q: Vec<f32> = (0..n_head * tokens * head_dim).map(|_| rnd()).collect();
             let caches: Vec<(Vec<f32>, Vec<f32>)> = [1usize, 7, 300]
                 .iter()
@@ -236,6 +332,21 @@ mod tests {
                     start: 0,
                     end: 300,
                 },
+                // A prompt's tokens: rows of one cache, each seeing one key more.
+                Row {
+                    token: 1,
+                    k: &caches[2].0,
+                    v: &caches[2].1,
+                    start: 0,
+                    end: 5,
+                },
+                Row {
+                    token: 2,
+                    k: &caches[2].0,
+                    v: &caches[2].1,
+                    start: 0,
+                    end: 6,
+                },
             ];
             let width = n_head * head_dim;
             let mut out = vec![7f32; tokens * width];
@@ -251,7 +362,7 @@ mod tests {
                 }
             }
             // Rows of tokens that were not asked for are left alone.
-            assert!(out[width..2 * width].iter().all(|v| *v == 7.0));
+            assert!(out[5 * width..].iter().all(|v| *v == 7.0));
         }
     }
 }

@@ -84,6 +84,10 @@ pub struct Config {
     pub context_length: usize,
     /// Which kernels run the projections.
     pub matmul: Matmul,
+    /// Attention through candle's operations on the CPU too, not our kernel: for the tests that
+    /// compare the model code with candle's own models (with 8-bit activations, a 1e-7 change in
+    /// an attention output can move a later rounding and the logits by tenths).
+    pub candle_attention: bool,
 }
 
 impl Config {
@@ -131,6 +135,7 @@ impl Config {
                 .unwrap_or(6),
             context_length: meta.u32(&k("context_length")).unwrap_or(4096) as usize,
             matmul: Matmul::from_env(),
+            candle_attention: false,
         })
     }
 
@@ -609,8 +614,10 @@ impl Model {
             ck.slice_set(&k.narrow(1, sp.offset, sp.len)?, 1, sp.pos)?;
             cv.slice_set(&v.narrow(1, sp.offset, sp.len)?, 1, sp.pos)?;
         }
-        // One new token per sequence on the CPU: our decode kernel, all sequences at once.
-        let fast = |sp: &Span| sp.len == 1 && self.device.is_cpu();
+        // On the CPU every token, decoded or of a prompt, goes through our kernel, all sequences
+        // at once: a prompt read again after a preemption then gives the very numbers its
+        // tokens had when they were decoded.
+        let fast = |_: &Span| self.device.is_cpu() && !self.cfg.candle_attention;
         let decoded = if spans.iter().any(fast) {
             Some(self.decode_attention(l, li, &q, t, seqs, spans, &fast)?)
         } else {
@@ -622,7 +629,7 @@ impl Model {
                 let mut parts = Vec::with_capacity(spans.len());
                 for (s, sp) in seqs.iter().zip(spans) {
                     parts.push(match &decoded {
-                        Some(d) if fast(sp) => d.narrow(1, sp.offset, 1)?,
+                        Some(d) if fast(sp) => d.narrow(1, sp.offset, sp.len)?,
                         _ => self.chunk_attention(l, &q, s.cache, li, sp)?,
                     });
                 }
@@ -632,8 +639,8 @@ impl Model {
         l.wo.forward(&y)
     }
 
-    /// Attention of the single new token of every `fast` span, as `(1, tokens, n_head *
-    /// head_dim)` (rows of other spans are zero).
+    /// Attention of every token of the `fast` spans, as `(1, tokens, n_head * head_dim)` (rows
+    /// of other spans are zero).
     #[allow(clippy::too_many_arguments)]
     fn decode_attention(
         &self,
@@ -660,14 +667,20 @@ impl Model {
             if !fast(sp) {
                 continue;
             }
-            let end = sp.pos + 1;
-            rows.push(attention::Row {
-                token: sp.offset,
-                k: &host(ks)?[kl.start_offset()..],
-                v: &host(vs)?[vl.start_offset()..],
-                start: window_start(l.window, sp.pos),
-                end,
-            });
+            let (k, v) = (
+                &host(ks)?[kl.start_offset()..],
+                &host(vs)?[vl.start_offset()..],
+            );
+            for i in 0..sp.len {
+                let pos = sp.pos + i;
+                rows.push(attention::Row {
+                    token: sp.offset + i,
+                    k,
+                    v,
+                    start: window_start(l.window, pos),
+                    end: pos + 1,
+                });
+            }
         }
         let mut out = vec![0f32; tokens * nh * hd];
         attention::decode(
