@@ -27,6 +27,10 @@ impl StopSpec {
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
+    /// vLLM's extension: every chunk carries the usage so far, the first one the prompt's
+    /// token count (the gateway reads it for Anthropic's `message_start`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub continuous_usage_stats: bool,
 }
 
 /// Sampling and length fields shared by chat and text completions.

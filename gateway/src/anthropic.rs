@@ -59,11 +59,23 @@ pub fn to_openai(req: &MessagesRequest) -> Result<Value, Error> {
         });
     }
     let mut messages = Vec::new();
-    if let Some(system) = &req.system {
-        messages.push(json!({"role": "system", "content": text_of(system, "system")?}));
+    // Claude Code also sends `system` messages among `messages` (its context reminders): their
+    // text joins the system prompt, as chat templates take one system turn, at the start.
+    let mut system = Vec::new();
+    if let Some(s) = &req.system {
+        system.push(text_of(s, "system")?);
+    }
+    for (i, m) in req.messages.iter().enumerate() {
+        if m.role == "system" {
+            system.push(text_of(&m.content, &format!("messages[{i}] (system)"))?);
+        }
+    }
+    if !system.is_empty() {
+        messages.push(json!({"role": "system", "content": system.join("\n\n")}));
     }
     for (i, m) in req.messages.iter().enumerate() {
         match (m.role.as_str(), &m.content) {
+            ("system", _) => {}
             ("user" | "assistant", Content::Text(t)) => {
                 messages.push(json!({"role": m.role, "content": t}))
             }
@@ -124,7 +136,7 @@ pub fn to_openai(req: &MessagesRequest) -> Result<Value, Error> {
             }
             (role, _) => {
                 return Err(invalid(format!(
-                    "messages[{i}].role '{role}' must be user or assistant"
+                    "messages[{i}].role '{role}' must be user, assistant or system"
                 )));
             }
         }
@@ -160,7 +172,8 @@ pub fn to_openai(req: &MessagesRequest) -> Result<Value, Error> {
     }
     if req.stream == Some(true) {
         out["stream"] = json!(true);
-        out["stream_options"] = json!({"include_usage": true});
+        // Usage on every chunk: the first one's prompt count goes into `message_start`.
+        out["stream_options"] = json!({"include_usage": true, "continuous_usage_stats": true});
     }
     Ok(out)
 }
@@ -267,6 +280,8 @@ pub struct StreamTranslator {
     finish: Option<FinishReason>,
     stop: Option<String>,
     usage: Usage,
+    /// `message_start` went out.
+    started: bool,
 }
 
 pub type Event = (&'static str, Value);
@@ -281,22 +296,26 @@ impl StreamTranslator {
             finish: None,
             stop: None,
             usage: Usage::default(),
+            started: false,
         }
     }
 
-    /// `message_start` and a first `ping`.
-    pub fn start(&self) -> Vec<Event> {
-        vec![
-            (
-                "message_start",
-                json!({"type": "message_start", "message": {
-                    "id": self.id, "type": "message", "role": "assistant", "content": [], "model": self.model,
-                    "stop_reason": null, "stop_sequence": null,
-                    "usage": {"input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
-                }}),
-            ),
-            ("ping", json!({"type": "ping"})),
-        ]
+    /// `message_start`, once, before anything else: sent with the neuron's first chunk, which
+    /// carries the prompt's token count (`continuous_usage_stats`), so clients that read usage
+    /// from `message_start` (Claude Code does) see the real input tokens.
+    fn start(&mut self, out: &mut Vec<Event>) {
+        if std::mem::replace(&mut self.started, true) {
+            return;
+        }
+        out.push((
+            "message_start",
+            json!({"type": "message_start", "message": {
+                "id": self.id, "type": "message", "role": "assistant", "content": [], "model": self.model,
+                "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": self.usage.input_tokens, "output_tokens": self.usage.output_tokens,
+                    "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+            }}),
+        ));
     }
 
     fn close(&mut self, out: &mut Vec<Event>) {
@@ -326,6 +345,7 @@ impl StreamTranslator {
             self.usage.input_tokens = u.prompt_tokens;
             self.usage.output_tokens = u.completion_tokens;
         }
+        self.start(&mut out);
         for ch in &c.choices {
             if let Some(text) = ch.delta.content.as_deref().filter(|t| !t.is_empty()) {
                 let i = match self.open {
@@ -358,6 +378,7 @@ impl StreamTranslator {
     /// Closes the open block, then `message_delta` (stop reason, usage) and `message_stop`.
     pub fn finish(&mut self) -> Vec<Event> {
         let mut out = Vec::new();
+        self.start(&mut out);
         self.close(&mut out);
         let (reason, seq) = stop_reason(self.finish, self.stop.as_deref());
         out.push(("message_delta", json!({"type": "message_delta",
@@ -373,8 +394,9 @@ pub fn sse(event: &Event) -> bytes::Bytes {
     bytes::Bytes::from(format!("event: {}\ndata: {}\n\n", event.0, event.1))
 }
 
-/// The Anthropic stream for a translated request: `message_start` at once, `ping`s while a cold
-/// model loads, then the neuron's OpenAI chunks translated as they arrive. A neuron that fails or
+/// The Anthropic stream for a translated request: a `ping` at once and more while a cold model
+/// loads, then the neuron's OpenAI chunks translated as they arrive (`message_start` with the
+/// first). A neuron that fails or
 /// ends early yields an `error` event, never a hang.
 pub fn stream(
     fleet: std::sync::Arc<crate::fleet::Fleet>,
@@ -388,12 +410,10 @@ pub fn stream(
     crate::proxy::channel_stream(|mut tx| async move {
         let id = format!("msg_{:016x}", rand_id());
         let mut tr = StreamTranslator::new(id, model);
-        for e in tr.start() {
-            if tx.send(Ok(sse(&e))).await.is_err() {
-                return;
-            }
-        }
         let ping = sse(&("ping", json!({"type": "ping"})));
+        if tx.send(Ok(ping.clone())).await.is_err() {
+            return;
+        }
         let fail = |status: u16, msg: &str| {
             sse(&(
                 "error",

@@ -523,6 +523,7 @@ async fn chat(server: &Server, model: &str, args: &ProbeArgs, timeout: Duration)
             stream: Some(true),
             stream_options: Some(StreamOptions {
                 include_usage: true,
+                ..Default::default()
             }),
             ..Default::default()
         },

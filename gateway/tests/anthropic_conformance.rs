@@ -26,7 +26,7 @@ fn request_fields_map_to_openai() {
             "model": "m", "max_tokens": 64,
             "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"}],
             "stop": ["END", "\n\n"], "temperature": 0.2, "top_p": 0.9, "top_k": 40, "user": "u-1",
-            "stream": true, "stream_options": {"include_usage": true}
+            "stream": true, "stream_options": {"include_usage": true, "continuous_usage_stats": true}
         })
     );
     let plain = to_openai(&req(json!({"model": "m", "max_tokens": 1, "system": "Be kind.", "messages": [{"role": "user", "content": "x"}]}))).unwrap();
@@ -103,10 +103,34 @@ fn unsupported_blocks_and_bad_values_are_named() {
         "{e}"
     );
     let e = to_openai(&req(
-        json!({"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}),
+        json!({"model": "m", "max_tokens": 5, "messages": [{"role": "tool", "content": "x"}]}),
     ))
     .unwrap_err();
-    assert!(e.to_string().contains("must be user or assistant"), "{e}");
+    assert!(
+        e.to_string().contains("must be user, assistant or system"),
+        "{e}"
+    );
+}
+
+#[test]
+fn system_messages_among_messages_join_the_system_prompt() {
+    // What Claude Code sends: a system prompt in blocks (with cache_control), and a `system`
+    // message after the user's turn carrying its context reminders.
+    let out = to_openai(&req(json!({"model": "m", "max_tokens": 5,
+        "system": [{"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Hi", "cache_control": {"type": "ephemeral"}}]},
+            {"role": "system", "content": [{"type": "text", "text": "Today is Monday."}]},
+        ],
+        "thinking": {"type": "adaptive"}, "output_config": {"effort": "high"}})))
+    .unwrap();
+    assert_eq!(
+        out["messages"],
+        json!([
+            {"role": "system", "content": "You are terse.\n\nToday is Monday."},
+            {"role": "user", "content": "Hi"},
+        ])
+    );
 }
 
 fn completion(
@@ -187,13 +211,15 @@ fn chunk(delta: Value, finish: Value, stop_reason: Value, usage: Value) -> ChatC
     serde_json::from_value(c).unwrap()
 }
 
+/// `c` with usage on a chunk that also has choices (`continuous_usage_stats`).
+fn with_usage(mut c: ChatCompletionChunk, usage: Value) -> ChatCompletionChunk {
+    c.usage = Some(serde_json::from_value(usage).unwrap());
+    c
+}
+
 fn run(chunks: &[ChatCompletionChunk]) -> Vec<(String, Value)> {
     let mut t = StreamTranslator::new("msg_1".into(), "m".into());
-    let mut out: Vec<(String, Value)> = t
-        .start()
-        .into_iter()
-        .map(|(n, v)| (n.to_string(), v))
-        .collect();
+    let mut out: Vec<(String, Value)> = Vec::new();
     for c in chunks {
         out.extend(t.chunk(c).into_iter().map(|(n, v)| (n.to_string(), v)));
     }
@@ -204,11 +230,15 @@ fn run(chunks: &[ChatCompletionChunk]) -> Vec<(String, Value)> {
 #[test]
 fn a_text_stream_has_anthropics_event_sequence_no_empty_deltas_and_real_usage() {
     let events = run(&[
-        chunk(
-            json!({"role": "assistant", "content": ""}),
-            Value::Null,
-            Value::Null,
-            Value::Null,
+        // The neuron's first chunk with `continuous_usage_stats`: the prompt's count.
+        with_usage(
+            chunk(
+                json!({"role": "assistant", "content": ""}),
+                Value::Null,
+                Value::Null,
+                Value::Null,
+            ),
+            json!({"prompt_tokens": 9, "completion_tokens": 0, "total_tokens": 9}),
         ),
         chunk(
             json!({"content": "Par"}),
@@ -241,7 +271,6 @@ fn a_text_stream_has_anthropics_event_sequence_no_empty_deltas_and_real_usage() 
         names,
         [
             "message_start",
-            "ping",
             "content_block_start",
             "content_block_delta",
             "content_block_delta",
@@ -255,7 +284,11 @@ fn a_text_stream_has_anthropics_event_sequence_no_empty_deltas_and_real_usage() 
         .filter_map(|(_, v)| v["delta"]["text"].as_str())
         .collect();
     assert_eq!(texts, ["Par", "is"], "no empty text deltas");
-    let delta = &events[6].1;
+    assert_eq!(
+        events[0].1["message"]["usage"]["input_tokens"], 9,
+        "message_start carries the prompt's tokens"
+    );
+    let delta = &events[5].1;
     assert_eq!(
         delta["delta"],
         json!({"stop_reason": "stop_sequence", "stop_sequence": "\n"})
@@ -265,7 +298,7 @@ fn a_text_stream_has_anthropics_event_sequence_no_empty_deltas_and_real_usage() 
         json!({"input_tokens": 9, "output_tokens": 3})
     );
     assert_eq!(
-        events[2].1["content_block"],
+        events[1].1["content_block"],
         json!({"type": "text", "text": ""})
     );
 }

@@ -47,6 +47,10 @@ def test_anthropic_stream_matches_and_reports_usage(an):
     assert final.stop_reason == whole.stop_reason
     assert final.usage.output_tokens == whole.usage.output_tokens > 0
     assert final.usage.input_tokens == whole.usage.input_tokens > 0
+    # Clients that read usage from message_start (Claude Code does) see the prompt's tokens there.
+    events = list(an.messages.create(stream=True, **kwargs))
+    assert events[0].type == "message_start"
+    assert events[0].message.usage.input_tokens == whole.usage.input_tokens
 
 
 def test_anthropic_length_stop_is_max_tokens(an):

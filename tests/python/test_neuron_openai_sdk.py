@@ -46,6 +46,26 @@ def test_streamed_chat_matches_the_whole_answer_and_reports_usage_last(client):
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+def test_continuous_usage_stats_put_usage_on_every_chunk(client):
+    # vLLM's extension; the gateway uses it to fill Anthropic's message_start.
+    kwargs = dict(model="smollm2", messages=[{"role": "user", "content": "Name a fruit."}], temperature=0, max_tokens=12)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(
+        client.chat.completions.create(
+            stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}, **kwargs
+        )
+    )
+    content = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert content and chunks[0].usage is not None
+    assert chunks[0].usage.prompt_tokens == whole.usage.prompt_tokens and chunks[0].usage.completion_tokens == 0
+    counts = [c.usage.completion_tokens for c in content]
+    assert counts == sorted(counts) and 0 < counts[0] <= counts[-1] <= whole.usage.completion_tokens
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # Without it, usage comes only on the last chunk.
+    plain = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert [c.usage is not None for c in plain] == [False] * (len(plain) - 1) + [True]
+
+
 def test_gemma3_completion_with_a_stop_string(client):
     r = client.completions.create(
         model="gemma3",

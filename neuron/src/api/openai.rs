@@ -64,6 +64,8 @@ struct Params {
     ignore_eos: bool,
     stream: bool,
     include_usage: bool,
+    /// vLLM's `continuous_usage_stats`: usage on every chunk.
+    continuous_usage: bool,
 }
 
 fn range(param: &'static str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f64>> {
@@ -139,6 +141,10 @@ fn validate(s: &SamplingFields) -> Result<Params> {
         ignore_eos: s.ignore_eos.unwrap_or(false),
         stream: s.stream.unwrap_or(false),
         include_usage: s.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        continuous_usage: s
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage && o.continuous_usage_stats),
     })
 }
 
@@ -255,7 +261,7 @@ async fn collect(
     let mut text = String::new();
     while let Some(ev) = rx.recv().await {
         match ev {
-            GenEvent::Text(t) => text.push_str(&t),
+            GenEvent::Text(t, _) => text.push_str(&t),
             GenEvent::Done {
                 finish,
                 stop,
@@ -340,6 +346,7 @@ pub async fn chat(
     let (entry, lm) = find(&st, &req.model)?;
     let prompt = chat_prompt(&lm, &req.model, &req.messages, req.tools.as_deref())?;
     let max_tokens = budget(&lm, prompt.len(), p.max_tokens)?;
+    let usage = UsageMode::of(&p, prompt.len());
     let rx = start(&st, &entry, prompt, max_tokens, &p)?;
     let id = request_id("chatcmpl");
     // Tool calls in the output are parsed when the caller offered tools and did not turn them off.
@@ -347,14 +354,7 @@ pub async fn chat(
         && req.tool_choice.as_ref().and_then(|c| c.as_str()) != Some("none");
     if p.stream {
         let parser = tools.then(ToolParser::default);
-        return Ok(sse(
-            ChunkKind::Chat,
-            id,
-            req.model,
-            rx,
-            p.include_usage,
-            parser,
-        ));
+        return Ok(sse(ChunkKind::Chat, id, req.model, rx, usage, parser));
     }
     let (mut text, mut finish, mut stop_reason, usage) = collect(rx).await?;
     let mut tool_calls = None;
@@ -415,17 +415,11 @@ pub async fn completions(
     let (entry, lm) = find(&st, &req.model)?;
     let prompt = lm.tokenizer.encode(&prompt_text, lm.tokenizer.add_bos)?;
     let max_tokens = budget(&lm, prompt.len(), p.max_tokens.or(Some(16)))?;
+    let usage = UsageMode::of(&p, prompt.len());
     let rx = start(&st, &entry, prompt, max_tokens, &p)?;
     let id = request_id("cmpl");
     if p.stream {
-        return Ok(sse(
-            ChunkKind::Text,
-            id,
-            req.model,
-            rx,
-            p.include_usage,
-            None,
-        ));
+        return Ok(sse(ChunkKind::Text, id, req.model, rx, usage, None));
     }
     let (text, finish, stop_reason, usage) = collect(rx).await?;
     Ok(Json(Completion {
@@ -457,7 +451,7 @@ struct StreamState {
     model: String,
     created: u64,
     rx: mpsc::UnboundedReceiver<GenEvent>,
-    include_usage: bool,
+    usage: UsageMode,
     pending: VecDeque<Event>,
     finished: bool,
     /// Set when the caller offered tools: holds back text that may be a tool call.
@@ -529,6 +523,36 @@ impl StreamState {
     }
 }
 
+/// Which chunks of a stream carry `usage`.
+#[derive(Clone, Copy)]
+enum UsageMode {
+    None,
+    /// `stream_options.include_usage`: a last chunk with the totals.
+    Final,
+    /// `continuous_usage_stats` too: every chunk, the first with the prompt's token count.
+    Continuous {
+        prompt: usize,
+    },
+}
+
+impl UsageMode {
+    fn of(p: &Params, prompt: usize) -> Self {
+        match (p.include_usage, p.continuous_usage) {
+            (true, true) => UsageMode::Continuous { prompt },
+            (true, false) => UsageMode::Final,
+            _ => UsageMode::None,
+        }
+    }
+
+    /// The usage a chunk sent after `generated` tokens carries.
+    fn so_far(self, generated: usize) -> Option<Usage> {
+        match self {
+            UsageMode::Continuous { prompt } => Some(Usage::new(prompt as u32, generated as u32)),
+            _ => None,
+        }
+    }
+}
+
 /// Server-sent events: a role chunk, text chunks, a chunk with `finish_reason`, a usage chunk when
 /// `stream_options.include_usage`, then `[DONE]`. An error mid-stream is sent as an OpenAI error
 /// object (the SDKs raise it) before `[DONE]`.
@@ -537,7 +561,7 @@ fn sse(
     id: String,
     model: String,
     rx: mpsc::UnboundedReceiver<GenEvent>,
-    include_usage: bool,
+    usage: UsageMode,
     tools: Option<ToolParser>,
 ) -> Response {
     let mut st = StreamState {
@@ -546,13 +570,13 @@ fn sse(
         model,
         created: now(),
         rx,
-        include_usage,
+        usage,
         pending: VecDeque::new(),
         finished: false,
         tools,
     };
     if matches!(kind, ChunkKind::Chat) {
-        let first = st.chunk(Some(String::new()), true, None, None);
+        let first = st.chunk(Some(String::new()), true, None, usage.so_far(0));
         st.pending.push_back(first);
     }
     let stream = futures::stream::unfold(st, |mut st| async move {
@@ -564,13 +588,13 @@ fn sse(
                 return None;
             }
             match st.rx.recv().await {
-                Some(GenEvent::Text(t)) => {
+                Some(GenEvent::Text(t, generated)) => {
                     let t = match st.tools.as_mut() {
                         Some(p) => p.push(&t),
                         None => t,
                     };
                     if !t.is_empty() {
-                        let ev = st.chunk(Some(t), false, None, None);
+                        let ev = st.chunk(Some(t), false, None, st.usage.so_far(generated));
                         st.pending.push_back(ev);
                     }
                 }
@@ -597,7 +621,7 @@ fn sse(
                     let text = matches!(st.kind, ChunkKind::Text).then(String::new);
                     let ev = st.chunk(text, false, Some((finish, stop)), None);
                     st.pending.push_back(ev);
-                    if st.include_usage {
+                    if !matches!(st.usage, UsageMode::None) {
                         let ev = st.chunk(None, false, None, Some(usage));
                         st.pending.push_back(ev);
                     }

@@ -83,8 +83,8 @@ pub struct GenRequest {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
-    /// A piece of generated text (never empty).
-    Text(String),
+    /// A piece of generated text (never empty) and the tokens generated so far.
+    Text(String, usize),
     Done {
         finish: FinishReason,
         /// The stop string that ended generation, if one did.
@@ -584,7 +584,7 @@ impl Engine {
         s.tokens.push(tok);
         let piece = s.decoder.push(&lm.tokenizer, tok)?;
         let (text, hit) = s.stops.push(&piece);
-        if !text.is_empty() && s.req.tx.send(GenEvent::Text(text)).is_err() {
+        if !text.is_empty() && s.req.tx.send(GenEvent::Text(text, s.generated)).is_err() {
             return Ok(Outcome::Leave(None));
         }
         if hit.is_some() {
@@ -608,7 +608,7 @@ impl Engine {
         // Text held back as a possible stop string was not one after all.
         let rest = s.stops.flush();
         if stop.is_none() && !rest.is_empty() {
-            let _ = s.req.tx.send(GenEvent::Text(rest));
+            let _ = s.req.tx.send(GenEvent::Text(rest, s.generated));
         }
         let reason = match finish {
             FinishReason::Stop => "stop",

@@ -1,0 +1,65 @@
+"""Claude Code (Anthropic's coding agent, from npm) pointed at the gateway with ANTHROPIC_BASE_URL.
+
+The binary comes from scripts/claude-code (cached under ~/.cache/cortex/claude-code). Claude Code
+streams /v1/messages with its own fields (adaptive thinking, context management, cache_control on
+blocks, `system` messages among the messages); the gateway must take them all.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+
+import pytest
+
+from conftest import CACHE
+
+
+@pytest.fixture(scope="module")
+def claude():
+    path = pathlib.Path(os.environ.get("CORTEX_CLAUDE_CODE", CACHE / "claude-code" / "node_modules" / ".bin" / "claude"))
+    if not path.exists():
+        pytest.fail(f"Claude Code is missing at {path}; install it with scripts/claude-code")
+    return path
+
+
+def run(claude, gateway, tmp_path, prompt, *args, max_output=200, timeout=180):
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "ANTHROPIC_BASE_URL": gateway.url,
+        "ANTHROPIC_API_KEY": "sk-unused",
+        # What a local model fits; Claude Code asks for 32,000 otherwise.
+        "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(max_output),
+        "DISABLE_TELEMETRY": "1",
+        "DISABLE_AUTOUPDATER": "1",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+    }
+    p = subprocess.run(
+        [str(claude), "-p", prompt, "--model", "smollm2", "--no-session-persistence", "--output-format", "json", *args],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
+    )
+    lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+    assert lines, f"Claude Code printed no result (exit {p.returncode}):\n{p.stdout}\n{p.stderr}"
+    return p.returncode, json.loads(lines[-1])
+
+
+def test_claude_code_answers_through_the_gateway(claude, gateway, tmp_path):
+    code, r = run(claude, gateway, tmp_path, "What is the capital of France? Answer in one word.",
+                  "--bare", "--tools", "", "--system-prompt", "You are a helpful assistant.")
+    assert code == 0 and not r["is_error"] and r["subtype"] == "success", r
+    assert r["result"].strip(), r
+    assert r["stop_reason"] in ("end_turn", "max_tokens"), r
+    # Usage reached Claude Code from the stream (message_start and message_delta), not zero.
+    assert r["usage"]["input_tokens"] > 20 and r["usage"]["output_tokens"] > 0, r
+
+
+def test_claude_code_with_its_whole_agent_prompt(claude, gateway, tmp_path):
+    # Its default agent: tools, `system` messages among the messages with its reminders, adaptive
+    # thinking, context management. About 4,000 tokens reach SmolLM2 (its template leaves the
+    # tool definitions out), so this one takes a while on two cores.
+    code, r = run(claude, gateway, tmp_path, "Say hi.", "--max-turns", "1", max_output=16, timeout=600)
+    assert r["api_error_status"] is None, r
+    # The model may answer, or call one of the offered tools (which ends the one turn allowed).
+    assert r["subtype"] in ("success", "error_max_turns"), (code, r)
+    assert r["usage"]["input_tokens"] > 2000 and r["usage"]["output_tokens"] > 0, r["usage"]
