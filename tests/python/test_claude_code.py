@@ -47,9 +47,14 @@ def run(claude, gateway, tmp_path, prompt, *args, max_output=200, timeout=180):
 def test_claude_code_answers_through_the_gateway(claude, gateway, tmp_path):
     code, r = run(claude, gateway, tmp_path, "What is the capital of France? Answer in one word.",
                   "--bare", "--tools", "", "--system-prompt", "You are a helpful assistant.")
-    assert code == 0 and not r["is_error"] and r["subtype"] == "success", r
-    assert r["result"].strip(), r
-    assert r["stop_reason"] in ("end_turn", "max_tokens"), r
+    brief = {k: r.get(k) for k in ("subtype", "result", "stop_reason", "api_error_status", "num_turns", "usage")}
+    assert r["api_error_status"] is None and r["subtype"] == "success", brief
+    if code == 0:
+        assert not r["is_error"] and r["result"].strip(), brief
+    else:
+        # SmolLM2 samples (Claude Code sends no temperature) and sometimes rambles past the
+        # 200 tokens: Claude Code then reports the length stop it was given as `max_tokens`.
+        assert "exceeded the 200 output token maximum" in r["result"], brief
     # Usage reached Claude Code from the stream (message_start and message_delta), not zero.
     assert r["usage"]["input_tokens"] > 20 and r["usage"]["output_tokens"] > 0, r
 
