@@ -142,6 +142,8 @@ fn group(
 /// `out = Σᵢ p[i] · v[i * stride..][..out.len()]`, in the order of `i`.
 fn weighted_sum(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
     let hd = out.len();
+    // Only the x86 path below advances it.
+    #[allow(unused_mut)]
     let mut col = 0;
     #[cfg(all(
         target_arch = "x86_64",
