@@ -1,6 +1,7 @@
 //! The gateway's HTTP API: `/v1/models` (the whole catalogue), `/v1/chat/completions` and
 //! `/v1/completions` routed to the fleet, `/cortex/fleet` for `cortex status`, `/healthz`.
-//! Errors are written in OpenAI's shape in one place ([`error_response`]).
+//! Errors are written in OpenAI's shape in one place ([`error_response`]), and in Anthropic's
+//! for `/v1/messages` callers in another ([`AnthropicError`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -38,7 +39,7 @@ pub fn error_response(e: Error) -> Response {
 }
 
 /// A gateway error in Anthropic's shape, for `/v1/messages` callers.
-pub fn anthropic_error(status: axum::http::StatusCode, message: &str) -> Response {
+pub fn anthropic_error(status: StatusCode, message: &str) -> Response {
     (
         status,
         Json(crate::anthropic::error_body(status.as_u16(), message)),
@@ -294,46 +295,60 @@ async fn ask_neuron(
     })
 }
 
+/// Why an Anthropic handler could not answer: the gateway's own error, or a neuron's error
+/// answer; either is written in Anthropic's shape. `?` turns a gateway [`Error`] into one.
+enum AnthropicError {
+    Gateway(Error),
+    Neuron(Answer),
+}
+
+impl From<Error> for AnthropicError {
+    fn from(e: Error) -> Self {
+        AnthropicError::Gateway(e)
+    }
+}
+
+impl IntoResponse for AnthropicError {
+    fn into_response(self) -> Response {
+        match self {
+            AnthropicError::Gateway(e) => anthropic_error_of(e),
+            AnthropicError::Neuron(answer) => answer.anthropic_error(),
+        }
+    }
+}
+
+fn invalid(message: String) -> Error {
+    Error::InvalidRequest {
+        message,
+        param: None,
+    }
+}
+
 /// `/v1/messages`: translated to the neurons' OpenAI dialect and back; errors in Anthropic's shape.
 async fn messages(
     State(st): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match read_body(&st, body) {
-        Ok(b) => b,
-        Err(e) => return anthropic_error_of(e),
-    };
-    let req: cortex_core::anthropic::MessagesRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return anthropic_error(
-                axum::http::StatusCode::BAD_REQUEST,
-                &format!("request body is not a valid Messages request: {e}"),
-            );
-        }
-    };
-    let (p, oa) = match route_anthropic(&st, &req) {
-        Ok(r) => r,
-        Err(e) => return anthropic_error_of(e),
-    };
+) -> Result<Response, AnthropicError> {
+    let body = read_body(&st, body)?;
+    let req: cortex_core::anthropic::MessagesRequest = serde_json::from_slice(&body)
+        .map_err(|e| invalid(format!("request body is not a valid Messages request: {e}")))?;
+    let (p, oa) = route_anthropic(&st, &req)?;
     if req.stream == Some(true) {
         let body = crate::proxy::json_body(&oa);
-        return crate::anthropic::stream(st.fleet.clone(), p, body, req.model);
+        return Ok(crate::anthropic::stream(
+            st.fleet.clone(),
+            p,
+            body,
+            req.model,
+        ));
     }
-    let answer = match ask_neuron(&st, &p, "/v1/chat/completions", &oa).await {
-        Ok(r) => r,
-        Err(e) => return anthropic_error_of(e),
-    };
+    let answer = ask_neuron(&st, &p, "/v1/chat/completions", &oa).await?;
     if !answer.status.is_success() {
-        return answer.anthropic_error();
+        return Err(AnthropicError::Neuron(answer));
     }
-    match serde_json::from_slice::<cortex_core::openai::ChatCompletion>(&answer.bytes) {
-        Ok(c) => Json(crate::anthropic::from_openai(&c, &req.model)).into_response(),
-        Err(e) => anthropic_error(
-            axum::http::StatusCode::BAD_GATEWAY,
-            &format!("unreadable answer from the neuron: {e}"),
-        ),
-    }
+    let c: cortex_core::openai::ChatCompletion = serde_json::from_slice(&answer.bytes)
+        .map_err(|e| Error::Upstream(format!("unreadable answer from the neuron: {e}")))?;
+    Ok(Json(crate::anthropic::from_openai(&c, &req.model)).into_response())
 }
 
 /// `/v1/messages/count_tokens`: the request translated like a message, counted by the neuron's
@@ -341,45 +356,34 @@ async fn messages(
 async fn count_tokens(
     State(st): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match read_body(&st, body) {
-        Ok(b) => b,
-        Err(e) => return anthropic_error_of(e),
-    };
-    let bad = |e: String| anthropic_error(axum::http::StatusCode::BAD_REQUEST, &e);
-    let mut v: serde_json::Map<String, Value> = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) if e.is_data() => {
-            return bad(format!("request body must be a JSON object: {e}"));
-        }
-        Err(e) => return bad(format!("request body is not valid JSON: {e}")),
-    };
+) -> Result<Response, AnthropicError> {
+    let body = read_body(&st, body)?;
+    let mut v: serde_json::Map<String, Value> = serde_json::from_slice(&body).map_err(|e| {
+        invalid(if e.is_data() {
+            format!("request body must be a JSON object: {e}")
+        } else {
+            format!("request body is not valid JSON: {e}")
+        })
+    })?;
     // count_tokens takes no max_tokens; the translation wants one.
     v.insert("max_tokens".into(), json!(1));
-    let req: cortex_core::anthropic::MessagesRequest =
-        match serde_json::from_value(Value::Object(v)) {
-            Ok(r) => r,
-            Err(e) => {
-                return bad(format!(
-                    "request body is not a valid count_tokens request: {e}"
-                ));
-            }
-        };
-    let (p, oa) = match route_anthropic(&st, &req) {
-        Ok(r) => r,
-        Err(e) => return anthropic_error_of(e),
-    };
+    let req: cortex_core::anthropic::MessagesRequest = serde_json::from_value(Value::Object(v))
+        .map_err(|e| {
+            invalid(format!(
+                "request body is not a valid count_tokens request: {e}"
+            ))
+        })?;
+    let (p, oa) = route_anthropic(&st, &req)?;
     let ask = json!({"model": p.name, "messages": oa["messages"], "tools": oa.get("tools")});
-    let answer = match ask_neuron(&st, &p, "/tokenize", &ask).await {
-        Ok(r) => r,
-        Err(e) => return anthropic_error_of(e),
-    };
+    let answer = ask_neuron(&st, &p, "/tokenize", &ask).await?;
     let count = serde_json::from_slice::<Value>(&answer.bytes)
         .ok()
         .and_then(|v| v["count"].as_u64());
     match count {
-        Some(n) if answer.status.is_success() => Json(json!({"input_tokens": n})).into_response(),
-        _ => answer.anthropic_error(),
+        Some(n) if answer.status.is_success() => {
+            Ok(Json(json!({"input_tokens": n})).into_response())
+        }
+        _ => Err(AnthropicError::Neuron(answer)),
     }
 }
 

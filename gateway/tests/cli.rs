@@ -49,26 +49,9 @@ async fn status_and_models_print_the_fleet_and_the_catalogue() {
         "api_keys = [\"sk-cli\"]",
         &placements,
     )
-    .await;
-    let key_header = ("x-api-key", "sk-cli");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let v: Value = fleet
-            .http
-            .get(format!("{}/v1/models", fleet.url))
-            .header(key_header.0, key_header.1)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if v["data"][0]["state"] == "ready" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "never ready: {v}");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    .await
+    .with_key("sk-cli");
+    fleet.wait_state("smollm2", "ready").await;
 
     // Without the key: a clear error, no table.
     let (ok, out, err) = cortex(&["status", "--gateway", &fleet.url]);

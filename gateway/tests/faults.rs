@@ -49,15 +49,6 @@ async fn post_text(
     (status, headers, r.text().await.unwrap())
 }
 
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_oversize_body_gets_413_in_the_callers_dialect_naming_the_limit_and_the_key() {
     let fleet = Fleet::start_with(1, &[], "max_body_bytes = 4096", &placements(&[])).await;
@@ -153,15 +144,14 @@ async fn a_neuron_frozen_during_a_load_fails_it_promptly_and_another_neuron_load
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    let pid = fleet.neurons[frozen].1.as_ref().unwrap().0.id();
-    signal(pid, "-STOP");
+    fleet.signal(frozen, "-STOP");
     let frozen_at = Instant::now();
     // A request that comes after the freeze must not wait on the doomed load either.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (s2, _, body2) = post_text(&fleet, "/v1/chat/completions", &ask("gemma3")).await;
     let (s1, body1) = first.await.unwrap();
     let took = frozen_at.elapsed();
-    signal(pid, "-CONT");
+    fleet.signal(frozen, "-CONT");
     assert_eq!(s1, 200, "{body1}");
     assert_eq!(s2, 200, "{body2}");
     assert!(
@@ -266,14 +256,17 @@ async fn a_neurons_own_retry_after_reaches_the_caller_in_each_dialect() {
     assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
 }
 
-/// Reads a stream until its first data event, counting the `needle`s before it and timing it.
-async fn keepalives_before_data(
+/// Reads a stream until its first `data` event and asserts that `keepalive`s came before it,
+/// one at once and then about one every `every` seconds (at 5 s, the default, a load this long
+/// would get one or two).
+async fn assert_keepalives_before_data(
     fleet: &Fleet,
     path: &str,
     body: &Value,
-    needle: &str,
+    keepalive: &str,
     data: &str,
-) -> (usize, Duration, String) {
+    every: f64,
+) {
     let started = Instant::now();
     let r = fleet
         .http
@@ -288,10 +281,16 @@ async fn keepalives_before_data(
     while let Some(c) = s.next().await {
         text.push_str(std::str::from_utf8(&c.unwrap()).unwrap());
         if let Some(at) = text.find(data) {
-            return (text[..at].matches(needle).count(), started.elapsed(), text);
+            let (count, waited) = (text[..at].matches(keepalive).count(), started.elapsed());
+            let due = (waited.as_secs_f64() / every) as usize;
+            assert!(
+                count >= 3 && count + 2 >= due / 2,
+                "{path}: {count} keep-alives in {waited:?}: {text}"
+            );
+            return;
         }
     }
-    panic!("no {data} in {text}");
+    panic!("{path}: no {data} in {text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -305,35 +304,13 @@ async fn keep_alives_repeat_at_the_configured_interval_while_a_cold_model_loads(
     .await;
     fleet.wait_state("smollm2", "ready").await;
     let mut openai = json!({"model": "gemma-a", "prompt": "The capital of France is", "max_tokens": 4, "stream": true});
-    let (comments, waited, text) = keepalives_before_data(
-        &fleet,
-        "/v1/completions",
-        &openai,
-        ": loading model\n\n",
-        "data: {",
-    )
-    .await;
-    // One at once, then one every 0.2 s (at 5 s, the default, a load this long gets one or two).
-    let due = (waited.as_secs_f64() / 0.2) as usize;
-    assert!(
-        comments >= 3 && comments + 2 >= due / 2,
-        "{comments} keep-alives in {waited:?}: {text}"
-    );
+    let comment = ": loading model\n\n";
+    assert_keepalives_before_data(&fleet, "/v1/completions", &openai, comment, "data: {", 0.2)
+        .await;
     let mut anthropic = ask("gemma-b");
     anthropic["stream"] = json!(true);
-    let (pings, waited, text) = keepalives_before_data(
-        &fleet,
-        "/v1/messages",
-        &anthropic,
-        "event: ping\n",
-        "event: message_start",
-    )
-    .await;
-    let due = (waited.as_secs_f64() / 0.2) as usize;
-    assert!(
-        pings >= 3 && pings + 2 >= due / 2,
-        "{pings} pings in {waited:?}: {text}"
-    );
+    let (ping, start) = ("event: ping\n", "event: message_start");
+    assert_keepalives_before_data(&fleet, "/v1/messages", &anthropic, ping, start, 0.2).await;
     // The default body limit is well above axum's 2 MB: a 3 MB body is read (and routed).
     openai["model"] = json!("no-such-model");
     openai["padding"] = json!("x".repeat(3 << 20));

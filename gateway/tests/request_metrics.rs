@@ -5,23 +5,9 @@
 
 mod common;
 
-use common::{Fleet, models_dir};
+use common::{Fleet, metric, models_dir};
 use futures::StreamExt;
 use serde_json::{Value, json};
-
-/// The sum of every sample of `name` whose labels contain each of `labels` (`key="value"`).
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let rest = series.strip_prefix(name)?;
-            let ok = (rest.is_empty() || rest.starts_with('{'))
-                && labels.iter().all(|want| rest.contains(want));
-            ok.then(|| value.parse::<f64>().unwrap())
-        })
-        .sum()
-}
 
 fn smollm2_only() -> String {
     format!(
@@ -191,7 +177,8 @@ async fn requests_refused_before_a_neuron_are_counted_by_status_class_and_dialec
         "api_keys = [\"sk-test\"]\nmax_body_bytes = 4096",
         &placements,
     )
-    .await;
+    .await
+    .with_key("sk-test");
     let post = |path: &str, key: Option<&str>, body: Vec<u8>| {
         let mut rb = fleet
             .http
@@ -209,24 +196,7 @@ async fn requests_refused_before_a_neuron_are_counted_by_status_class_and_dialec
     };
     let key = Some("sk-test");
     // The pinned model is loaded at start.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let v: Value = fleet
-            .http
-            .get(format!("{}/v1/models", fleet.url))
-            .header("x-api-key", "sk-test")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if v["data"][0]["state"] == "ready" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "never ready: {v}");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    fleet.wait_state("smollm2", "ready").await;
     assert_eq!(
         post("/v1/chat/completions", None, chat("smollm2")).await,
         401

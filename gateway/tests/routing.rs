@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Fleet, free_port, models_dir, start_neuron, wait_healthy};
+use common::{Fleet, free_port, metric, models_dir, start_neuron, wait_healthy};
 use serde_json::{Value, json};
 
 fn placement(replicas: u32) -> String {
@@ -174,29 +174,6 @@ async fn requests_go_to_the_replica_with_the_fewest_outstanding() {
     wait_busy(ports[1], 2).await;
 }
 
-fn signal(fleet: &Fleet, idx: usize, sig: &str) {
-    let pid = fleet.neurons[idx].1.as_ref().unwrap().0.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-}
-
-/// The sum of every sample of `name` whose labels contain each of `labels`.
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let rest = series.strip_prefix(name)?;
-            ((rest.is_empty() || rest.starts_with('{')) && labels.iter().all(|w| rest.contains(w)))
-                .then(|| value.parse::<f64>().unwrap())
-        })
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_neuron_that_stops_answering_is_marked_down_and_probed_back_in() {
     let fleet = Fleet::start_with(2, &[], "request_timeout_secs = 3", &placement(2)).await;
@@ -219,7 +196,7 @@ async fn a_neuron_that_stops_answering_is_marked_down_and_probed_back_in() {
 
     // A stopped n1 keeps its socket and never answers: the request times out there and is
     // answered by n2; the client sees one request, and one end-to-end sample.
-    signal(&fleet, 0, "-STOP");
+    fleet.signal(0, "-STOP");
     let (s, body) = fleet.post("/v1/chat/completions", ask.clone()).await;
     assert_eq!(s, 200, "{body}");
     let after = fleet.metrics().await;
@@ -259,7 +236,7 @@ async fn a_neuron_that_stops_answering_is_marked_down_and_probed_back_in() {
 
     // Resumed, n1 answers its status probe, is up again, and the next request (a tie again)
     // goes to it.
-    signal(&fleet, 0, "-CONT");
+    fleet.signal(0, "-CONT");
     let deadline = Instant::now() + Duration::from_secs(30);
     while fleet_view(&fleet).await["neurons"][0]["up"] != true {
         assert!(Instant::now() < deadline, "n1 was never probed back in");

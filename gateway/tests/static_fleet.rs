@@ -195,24 +195,13 @@ async fn holder(fleet: &Fleet) -> (usize, String) {
     (if name == "n1" { 0 } else { 1 }, name)
 }
 
-fn signal(fleet: &Fleet, idx: usize, sig: &str) {
-    let pid = fleet.neurons[idx].1.as_ref().unwrap().0.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hung_neuron_times_out_and_the_request_goes_elsewhere() {
     // Long enough for the other neuron to load a copy and answer on a busy 2-core machine.
     let fleet = Fleet::start("request_timeout_secs = 8").await;
     let (idx, name) = holder(&fleet).await;
     // A stopped process keeps its socket open and never answers: a real hang.
-    signal(&fleet, idx, "-STOP");
+    fleet.signal(idx, "-STOP");
     let started = std::time::Instant::now();
     let (s, body) = fleet
         .post(
@@ -223,7 +212,7 @@ async fn a_hung_neuron_times_out_and_the_request_goes_elsewhere() {
             ),
         )
         .await;
-    signal(&fleet, idx, "-CONT");
+    fleet.signal(idx, "-CONT");
     assert_eq!(s, 200, "{body}");
     assert!(
         body["choices"][0]["message"]["content"]

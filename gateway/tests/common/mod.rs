@@ -48,6 +48,31 @@ pub fn start_neuron(port: u16, extra: &[&str]) -> Proc {
     )
 }
 
+/// Sends `sig` (`-STOP`, `-CONT`, `-KILL`…) to the process `pid`.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// The sum of every sample of `name` in a metrics `text` whose labels contain each of `labels`
+/// (`key="value"`).
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let rest = series.strip_prefix(name)?;
+            let ok = (rest.is_empty() || rest.starts_with('{'))
+                && labels.iter().all(|want| rest.contains(want));
+            ok.then(|| value.parse::<f64>().unwrap())
+        })
+        .sum()
+}
+
 pub struct Fleet {
     pub _dir: tempfile::TempDir,
     pub neurons: Vec<(u16, Option<Proc>)>,
@@ -55,6 +80,9 @@ pub struct Fleet {
     pub url: String,
     pub metrics_url: String,
     pub http: reqwest::Client,
+    /// The API key [`Fleet::catalogue`] and [`Fleet::wait_state`] send, for a gateway with
+    /// `api_keys` ([`Fleet::with_key`]).
+    pub key: Option<String>,
 }
 
 impl Fleet {
@@ -127,7 +155,19 @@ impl Fleet {
             url,
             metrics_url: format!("http://127.0.0.1:{mport}/metrics"),
             http: reqwest::Client::new(),
+            key: None,
         }
+    }
+
+    /// The same fleet, its catalogue read with `key` (as `x-api-key`).
+    pub fn with_key(mut self, key: &str) -> Fleet {
+        self.key = Some(key.to_string());
+        self
+    }
+
+    /// Sends `sig` to the `idx`th neuron's process.
+    pub fn signal(&self, idx: usize, sig: &str) {
+        signal(self.neurons[idx].1.as_ref().unwrap().0.id(), sig);
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
@@ -151,19 +191,17 @@ impl Fleet {
             .unwrap()
     }
 
+    /// `GET /v1/models`: every placement's served names with their state.
     pub async fn catalogue(&self) -> Vec<Value> {
-        let v: Value = self
-            .http
-            .get(format!("{}/v1/models", self.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let mut rb = self.http.get(format!("{}/v1/models", self.url));
+        if let Some(k) = &self.key {
+            rb = rb.header("x-api-key", k);
+        }
+        let v: Value = rb.send().await.unwrap().json().await.unwrap();
         v["data"].as_array().unwrap().clone()
     }
 
+    /// Waits (up to a minute) until `model`'s catalogue entry has `state`, and returns the entry.
     pub async fn wait_state(&self, model: &str, state: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
