@@ -240,7 +240,7 @@ pub fn from_openai(resp: &ChatCompletion, model: &str) -> MessagesResponse {
 }
 
 /// The message of a neuron's OpenAI-shaped error body (or the body itself when it is not one),
-/// to pass on in Anthropic's shape.
+/// to pass on in Anthropic's shape or in a gateway error.
 pub fn upstream_message(body: &[u8]) -> String {
     serde_json::from_slice::<cortex_core::openai::ErrorBody>(body)
         .map(|e| e.error.message)

@@ -32,6 +32,10 @@ pub enum Error {
         "request body is larger than this gateway's limit of {limit} bytes; send a smaller request or raise [gateway] max_body_bytes in cortex.toml (--max-body-bytes in Kubernetes mode)"
     )]
     BodyTooLarge { limit: usize },
+    /// The gateway took the body but the neuron's own limit (`--max-body-bytes`) is lower; its
+    /// message names that limit.
+    #[error("neuron '{neuron}' refused the request body: {message}")]
+    NeuronBodyTooLarge { neuron: String, message: String },
 }
 
 impl Error {
@@ -43,16 +47,19 @@ impl Error {
             Error::LoadTimeout { .. } | Error::NoCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Upstream(_) => StatusCode::BAD_GATEWAY,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
-            Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::BodyTooLarge { .. } | Error::NeuronBodyTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
         }
     }
 
     pub fn error_type(&self) -> &'static str {
         match self {
             Error::Config(_) => "server_error",
-            Error::InvalidRequest { .. } | Error::ModelNotFound(_) | Error::BodyTooLarge { .. } => {
-                "invalid_request_error"
-            }
+            Error::InvalidRequest { .. }
+            | Error::ModelNotFound(_)
+            | Error::BodyTooLarge { .. }
+            | Error::NeuronBodyTooLarge { .. } => "invalid_request_error",
             Error::LoadTimeout { .. } | Error::NoCapacity(_) => "service_unavailable",
             Error::Upstream(_) => "upstream_error",
             Error::Unauthorized => "authentication_error",
@@ -63,7 +70,9 @@ impl Error {
         match self {
             Error::ModelNotFound(_) => Some("model_not_found"),
             Error::Unauthorized => Some("invalid_api_key"),
-            Error::BodyTooLarge { .. } => Some("request_too_large"),
+            Error::BodyTooLarge { .. } | Error::NeuronBodyTooLarge { .. } => {
+                Some("request_too_large")
+            }
             _ => None,
         }
     }

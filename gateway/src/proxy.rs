@@ -259,6 +259,18 @@ pub async fn send(
                 skip.push(n.cfg.name.clone());
                 fleet.refresh().await;
             }
+            // The neuron's body limit is below the gateway's: every replica would refuse it
+            // alike, so the caller hears why at once, in its own dialect (and the neuron stays up).
+            Ok(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                guard.answered(r.status());
+                let bytes = axum::body::to_bytes(Body::new(r.into_body()), 64 << 10)
+                    .await
+                    .unwrap_or_default();
+                return Err(Error::NeuronBodyTooLarge {
+                    neuron: n.cfg.name.clone(),
+                    message: crate::anthropic::upstream_message(&bytes),
+                });
+            }
             Ok(r) => {
                 let (parts, body) = r.into_parts();
                 guard.answered(parts.status);

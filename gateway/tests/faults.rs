@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Fleet, models_dir};
+use common::{Fleet, metric, models_dir};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -94,6 +94,98 @@ async fn an_oversize_body_gets_413_in_the_callers_dialect_naming_the_limit_and_t
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["type"], "request_too_large", "{body}");
     // Under the limit, the same gateway answers.
+    let (s, body) = fleet.post("/v1/chat/completions", ask("smollm2")).await;
+    assert_eq!(s, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_between_the_neurons_old_limit_and_the_gateways_is_answered() {
+    // Both limits default to 32 MiB (the neuron's was 4 MiB and refused what the gateway took).
+    let fleet = Fleet::start_with(1, &[], "", &placements(&[])).await;
+    fleet.wait_state("smollm2", "ready").await;
+    let ten_mib = 10 << 20;
+    // OpenAI: the caller's bytes go to the neuron as they came, padding and all.
+    let mut body = serde_json::to_vec(&ask("smollm2")).unwrap();
+    body.resize(body.len() + ten_mib, b' ');
+    let r = fleet
+        .http
+        .post(format!("{}/v1/chat/completions", fleet.url))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["object"], "chat.completion", "{answer}");
+    // Anthropic: the request is translated, so the neuron gets as many bytes only from content;
+    // a tool described at length keeps the prompt short (SmolLM2's chat template leaves tools out).
+    let mut with_tool = ask("smollm2");
+    with_tool["tools"] = json!([{"name": "lookup", "description": "x".repeat(ten_mib),
+        "input_schema": {"type": "object", "properties": {}}}]);
+    let (s, answer) = fleet.post("/v1/messages", with_tool).await;
+    assert_eq!(s, 200, "{answer}");
+    assert_eq!(answer["type"], "message", "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_neurons_lower_body_limit_reaches_the_caller_as_413_in_its_dialect_and_the_neuron_stays_up()
+ {
+    let fleet = Fleet::start_with(1, &["--max-body-bytes", "65536"], "", &placements(&[])).await;
+    fleet.wait_state("smollm2", "ready").await;
+    let mut big = ask("smollm2");
+    big["messages"][0]["content"] = json!("x".repeat(100_000));
+    let mut streamed = big.clone();
+    streamed["stream"] = json!(true);
+    let names_it = |m: &str| {
+        m.contains("neuron 'n1' refused the request body")
+            && m.contains("limit of 65536 bytes")
+            && m.contains("--max-body-bytes")
+    };
+    for body in [&big, &streamed] {
+        let (s, _, text) = post_text(&fleet, "/v1/chat/completions", body).await;
+        assert_eq!(s, 413, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["error"]["code"], "request_too_large", "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        assert!(names_it(v["error"]["message"].as_str().unwrap()), "{v}");
+    }
+    for path in ["/v1/messages", "/v1/messages/count_tokens"] {
+        let (s, _, text) = post_text(&fleet, path, &big).await;
+        assert_eq!(s, 413, "{path}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["type"], "error", "{v}");
+        assert_eq!(v["error"]["type"], "request_too_large", "{v}");
+        assert!(names_it(v["error"]["message"].as_str().unwrap()), "{v}");
+    }
+    // An Anthropic stream has started (with a ping) before the neuron is asked: its error event.
+    let (s, _, text) = post_text(&fleet, "/v1/messages", &streamed).await;
+    assert_eq!(s, 200, "{text}");
+    let error = text
+        .split("\n\n")
+        .find_map(|e| e.strip_prefix("event: error\ndata: "))
+        .unwrap_or_else(|| panic!("no error event: {text}"));
+    let error: Value = serde_json::from_str(error).unwrap();
+    assert_eq!(error["error"]["type"], "request_too_large", "{error}");
+    assert!(
+        names_it(error["error"]["message"].as_str().unwrap()),
+        "{error}"
+    );
+    // No neuron failure: all five were answered by n1 (4xx), none failed over, and n1 stays up
+    // and answers the next request.
+    let text = fleet.metrics().await;
+    let requests = |class: &str| {
+        metric(
+            &text,
+            "cortex_gateway_requests_total",
+            &["neuron=\"n1\"", &format!("status_class=\"{class}\"")],
+        )
+    };
+    assert_eq!((requests("4xx"), requests("5xx")), (5.0, 0.0), "{text}");
+    assert_eq!(
+        metric(&text, "cortex_gateway_neuron_up", &["neuron=\"n1\""]),
+        1.0
+    );
     let (s, body) = fleet.post("/v1/chat/completions", ask("smollm2")).await;
     assert_eq!(s, 200, "{body}");
 }

@@ -54,7 +54,9 @@ pub enum Error {
         existing: String,
         requested: String,
     },
-    #[error("request body is larger than the limit of {limit} bytes")]
+    #[error(
+        "request body is larger than this neuron's limit of {limit} bytes; send a smaller request or raise the neuron's --max-body-bytes (CORTEX_MAX_BODY_BYTES)"
+    )]
     PayloadTooLarge { limit: usize },
     #[error(
         "missing or wrong bearer token; send 'Authorization: Bearer <token>' with the neuron's --token"

@@ -13,7 +13,7 @@
 //!     metrics.clone(),
 //! );
 //! let app = api::router(Arc::new(api::AppState {
-//!     registry, metrics, token: None, max_body: 4 << 20, node: "host".into() }));
+//!     registry, metrics, token: None, max_body: 32 << 20, node: "host".into() }));
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:13131").await?;
 //! axum::serve(listener, app).await?;
 //! # Ok(()) }

@@ -52,8 +52,9 @@ struct Args {
     /// Most requests of one model decoded together in a batch.
     #[arg(long, env = "CORTEX_MAX_BATCH", default_value_t = 16)]
     max_batch: usize,
-    /// Largest request body accepted, in bytes.
-    #[arg(long, env = "CORTEX_MAX_BODY_BYTES", default_value_t = 4 << 20)]
+    /// Largest request body accepted, in bytes; the gateway's default `max_body_bytes` too, so
+    /// a request the gateway accepts is not refused here.
+    #[arg(long, env = "CORTEX_MAX_BODY_BYTES", default_value_t = 32 << 20)]
     max_body_bytes: usize,
     /// Name reported in /status (default: the host name).
     #[arg(long, env = "CORTEX_NODE_NAME")]
