@@ -1,9 +1,11 @@
 //! `cortex status` and `cortex models`, the real binary against a real static fleet: one neuron
-//! with SmolLM2 loaded and Gemma 3 listed but not loaded, behind an API key.
+//! with SmolLM2 loaded and Gemma 3 listed but not loaded, behind an API key; and `cortex status`
+//! for a neuron with several devices.
 
 mod common;
 
 use common::{Fleet, models_dir};
+use cortex_core::neuron::{DeviceInfo, ModelInfo, ModelSource, ModelState, NeuronStatus};
 use serde_json::Value;
 
 fn cortex(args: &[&str]) -> (bool, String, String) {
@@ -123,4 +125,131 @@ async fn status_and_models_print_the_fleet_and_the_catalogue() {
             && err.contains("cortex serve"),
         "{err}"
     );
+}
+
+fn device(kind: &str, index: u32, name: &str, total_gib: u64, free_gib: u64) -> DeviceInfo {
+    DeviceInfo {
+        index,
+        name: name.into(),
+        kind: kind.into(),
+        memory_total: total_gib << 30,
+        memory_free: free_gib << 30,
+    }
+}
+
+/// A stand-in neuron that answers only `GET /status` with `status`, on a free loopback port;
+/// its URL. A real neuron reports GPUs only from the `cuda` build through NVML, so no neuron on a
+/// machine without GPUs can report several devices: this is the one fleet member the tests fake.
+async fn status_only_neuron(status: NeuronStatus) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new().route(
+        "/status",
+        axum::routing::get(move || {
+            let s = status.clone();
+            async move { axum::Json(s) }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_prints_a_line_for_every_device_of_a_neuron_with_several() {
+    // As a `cuda` neuron on a host with two GPUs reports them: the GPUs, then the host's CPU.
+    let status = NeuronStatus {
+        node: "gpu-box".into(),
+        version: "0.1.0".into(),
+        devices: vec![
+            device("cuda", 0, "NVIDIA H200", 141, 100),
+            device("cuda", 1, "NVIDIA H200", 141, 7),
+            device("cpu", 0, "AMD EPYC 9654 96-Core Processor", 1024, 900),
+        ],
+        models: vec![ModelInfo {
+            id: "qwen3-32b".into(),
+            state: ModelState::Ready,
+            progress: 1.0,
+            source: ModelSource::Repo {
+                repo: "unsloth/Qwen3-32B-GGUF".into(),
+                quant: Some("Q4_K_M".into()),
+                file: None,
+                revision: None,
+                tokenizer_repo: None,
+            },
+            bytes: 34 << 30,
+            device: "cuda:1".into(),
+            architecture: Some("qwen3".into()),
+            context_length: 32768,
+            error: None,
+            loaded_at: None,
+            last_used_at: None,
+            inflight: 2,
+            queued: 1,
+            kv_cache_bytes: 8 << 30,
+            kv_cache_used_bytes: 1 << 30,
+        }],
+        inflight: 2,
+        queued: 1,
+    };
+    let url = status_only_neuron(status).await;
+    // No real neurons; the stand-in joins as a [[neurons]] table, and nothing is to be loaded.
+    let fleet = Fleet::start_with(
+        0,
+        &[],
+        &format!("[[neurons]]\nname = \"gpu-box\"\nendpoint = \"{url}\"\n"),
+        &format!(
+            "[[placements]]\nname = \"smollm2\"\nminReplicas = 0\nmodel = {{ uri = \"file://{}/SmolLM2-135M-Instruct.Q4_1.gguf\" }}\n",
+            models_dir().display()
+        ),
+    )
+    .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let v: Value = reqwest::get(format!("{}/cortex/fleet", fleet.url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["neurons"][0]["up"] == true {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never up: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    let (ok, out, err) = cortex(&["status", "--gateway", &fleet.url]);
+    assert!(ok, "{err}");
+    let table: Vec<Vec<String>> = out.lines().map(cells).collect();
+    let [g7, g34, g100, g141, g900, g1024] = [7, 34, 100, 141, 900, 1024].map(|n| gib(n << 30));
+    assert_eq!(
+        table[..4],
+        [
+            vec![
+                "NEURON", "ENDPOINT", "UP", "DEVICE", "FREE", "TOTAL", "INFLIGHT"
+            ],
+            // The neuron's own columns and its in-flight count on its first device's line only.
+            vec![
+                "gpu-box",
+                &url,
+                "yes",
+                "cuda:0 NVIDIA H200",
+                &g100,
+                &g141,
+                "2"
+            ],
+            vec!["cuda:1 NVIDIA H200", &g7, &g141],
+            vec!["cpu AMD EPYC 9654 96-Core Processor", &g900, &g1024],
+        ],
+        "{out}"
+    );
+    // Each further device's line leaves the neuron's columns empty.
+    assert!(out.lines().nth(2).unwrap().starts_with("      "), "{out}");
+    let model = cells(out.lines().nth(4).unwrap().trim_start_matches("  └ "));
+    assert_eq!(
+        model,
+        ["qwen3-32b", "ready", &g34, "in-flight 2", "queued 1"],
+        "{out}"
+    );
+    assert_eq!(table.len(), 5, "{out}");
 }
