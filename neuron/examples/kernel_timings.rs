@@ -53,7 +53,7 @@ fn main() {
             let q = QTensor::quantize(&w, dtype).unwrap();
             let ours = Linear::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
             let theirs = QMatMul::from_qtensor(q).unwrap();
-            for m in [1, 127] {
+            for m in [1, 8, 127] {
                 let x = Tensor::randn(0f32, 1.0, (1, m, k), &dev).unwrap();
                 let iters = if m == 1 { 50 } else { 3 }.min(20_000_000 / (n * k * m).max(1) + 1);
                 let a = time(|| drop(ours.forward(&x).unwrap()), iters);

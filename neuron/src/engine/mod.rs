@@ -20,6 +20,7 @@
 //! answer is the same as without the copy.
 
 pub mod attention;
+pub mod elementwise;
 pub mod kernels;
 pub mod linear;
 pub mod model;

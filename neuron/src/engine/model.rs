@@ -14,8 +14,8 @@ use candle_core::quantized::{QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Storage, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
-use super::attention;
 use super::linear::{Linear, Matmul, own_qtype};
+use super::{attention, elementwise};
 use crate::error::{Error, Result};
 use crate::gguf::Meta;
 
@@ -228,6 +228,11 @@ impl KvCache {
     /// Forgets the sequence; the memory stays allocated for the next one.
     pub fn clear(&mut self) {
         self.len = 0;
+    }
+
+    /// Forgets every token after the first `n`.
+    pub fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n);
     }
 
     /// Takes the first `n` positions of `src` (a prefix both sequences share), replacing what
@@ -543,12 +548,15 @@ impl Model {
             };
             x = (x + h)?;
             let h = layer.ffn_norm.forward(&x)?;
-            let gate = layer.gate.forward(&h)?;
-            let gate = match self.cfg.activation {
-                Activation::GeluTanh => gate.gelu()?,
-                Activation::Silu => candle_nn::ops::silu(&gate)?,
+            let (gate, up) = (layer.gate.forward(&h)?, layer.up.forward(&h)?);
+            let act = match self.cfg.activation {
+                Activation::GeluTanh => (gate.gelu()? * up)?,
+                Activation::Silu if gate.device().is_cpu() && gate.dtype() == DType::F32 => {
+                    elementwise::silu_mul(&gate, &up)?
+                }
+                Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
             };
-            let h = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
+            let h = layer.down.forward(&act)?;
             let h = match &layer.post_ffn_norm {
                 Some(n) => n.forward(&h)?,
                 None => h,
