@@ -81,13 +81,15 @@ http {{
     return subprocess.Popen(["taskset", "-c", "0", "nginx", "-c", str(conf)], stderr=subprocess.DEVNULL)
 
 
-def wrk(url, body, conns, seconds):
+def wrk(url, body, conns, seconds, warmup=False):
     script = pathlib.Path(tempfile.mkstemp(suffix=".lua")[1])
     script.write_text(f"wrk.method = 'POST'\nwrk.body = '{nginx_escape(json.dumps(body))}'\n"
                       "wrk.headers['Content-Type'] = 'application/json'\n")
     out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "60s", "--latency", "-s", str(script), url],
                          capture_output=True, text=True).stdout
     script.unlink()
+    if warmup:
+        return None  # a slow proxy may finish nothing in a one-second warm-up: that is fine
 
     def ms(label):
         m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
@@ -144,16 +146,19 @@ def end_to_end(a, d, procs):
     while time.time() < deadline and '"state":"ready"' not in urllib.request.urlopen(f"http://127.0.0.1:{p_gw2}/v1/models").read().decode():
         time.sleep(0.2)
     real = []
-    body = {"model": "smollm2", "max_tokens": 16, "temperature": 0, "ignore_eos": True,
-            "messages": [{"role": "user", "content": "What is the capital of France?"}]}
-    for c in (1, 4):
-        base = None
-        for name, url in (("direct", f"http://127.0.0.1:{p_n}"), ("cortex", f"http://127.0.0.1:{p_gw2}")):
-            req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"})
-            urllib.request.urlopen(req, timeout=60).read()  # warm-up: one whole answer
-            r = wrk(url + "/v1/chat/completions", body, c, max(a.seconds, 10))
-            base = base or r
-            real.append((c, name, r, base))
+    for stream in (False, True):
+        body = {"model": "smollm2", "max_tokens": 16, "temperature": 0, "ignore_eos": True,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+        if stream:
+            body["stream"] = True
+        for c in (1, 4):
+            base = None
+            for name, url in (("direct", f"http://127.0.0.1:{p_n}"), ("cortex", f"http://127.0.0.1:{p_gw2}")):
+                req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"})
+                urllib.request.urlopen(req, timeout=60).read()  # warm-up: one whole answer
+                r = wrk(url + "/v1/chat/completions", body, c, max(a.seconds, 10))
+                base = base or r
+                real.append(("stream" if stream else "json", c, name, r, base))
 
     return real
 
@@ -225,7 +230,7 @@ def main():
                     body = {"model": model + ("-stream" if stream else ""), "messages": [{"role": "user", "content": "Hi"}]}
                     if stream:
                         body["stream"] = True
-                    wrk(url, body, c, 1)  # warm-up
+                    wrk(url, body, c, 1, warmup=True)
                     before = cpu_seconds(tree(pids[0]) if pids else [])
                     r = wrk(url, body, c, a.seconds)
                     r["cpu_us"] = (cpu_seconds(tree(pids[0]) if pids else []) - before) / max(r["reqs"], 1) * 1e6 if pids else 0.0
@@ -235,23 +240,26 @@ def main():
         real = end_to_end(a, d, procs) if a.neuron else []
 
         print(f"\n{a.seconds} s per cell; wrk on core 1, proxies and the fake backend on core 0; added = vs direct")
-        print(f"{'mode':7}{'c':>4}  {'target':8}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}{'req/s':>10}{'vs direct':>10}  CPU µs/req")
-        nginx_cpu = {}
-        for mode, c, name, r, base in rows:
-            if name == "nginx":
-                nginx_cpu[(mode, c)] = r["cpu_us"]
+        print(f"{'mode':7}{'c':>4}  {'target':8}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}{'req/s':>10}"
+              f"{'vs direct':>10}{'CPU µs/req':>12}  CPU and req/s against nginx and LiteLLM")
+        by = {(mode, c, name): r for mode, c, name, r, _ in rows}
         for mode, c, name, r, base in rows:
             cpu = f"{r['cpu_us']:.0f}" if name != "direct" else "-"
-            if name not in ("direct", "nginx") and nginx_cpu.get((mode, c)):
-                cpu += f" ({r['cpu_us'] / nginx_cpu[(mode, c)]:.1f}× nginx)"
+            vs = []
+            if name == "cortex":
+                nginx, litellm = by.get((mode, c, "nginx")), by.get((mode, c, "litellm"))
+                if nginx and nginx["cpu_us"]:
+                    vs.append(f"{r['cpu_us'] / nginx['cpu_us']:.1f}× nginx's CPU")
+                if litellm and r["cpu_us"]:
+                    vs.append(f"{litellm['cpu_us'] / r['cpu_us']:.0f}× less CPU and {r['rps'] / litellm['rps']:.0f}× the req/s of LiteLLM")
             print(f"{mode:7}{c:>4}  {name:8}{r['p50']:9.3f}{r['p99']:9.3f}{r['p50'] - base['p50']:9.3f}{r['p99'] - base['p99']:9.3f}"
-                  f"{r['rps']:10.0f}{r['rps'] / base['rps']:10.2f}  {cpu}")
+                  f"{r['rps']:10.0f}{r['rps'] / base['rps']:10.2f}{cpu:>12}  {'; '.join(vs)}")
         if not real:
             return
         print("\nend to end on a real neuron (SmolLM2 Q4_1, CPU, 16 generated tokens per request)")
-        print(f"{'c':>4}  {'target':8}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'req/s':>8}{'vs direct':>10}")
-        for c, name, r, base in real:
-            print(f"{c:>4}  {name:8}{r['p50']:9.1f}{r['p99']:9.1f}{r['p50'] - base['p50']:9.2f}{r['rps']:8.2f}{r['rps'] / base['rps']:10.2f}")
+        print(f"{'mode':7}{'c':>4}  {'target':8}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'req/s':>8}{'vs direct':>10}")
+        for mode, c, name, r, base in real:
+            print(f"{mode:7}{c:>4}  {name:8}{r['p50']:9.1f}{r['p99']:9.1f}{r['p50'] - base['p50']:9.2f}{r['rps']:8.2f}{r['rps'] / base['rps']:10.2f}")
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
