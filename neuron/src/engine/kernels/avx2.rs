@@ -528,8 +528,13 @@ unsafe fn groups_body<const R: usize, const T: u8, const VNNI: bool>(
                 // the four loads, then the high nibbles; Q8_0's eight loads as they are).
                 let mut w = [_mm256_setzero_si256(); 8];
                 if T == Q8_0 {
+                    // With VNNI the signed weights go in offset by 128, as unsigned bytes: the
+                    // products then need no sign moved onto every row's activations, and the
+                    // offset comes back out as 128 times the activations' sum, in integers.
+                    let flip = _mm256_set1_epi8(if VNNI { -128 } else { 0 });
                     for u in 0..8 {
-                        w[u] = _mm256_loadu_si256(p.add(quants + 32 * u).cast());
+                        let raw = _mm256_loadu_si256(p.add(quants + 32 * u).cast());
+                        w[u] = _mm256_xor_si256(raw, flip);
                     }
                 } else {
                     for v in 0..4 {
@@ -556,15 +561,12 @@ unsafe fn groups_body<const R: usize, const T: u8, const VNNI: bool>(
                     let isum = if VNNI {
                         let mut s = _mm256_setzero_si256();
                         for u in 0..8 {
-                            s = if T == Q8_0 {
-                                _mm256_dpbusd_epi32(
-                                    s,
-                                    _mm256_sign_epi8(w[u], w[u]),
-                                    _mm256_sign_epi8(act_group(qa, u), w[u]),
-                                )
-                            } else {
-                                _mm256_dpbusd_epi32(s, w[u], act_group(qa, u))
-                            };
+                            s = _mm256_dpbusd_epi32(s, w[u], act_group(qa, u));
+                        }
+                        if T == Q8_0 {
+                            // Σ (w + 128) a - 128 Σ a: the same integer as Σ w a.
+                            let sum = ab.hs[0] as i32 + ab.hs[1] as i32;
+                            s = _mm256_sub_epi32(s, _mm256_set1_epi32(128 * sum));
                         }
                         s
                     } else if T == Q8_0 {
