@@ -10,7 +10,7 @@
 //! request always sees one consistent list.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -28,6 +28,9 @@ pub struct Neuron {
     /// Its last `/status` answer, in static mode (Kubernetes mode reads the Neuron object instead).
     pub status: RwLock<Option<NeuronStatus>>,
     pub up: AtomicBool,
+    /// Times it was marked down: a probe that saw it answer counts only if no request failed
+    /// on it while the probe was out (see [`Neuron::still_up_since`]).
+    downs: AtomicU64,
     /// Requests the gateway is proxying to this neuron now.
     pub outstanding: AtomicU32,
 }
@@ -38,6 +41,7 @@ impl Neuron {
             cfg,
             status: RwLock::new(None),
             up: AtomicBool::new(false),
+            downs: AtomicU64::new(0),
             outstanding: AtomicU32::new(0),
         }
     }
@@ -61,9 +65,23 @@ impl Neuron {
     }
 
     pub fn mark_down(&self, why: &str) {
+        self.downs.fetch_add(1, Ordering::SeqCst);
         if self.up.swap(false, Ordering::Relaxed) {
             tracing::warn!(neuron = %self.cfg.name, reason = why, "neuron marked down");
         }
+    }
+}
+
+impl Neuron {
+    /// A mark for [`Neuron::still_up_since`], taken before a probe goes out.
+    pub fn probe_mark(&self) -> u64 {
+        self.downs.load(Ordering::SeqCst)
+    }
+
+    /// Whether an answer to a probe sent at `mark` still says the neuron is up: not when a
+    /// request has failed on it since (the answer may have left just before it stopped).
+    pub fn still_up_since(&self, mark: u64) -> bool {
+        self.downs.load(Ordering::SeqCst) == mark
     }
 }
 

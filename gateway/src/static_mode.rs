@@ -179,6 +179,7 @@ async fn unload(fleet: &Fleet, n: &Neuron, id: &str) -> Result<(), String> {
 pub async fn poll(fleet: &Fleet) {
     let neurons = fleet.neurons();
     let polls = neurons.iter().map(|n| async move {
+        let mark = n.probe_mark();
         let res = n
             .request(&fleet.http, reqwest::Method::GET, "/status")
             .timeout(Duration::from_secs(5))
@@ -195,6 +196,9 @@ pub async fn poll(fleet: &Fleet) {
             Ok(r) => Some(format!("/status answered {}", r.status())),
             Err(e) => Some(e.to_string()),
         };
+        if down.is_none() && !n.still_up_since(mark) {
+            return; // a request failed on it while this answer was on its way: that is newer
+        }
         fleet.set_up(n, down.is_none(), down.as_deref().unwrap_or_default());
     });
     futures::future::join_all(polls).await;

@@ -221,7 +221,9 @@ async fn a_hung_neuron_times_out_and_the_request_goes_elsewhere() {
             .contains("Paris")
     );
     let took = started.elapsed();
-    assert!(took.as_secs() < 30, "answered after {took:?}");
+    // Bounded, not hung: the 8 s timeout, then a load and an answer on the other neuron, which
+    // took 30+ s once on a 2-core machine busy with a build.
+    assert!(took.as_secs() < 60, "answered after {took:?}");
     let cat = fleet.catalogue().await;
     let on: Vec<&str> = cat[0]["loaded_on"]
         .as_array()
