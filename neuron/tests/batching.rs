@@ -121,6 +121,52 @@ async fn gemma3_greedy_output_is_the_same_alone_and_in_a_batch_of_eight() {
     same_alone_and_batched(GEMMA3).await;
 }
 
+/// Sampled answers too: with a seed, a request draws the same tokens alone and among seven
+/// others (each sequence keeps its own sampler, wherever in the batch its draw runs), and
+/// different seeds draw differently.
+#[tokio::test(flavor = "multi_thread")]
+async fn seeded_top_p_samples_are_the_same_alone_and_in_a_batch_of_eight() {
+    let n = Neuron::start(&[]);
+    let c = n.client();
+    c.load("m", SMOLLM2).await;
+    let ask = |prompt: String, seed: u64| {
+        let c = &c;
+        async move {
+            let (s, b) = c
+                .post(
+                    "/v1/completions",
+                    json!({"model": "m", "prompt": prompt, "max_tokens": 24, "ignore_eos": true,
+                           "temperature": 1.0, "top_p": 0.9, "seed": seed}),
+                )
+                .await;
+            assert_eq!(s, 200, "{b}");
+            text(&b)
+        }
+    };
+    let prompts = prompts();
+    let mut alone = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        alone.push(ask(p.clone(), 100 + i as u64).await);
+    }
+    let batched = futures::future::join_all(
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ask(p.clone(), 100 + i as u64)),
+    )
+    .await;
+    for ((p, a), b) in prompts.iter().zip(&alone).zip(&batched) {
+        assert_eq!(b, a, "prompt {p:?} (seeded) alone vs in a batch of 8");
+    }
+    let others: Vec<String> =
+        futures::future::join_all((0..4).map(|i| ask(prompts[5].clone(), 900 + i))).await;
+    assert!(
+        others.iter().any(|o| *o != alone[5]),
+        "four other seeds all drew {:?}",
+        alone[5]
+    );
+}
+
 /// SmolLM2 keeps 46,080 bytes of KV cache per token (30 layers, 3 KV heads of 64, keys and
 /// values in f32).
 const SMOLLM2_KV_TOKEN: u64 = 30 * 2 * 3 * 64 * 4;

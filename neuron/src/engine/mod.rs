@@ -28,8 +28,8 @@ pub mod sampling;
 pub mod stop;
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cortex_core::openai::FinishReason;
@@ -213,6 +213,14 @@ fn shared_chunks(a: &[u32], b: &[u32]) -> usize {
 }
 
 /// What a step did to a sequence.
+/// One sequence's draw in [`Engine::draw`].
+struct Draw<'a> {
+    index: usize,
+    sampler: &'a mut Sampler,
+    logits: Vec<f32>,
+    token: Option<Result<u32>>,
+}
+
 enum Outcome {
     Continue,
     /// Finished or abandoned; the event (if any) is the last thing its client gets.
@@ -529,13 +537,20 @@ impl Engine {
                 s.exact = s.fed();
             }
         }
+        // Sequences with their whole prompt read get a token; the rest read more next step.
+        let ready: Vec<(usize, Vec<f32>)> = picked
+            .iter()
+            .zip(rows)
+            .filter(|(i, _)| {
+                let s = &self.running[**i];
+                s.fed() >= s.tokens.len()
+            })
+            .map(|(&i, row)| (i, row))
+            .collect();
+        let tokens = self.draw(ready);
         let mut leaving = Vec::new();
-        for (&i, row) in picked.iter().zip(rows) {
-            let s = &self.running[i];
-            if s.fed() < s.tokens.len() {
-                continue; // more prompt to read
-            }
-            match self.sample(i, row) {
+        for (i, tok) in tokens {
+            match tok.and_then(|tok| self.take(i, tok)) {
                 Ok(Outcome::Continue) => {}
                 Ok(Outcome::Leave(ev)) => leaving.push((i, ev)),
                 Err(e) => leaving.push((i, Some(GenEvent::Error(e.to_string())))),
@@ -548,11 +563,53 @@ impl Engine {
         Ok(())
     }
 
-    /// Samples sequence `i`'s next token from its logits and sends the text it completes.
-    fn sample(&mut self, i: usize, logits: Vec<f32>) -> Result<Outcome> {
+    /// Each sequence's next token from its logits, `(index, logits)` in, `(index, token)` out
+    /// in the same order. A temperature's softmax and a top-p nucleus take up to a millisecond
+    /// of a 49k vocabulary, so a batch's draws are spread over the kernel pool; each sequence
+    /// keeps its own sampler (and seed), so where it is drawn changes nothing.
+    fn draw(&mut self, ready: Vec<(usize, Vec<f32>)>) -> Vec<(usize, Result<u32>)> {
+        if ready.len() < 2 {
+            return ready
+                .into_iter()
+                .map(|(i, row)| (i, self.running[i].sampler.sample(row)))
+                .collect();
+        }
+        let mut rows: Vec<Option<Vec<f32>>> = (0..self.running.len()).map(|_| None).collect();
+        for (i, row) in ready {
+            rows[i] = Some(row);
+        }
+        let cells: Vec<Mutex<Draw<'_>>> = self
+            .running
+            .iter_mut()
+            .zip(rows)
+            .enumerate()
+            .filter_map(|(index, (s, logits))| {
+                Some(Mutex::new(Draw {
+                    index,
+                    sampler: &mut s.sampler,
+                    logits: logits?,
+                    token: None,
+                }))
+            })
+            .collect();
+        kernels::parallel(cells.len(), |t| {
+            let mut d = cells[t].lock().unwrap_or_else(|e| e.into_inner());
+            let logits = std::mem::take(&mut d.logits);
+            d.token = Some(d.sampler.sample(logits));
+        });
+        cells
+            .into_iter()
+            .map(|c| {
+                let d = c.into_inner().unwrap_or_else(|e| e.into_inner());
+                (d.index, d.token.expect("every sequence is drawn"))
+            })
+            .collect()
+    }
+
+    /// Sequence `i` takes its next token `tok`: sends the text it completes, or leaves.
+    fn take(&mut self, i: usize, tok: u32) -> Result<Outcome> {
         let (lm, metrics, label) = (&self.lm, &self.metrics, &self.label);
         let s = &mut self.running[i];
-        let tok = s.sampler.sample(logits)?;
         s.generated += 1;
         let now = Instant::now();
         match s.first_at {
