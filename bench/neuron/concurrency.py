@@ -1,7 +1,7 @@
 """Many clients at once: aggregate generation tokens/s and time to first token of a cortex neuron
 (continuous batching) against llama.cpp's own server (`llama-server`, continuous batching over
 `--parallel` slots) and llama-cpp-python's server (one request at a time), same GGUF, same
-threads, streamed /v1/completions, greedy, in one run."""
+threads, streamed /v1/completions, greedy (or sampled as chat clients do, `--sampled`), in one run."""
 
 import argparse
 import itertools
@@ -91,6 +91,8 @@ def main():
     ap.add_argument("--runs", type=int, default=1, help="runs per level and engine (best taken)")
     ap.add_argument("--llama-server", help="llama.cpp's llama-server binary (build-llama-server)")
     ap.add_argument("--no-python-server", action="store_true", help="skip llama-cpp-python's server")
+    ap.add_argument("--sampled", action="store_true",
+                    help="temperature 1, top_p 0.95, a seed per request (what chat clients send) instead of greedy")
     args = ap.parse_args()
     path = pathlib.Path(args.model_dir) / args.model
     slots, ctx = max(args.levels), 1024
@@ -103,6 +105,10 @@ def main():
     def prompt(_i):
         return f"Story {next(serial)}. {PROMPT}"
 
+    # Greedy, or what chat clients send: every engine gets the same settings.
+    def sampling(i):
+        return {"temperature": 1.0, "top_p": 0.95, "seed": 1000 + i} if args.sampled else {"temperature": 0}
+
     engines, procs = [], []
     try:
         # cortex: KV room for every slot's full context, as llama-server gets below.
@@ -112,7 +118,7 @@ def main():
         load(url, "m", path)
         engines.append({
             "name": "cortex", "url": url,
-            "body": lambda i: {"model": "m", "prompt": prompt(i), "max_tokens": n_new, "temperature": 0,
+            "body": lambda i: {"model": "m", "prompt": prompt(i), "max_tokens": n_new, **sampling(i),
                                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}},
         })
         if args.llama_server:
@@ -127,7 +133,7 @@ def main():
             wait_http(f"{url}/health", proc, "llama-server")
             engines.append({
                 "name": "llama-server", "url": url,
-                "body": lambda i: {"prompt": prompt(i), "max_tokens": n_new, "temperature": 0, "ignore_eos": True,
+                "body": lambda i: {"prompt": prompt(i), "max_tokens": n_new, **sampling(i), "ignore_eos": True,
                                    "stream": True, "stream_options": {"include_usage": True}},
             })
         if not args.no_python_server:
@@ -143,7 +149,7 @@ def main():
             # No ignore_eos there: end-of-text tokens are banned instead, so every answer runs to n_new.
             engines.append({
                 "name": "llama-cpp-python", "url": url,
-                "body": lambda i: {"prompt": prompt(i), "max_tokens": n_new, "temperature": 0, "stream": True,
+                "body": lambda i: {"prompt": prompt(i), "max_tokens": n_new, **sampling(i), "stream": True,
                                    "logit_bias": {"0": -100, "2": -100}},
             })
         for e in engines:  # warm up
@@ -176,7 +182,8 @@ def start_neuron_with(binary, dirs, threads, kv_bytes, slots):
 
 def report(model, args, engines, results):
     names = [e["name"] for e in engines]
-    print(f"\n{model}, {args.threads} threads, {args.new_tokens} new tokens per stream, short prompts; "
+    how = "temperature 1, top_p 0.95, seeded" if args.sampled else "greedy"
+    print(f"\n{model}, {args.threads} threads, {args.new_tokens} new tokens per stream, short prompts, {how}; "
           f"generated tok/s = all streams' tokens / wall time\n")
     head = f"{'streams':>7}"
     for n in names:
