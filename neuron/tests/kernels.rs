@@ -412,3 +412,36 @@ fn packed_k_scales_decode_alike() {
         }
     }
 }
+
+/// Several matrices of one width by one input in one hand-off give each the very numbers of its
+/// own `matmul`: odd row counts (tails outside the interleaved groups), one row, a decode batch
+/// and a prompt-sized input.
+#[test]
+fn matmul_many_equals_one_matmul_per_matrix() {
+    let mut rng = Rng(123);
+    for qtype in TYPES {
+        let k = 2 * qtype.block_weights();
+        let ns = [24, 13, 40];
+        let ws: Vec<Weights> = ns
+            .iter()
+            .map(|&n| Weights::new(qtype, weights(&mut rng, qtype, n, k, false), n, k))
+            .collect();
+        for m in [1, 5, 21] {
+            let x = floats(&mut rng, m * k);
+            let mut many: Vec<Vec<f32>> = ns.iter().map(|n| vec![0f32; m * n]).collect();
+            let mut outs: Vec<&mut [f32]> = many.iter_mut().map(|y| y.as_mut_slice()).collect();
+            kernels::matmul_many(&ws.iter().collect::<Vec<_>>(), &x, m, &mut outs);
+            for (w, got) in ws.iter().zip(&many) {
+                let mut want = vec![0f32; m * w.n()];
+                kernels::matmul(w, &x, m, &mut want);
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{qtype:?} n={} m={m}",
+                    w.n()
+                );
+            }
+        }
+    }
+}

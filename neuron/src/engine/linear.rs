@@ -158,41 +158,84 @@ impl Linear {
             }
             Inner::Own(w) => w,
         };
-        let (n, k) = (w.n(), w.k());
-        let dims = x.dims();
-        if dims.last() != Some(&k) {
-            return Err(candle_core::Error::Msg(format!(
-                "Linear: input of shape {dims:?} for weights of {n}x{k}"
-            ))
-            .into());
-        }
-        let m = x.elem_count() / k;
-        let x = if x.dtype() == DType::F32 {
-            Cow::Borrowed(x)
-        } else {
-            Cow::Owned(x.to_dtype(DType::F32)?)
-        };
-        let x = if x.is_contiguous() {
-            x
-        } else {
-            Cow::Owned(x.contiguous()?)
-        };
-        let mut y = vec![0f32; m * n];
-        {
-            let (storage, layout) = x.storage_and_layout();
-            let Storage::Cpu(cpu) = &*storage else {
-                return Err(candle_core::Error::Msg(
-                    "Linear: CPU weights with a non-CPU input".into(),
-                )
-                .into());
-            };
-            let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..][..m * k];
-            kernels::matmul(w, xs, m, &mut y);
-        }
-        let mut shape = dims.to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = n;
-        }
-        Ok(Tensor::from_vec(y, shape, &Device::Cpu)?)
+        let mut ys = own_forward(&[w], x)?;
+        Ok(ys.pop().expect("one product"))
     }
+
+    /// `ls[i].forward(x)` for every projection of one input. Where our kernels run them all and
+    /// their widths and activation groupings agree (a layer's query, key and value, or its gate
+    /// and up), the input is quantized once and the products go to the pool together; the
+    /// results are the same as one by one.
+    pub fn forward_many(ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let ws: Option<Vec<&kernels::Weights>> = ls
+            .iter()
+            .map(|l| match &l.0 {
+                Inner::Own(w) => Some(w),
+                Inner::Candle(_) => None,
+            })
+            .collect();
+        match ws {
+            Some(ws)
+                if ws.windows(2).all(|p| {
+                    p[0].k() == p[1].k()
+                        && p[0].qtype().block_weights() == p[1].qtype().block_weights()
+                }) =>
+            {
+                own_forward(&ws, x)
+            }
+            _ => ls.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+}
+
+/// `x` (f32 or not, `(.., k)`) times each of `ws` (all `k` wide) with our kernels.
+fn own_forward(ws: &[&kernels::Weights], x: &Tensor) -> Result<Vec<Tensor>> {
+    let k = ws.first().map_or(0, |w| w.k());
+    let dims = x.dims();
+    if let Some(w) = ws.iter().find(|w| dims.last() != Some(&w.k())) {
+        return Err(candle_core::Error::Msg(format!(
+            "Linear: input of shape {dims:?} for weights of {}x{}",
+            w.n(),
+            w.k()
+        ))
+        .into());
+    }
+    let m = x.elem_count() / k.max(1);
+    let x = if x.dtype() == DType::F32 {
+        Cow::Borrowed(x)
+    } else {
+        Cow::Owned(x.to_dtype(DType::F32)?)
+    };
+    let x = if x.is_contiguous() {
+        x
+    } else {
+        Cow::Owned(x.contiguous()?)
+    };
+    let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.n()]).collect();
+    {
+        let (storage, layout) = x.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            return Err(
+                candle_core::Error::Msg("Linear: CPU weights with a non-CPU input".into()).into(),
+            );
+        };
+        let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..][..m * k];
+        match ws {
+            [w] => kernels::matmul(w, xs, m, &mut ys[0]),
+            _ => {
+                let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+                kernels::matmul_many(ws, xs, m, &mut outs);
+            }
+        }
+    }
+    ws.iter()
+        .zip(ys)
+        .map(|(w, y)| {
+            let mut shape = dims.to_vec();
+            if let Some(last) = shape.last_mut() {
+                *last = w.n();
+            }
+            Ok(Tensor::from_vec(y, shape, &Device::Cpu)?)
+        })
+        .collect()
 }

@@ -548,7 +548,9 @@ impl Model {
             };
             x = (x + h)?;
             let h = layer.ffn_norm.forward(&x)?;
-            let (gate, up) = (layer.gate.forward(&h)?, layer.up.forward(&h)?);
+            let [gate, up]: [Tensor; 2] = Linear::forward_many(&[&layer.gate, &layer.up], &h)?
+                .try_into()
+                .map_err(|_| Error::Internal("two projections".into()))?;
             let act = match self.cfg.activation {
                 Activation::GeluTanh => (gate.gelu()? * up)?,
                 Activation::Silu if gate.device().is_cpu() && gate.dtype() == DType::F32 => {
@@ -589,17 +591,20 @@ impl Model {
     ) -> Result<Tensor> {
         let (_, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim);
-        let proj = |w: &Linear, b: &Option<Tensor>, heads: usize| -> Result<Tensor> {
-            let y = w.forward(x)?;
+        // Query, key and value from one pass over the input (one quantization, one hand-off).
+        let [q, k, v]: [Tensor; 3] = Linear::forward_many(&[&l.wq, &l.wk, &l.wv], x)?
+            .try_into()
+            .map_err(|_| Error::Internal("three projections".into()))?;
+        let heads = |y: Tensor, b: &Option<Tensor>, heads: usize| -> Result<Tensor> {
             let y = match b {
                 Some(b) => y.broadcast_add(b)?,
                 None => y,
             };
             Ok(y.reshape((1, t, heads, hd))?)
         };
-        let mut q = proj(&l.wq, &l.bq, nh)?;
-        let mut k = proj(&l.wk, &l.bk, nkv)?;
-        let v = proj(&l.wv, &l.bv, nkv)?;
+        let mut q = heads(q, &l.bq, nh)?;
+        let mut k = heads(k, &l.bk, nkv)?;
+        let v = heads(v, &l.bv, nkv)?;
         if let Some(n) = &l.q_norm {
             q = n.forward(&q)?;
         }

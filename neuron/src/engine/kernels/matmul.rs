@@ -176,16 +176,70 @@ impl Out {
 }
 
 fn run(w: &Weights, acts: &[BlockQ8], m: usize, y: &mut [f32]) {
-    let (n, nb) = (w.n(), w.k() / QK);
-    let threads = pool::threads();
-    // Whole groups of interleaved rows per task.
+    let (per_task, tasks) = split(w.n());
+    let (out, lvl) = (Out(y.as_mut_ptr()), level());
+    pool::run(tasks, |t| task(lvl, w, acts, m, out, per_task, t));
+}
+
+/// [`matmul`] of one input by several weight matrices of the same width (a layer's query, key
+/// and value projections, or its gate and up): `ys[i]` gets `x · ws[i]ᵀ`. The input is quantized
+/// once and every product's tasks go to the pool in one hand-off, so small matrices do not each
+/// pay for a quantization and a wait on the pool. Each output is what [`matmul`] gives.
+///
+/// # Panics
+/// If the matrices differ in width or activation grouping, or a slice length does not match.
+pub fn matmul_many(ws: &[&Weights], x: &[f32], m: usize, ys: &mut [&mut [f32]]) {
+    let Some(first) = ws.first() else { return };
+    let (k, bw) = (first.k(), first.qtype().block_weights());
+    assert!(
+        ws.iter()
+            .all(|w| w.k() == k && w.qtype().block_weights() == bw),
+        "matmul_many takes matrices of one width and grouping"
+    );
+    assert_eq!(x.len(), m * k, "activations for {m}x{k}");
+    assert_eq!(ws.len(), ys.len(), "an output per matrix");
+    for (w, y) in ws.iter().zip(ys.iter()) {
+        assert_eq!(y.len(), m * w.n(), "output for {m}x{}", w.n());
+    }
+    let nb = k / QK;
+    ACTS.with_borrow_mut(|acts| {
+        if acts.len() < m * nb {
+            acts.resize(m * nb, BlockQ8::default());
+        }
+        let acts = &mut acts[..m * nb];
+        for (xr, ar) in x.chunks_exact(k).zip(acts.chunks_exact_mut(nb)) {
+            quantize::quantize_row(xr, ar, bw / QK);
+        }
+        let acts = &*acts;
+        let splits: Vec<(usize, usize)> = ws.iter().map(|w| split(w.n())).collect();
+        let outs: Vec<Out> = ys.iter_mut().map(|y| Out(y.as_mut_ptr())).collect();
+        let lvl = level();
+        pool::run(splits.iter().map(|s| s.1).sum(), |mut t| {
+            for ((w, &(per_task, tasks)), &out) in ws.iter().zip(&splits).zip(&outs) {
+                if t < tasks {
+                    return task(lvl, w, acts, m, out, per_task, t);
+                }
+                t -= tasks;
+            }
+        });
+    });
+}
+
+/// How the `n` rows of a product split over the pool: `(rows per task, tasks)`, whole groups of
+/// interleaved rows per task.
+fn split(n: usize) -> (usize, usize) {
     let per_task = n
-        .div_ceil(threads * TASKS_PER_THREAD)
+        .div_ceil(pool::threads() * TASKS_PER_THREAD)
         .max(MIN_ROWS_PER_TASK)
         .next_multiple_of(GROUP)
         .min(n.max(1));
-    let tasks = n.div_ceil(per_task);
-    let out = Out(y.as_mut_ptr());
+    (per_task, n.div_ceil(per_task))
+}
+
+/// Task `t` of the product of `w` by the `m` rows of `acts`: weight rows
+/// `t * per_task..(t + 1) * per_task`, written into `out` (`m` rows of `w.n()`).
+fn task(lvl: Level, w: &Weights, acts: &[BlockQ8], m: usize, out: Out, per_task: usize, t: usize) {
+    let (n, nb) = (w.n(), w.k() / QK);
     let tile_at = |i0: usize| -> (usize, [&[BlockQ8]; TILE]) {
         let r = TILE.min(m - i0);
         (
@@ -193,12 +247,11 @@ fn run(w: &Weights, acts: &[BlockQ8], m: usize, y: &mut [f32]) {
             std::array::from_fn(|i| &acts[(i0 + i.min(r - 1)) * nb..][..nb]),
         )
     };
-    let lvl = level();
     // Weight rows `js` times one tile of activation rows, through a stack buffer.
     let chunk = |js: std::ops::Range<usize>, i0: usize, a: &[&[BlockQ8]]| {
         let mut buf = [0f32; CHUNK * TILE];
         rows_into(lvl, w, js, a, &mut buf, |j, i, v| {
-            // SAFETY: (i0 + i) < m and j < n, inside `y`; no other task owns column j.
+            // SAFETY: (i0 + i) < m and j < n, inside the output; no other task owns column j.
             unsafe { *out.at((i0 + i) * n + j) = v };
         });
     };
@@ -207,26 +260,23 @@ fn run(w: &Weights, acts: &[BlockQ8], m: usize, y: &mut [f32]) {
             .step_by(CHUNK)
             .map(move |j| j..(j + CHUNK).min(rows.end))
     };
-    let task = |t: usize| {
-        let rows = t * per_task..((t + 1) * per_task).min(n);
-        if m <= SMALL_M {
-            // A decode batch: every activation row meets a chunk of weight rows while it is in
-            // L1, so the weights stream from memory once per product, not once per tile.
-            for js in chunks(rows) {
-                for i0 in (0..m).step_by(TILE) {
-                    let (r, a) = tile_at(i0);
-                    chunk(js.clone(), i0, &a[..r]);
-                }
-            }
-        } else {
-            // A prompt: the task's weight rows stay in cache while the tiles pass over them.
+    let rows = t * per_task..((t + 1) * per_task).min(n);
+    if m <= SMALL_M {
+        // A decode batch: every activation row meets a chunk of weight rows while it is in
+        // L1, so the weights stream from memory once per product, not once per tile.
+        for js in chunks(rows) {
             for i0 in (0..m).step_by(TILE) {
                 let (r, a) = tile_at(i0);
-                for js in chunks(rows.clone()) {
-                    chunk(js, i0, &a[..r]);
-                }
+                chunk(js.clone(), i0, &a[..r]);
             }
         }
-    };
-    pool::run(tasks, task);
+    } else {
+        // A prompt: the task's weight rows stay in cache while the tiles pass over them.
+        for i0 in (0..m).step_by(TILE) {
+            let (r, a) = tile_at(i0);
+            for js in chunks(rows.clone()) {
+                chunk(js, i0, &a[..r]);
+            }
+        }
+    }
 }

@@ -25,7 +25,7 @@ mod weights;
 use std::sync::OnceLock;
 
 pub use blocks::{BlockQ8, QK, QType};
-pub use matmul::{dot_all_at, dot_rows, dot_rows_at, matmul};
+pub use matmul::{dot_all_at, dot_rows, dot_rows_at, matmul, matmul_many};
 pub use weights::{GROUP, Weights, interleaves};
 
 /// Calls `f(0..tasks)` once per task over the kernel workers and the calling thread (see
