@@ -37,19 +37,6 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Output pointer shared by tasks that write disjoint slices.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: every task writes only its own (row, head) slices.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
 /// `q`: the batch's queries, `(n_head, tokens, head_dim)` row-major. Writes each row's attention
 /// output into `out` at `(row.token, n_head * head_dim)`; other rows of `out` are untouched.
 pub fn decode(q: &[f32], tokens: usize, rows: &[Row<'_>], h: Heads, out: &mut [f32]) {
@@ -62,7 +49,7 @@ pub fn decode(q: &[f32], tokens: usize, rows: &[Row<'_>], h: Heads, out: &mut [f
         assert!(r.token < tokens && r.start < r.end, "row");
         assert!(r.k.len() >= r.end * nkv * hd && r.v.len() >= r.end * nkv * hd);
     }
-    let dst = Out(out.as_mut_ptr());
+    let dst = kernels::Out(out.as_mut_ptr());
     kernels::parallel(rows.len() * nkv, |t| {
         let (row, g) = (&rows[t / nkv], t % nkv);
         SCORES.with_borrow_mut(|scores| {
@@ -151,41 +138,17 @@ fn weighted_sum(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
         target_feature = "fma"
     ))]
     {
-        use std::arch::x86_64::*;
         // 64 columns at a time in eight registers, over every key before they are stored:
         // eight independent sums keep both FMA units busy (four wait on each other's latency).
+        // Then 32 at a time in four.
         while col + 64 <= hd {
-            // SAFETY: as below.
-            unsafe {
-                let mut acc = [_mm256_setzero_ps(); 8];
-                for (i, &w) in p.iter().enumerate() {
-                    let (w, row) = (_mm256_set1_ps(w), v.as_ptr().add(i * stride + col));
-                    for (u, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8 * u)), *a);
-                    }
-                }
-                for (u, a) in acc.iter().enumerate() {
-                    _mm256_storeu_ps(out.as_mut_ptr().add(col + 8 * u), *a);
-                }
-            }
+            // SAFETY: AVX2 and FMA are in the build's target; col + 64 <= hd.
+            unsafe { weighted_columns::<8>(p, v, stride, col, out) };
             col += 64;
         }
-        // Then 32 at a time in four registers.
         while col + 32 <= hd {
-            // SAFETY: AVX2 and FMA are in the build's target; every load and store is inside
-            // `v` (p.len() rows of `stride`, the last holding `hd` columns) or `out`.
-            unsafe {
-                let mut acc = [_mm256_setzero_ps(); 4];
-                for (i, &w) in p.iter().enumerate() {
-                    let (w, row) = (_mm256_set1_ps(w), v.as_ptr().add(i * stride + col));
-                    for (u, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8 * u)), *a);
-                    }
-                }
-                for (u, a) in acc.iter().enumerate() {
-                    _mm256_storeu_ps(out.as_mut_ptr().add(col + 8 * u), *a);
-                }
-            }
+            // SAFETY: as above, col + 32 <= hd.
+            unsafe { weighted_columns::<4>(p, v, stride, col, out) };
             col += 32;
         }
     }
@@ -194,6 +157,40 @@ fn weighted_sum(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
     for (i, w) in p.iter().enumerate() {
         for (o, x) in rest.iter_mut().zip(&v[i * stride + col..][..hd - col]) {
             *o += w * x;
+        }
+    }
+}
+
+/// Columns `col..col + 8R` of [`weighted_sum`], in `R` registers over every key.
+///
+/// # Safety
+/// AVX2 and FMA must be in the build's target (they are where this is compiled), and
+/// `col + 8R <= out.len()`, with `v` holding `p.len()` rows of `stride`, the last `out.len()` long.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+#[inline(always)]
+unsafe fn weighted_columns<const R: usize>(
+    p: &[f32],
+    v: &[f32],
+    stride: usize,
+    col: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: every load and store is inside `v` or `out`, by the caller's bounds.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (i, &w) in p.iter().enumerate() {
+            let (w, row) = (_mm256_set1_ps(w), v.as_ptr().add(i * stride + col));
+            for (u, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8 * u)), *a);
+            }
+        }
+        for (u, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add(col + 8 * u), *a);
         }
     }
 }

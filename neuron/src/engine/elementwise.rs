@@ -13,19 +13,6 @@ use crate::error::{Error, Result};
 /// Elements per task: enough that a hand-off costs little beside the work.
 const CHUNK: usize = 2048;
 
-/// Output pointer shared by tasks that write disjoint chunks.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: every task writes only its own chunk.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
 /// `silu(gate) * up` (the gated feed-forward of llama-like models) for f32 CPU tensors of one
 /// shape: `g / (1 + e^-g) * u`, as candle's `silu` and `mul` round it.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -49,7 +36,7 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         };
         let g = &gc.as_slice::<f32>()?[gl.start_offset()..][..n];
         let u = &uc.as_slice::<f32>()?[ul.start_offset()..][..n];
-        let dst = Out(out.as_mut_ptr());
+        let dst = kernels::Out(out.as_mut_ptr());
         kernels::parallel(n.div_ceil(CHUNK), |t| {
             let lo = t * CHUNK;
             let len = CHUNK.min(n - lo);

@@ -10,7 +10,7 @@ use std::cell::RefCell;
 
 use super::blocks::{BlockQ8, QK, QType};
 use super::weights::{GROUP, Weights, dot_groups_scalar};
-use super::{Level, detected, level, pool, quantize, scalar};
+use super::{Level, Out, detected, level, pool, quantize, scalar};
 
 /// Activation rows that share one pass over a weight row.
 const TILE: usize = 4;
@@ -159,20 +159,6 @@ fn dot_groups(lvl: Level, w: &Weights, groups: &[u8], acts: &[&[BlockQ8]], out: 
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     let _ = (lvl, nb);
     dot_groups_scalar(w, groups, acts, out)
-}
-
-/// Output pointer shared by tasks that write disjoint columns.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: tasks write disjoint elements (their own weight rows = output columns).
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// A method, not a field access, so closures capture the whole (Sync) wrapper.
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
 }
 
 fn run(w: &Weights, acts: &[BlockQ8], m: usize, y: &mut [f32]) {

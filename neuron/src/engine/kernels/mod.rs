@@ -34,6 +34,21 @@ pub fn parallel<F: Fn(usize) + Sync>(tasks: usize, f: F) {
     pool::run(tasks, f)
 }
 
+/// An output buffer shared by the tasks of one [`parallel`] call, each of which writes only
+/// elements no other task writes (its own rows, columns or chunk).
+#[derive(Clone, Copy)]
+pub struct Out(pub *mut f32);
+// SAFETY: the tasks sharing one write disjoint elements, and the buffer outlives the call.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// A method, not a field access, so closures capture the whole (Sync) wrapper.
+    pub fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 /// The instruction sets a kernel may use, best last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
