@@ -71,12 +71,7 @@ async fn status_and_models_print_the_fleet_and_the_catalogue() {
     );
     // The neuron's own status says what the line must show.
     let port = fleet.neurons[0].0;
-    let st: Value = reqwest::get(format!("http://127.0.0.1:{port}/status"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let st = common::neuron_status(port).await;
     let devices = st["devices"].as_array().unwrap();
     assert_eq!(lines.len(), 1 + devices.len() + 1, "{out}");
     let row = cells(lines[1]);

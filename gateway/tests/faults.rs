@@ -38,13 +38,7 @@ async fn post_text(
     path: &str,
     body: &Value,
 ) -> (u16, reqwest::header::HeaderMap, String) {
-    let r = fleet
-        .http
-        .post(format!("{}{path}", fleet.url))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
+    let r = fleet.send(path, body).await;
     let (status, headers) = (r.status().as_u16(), r.headers().clone());
     (status, headers, r.text().await.unwrap())
 }
@@ -360,13 +354,7 @@ async fn assert_keepalives_before_data(
     every: f64,
 ) {
     let started = Instant::now();
-    let r = fleet
-        .http
-        .post(format!("{}{path}", fleet.url))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
+    let r = fleet.send(path, body).await;
     assert_eq!(r.status(), 200);
     let mut s = r.bytes_stream();
     let mut text = String::new();

@@ -19,16 +19,13 @@ fn smollm2_only() -> String {
 /// A streamed chat answer: the number of chunks carrying text and the usage it reported.
 async fn stream_chat(fleet: &Fleet, prompt: &str, max_tokens: u32) -> (usize, Value) {
     let res = fleet
-        .http
-        .post(format!("{}/v1/chat/completions", fleet.url))
-        .json(
+        .send(
+            "/v1/chat/completions",
             &json!({"model": "smollm2", "stream": true, "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": true, "stream_options": {"include_usage": true},
             "messages": [{"role": "user", "content": prompt}]}),
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(res.status(), 200);
     let mut text = String::new();
     let mut s = res.bytes_stream();
@@ -130,15 +127,12 @@ async fn time_to_first_token_covers_prompt_processing_and_speed_follows_the_toke
     // A completions stream's first token is text too; a JSON answer shows no token timing.
     let before = fleet.metrics().await;
     let res = fleet
-        .http
-        .post(format!("{}/v1/completions", fleet.url))
-        .json(
+        .send(
+            "/v1/completions",
             &json!({"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 5,
             "ignore_eos": true, "stream": true}),
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
     assert!(res.text().await.unwrap().contains("[DONE]"));
     let (s, body) = fleet
         .post(

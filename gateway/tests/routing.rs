@@ -70,12 +70,7 @@ async fn outstanding(fleet: &Fleet) -> Vec<(String, u64)> {
 
 /// A neuron's own count of the requests it is decoding or has queued (its `/status`).
 async fn busy_on(port: u16) -> u64 {
-    let st: Value = reqwest::get(format!("http://127.0.0.1:{port}/status"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let st = common::neuron_status(port).await;
     st["inflight"].as_u64().unwrap() + st["queued"].as_u64().unwrap()
 }
 
@@ -99,15 +94,12 @@ async fn wait_busy(port: u16, count: u64) {
 /// has picked its neuron).
 async fn open_stream(fleet: &Fleet) -> reqwest::Response {
     let res = fleet
-        .http
-        .post(format!("{}/v1/chat/completions", fleet.url))
-        .json(
+        .send(
+            "/v1/chat/completions",
             &json!({"model": "smollm2", "stream": true, "max_tokens": 4000, "ignore_eos": true,
             "messages": [{"role": "user", "content": "Write a very long story about the sea."}]}),
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(res.status(), 200);
     res
 }

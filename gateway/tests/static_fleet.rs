@@ -96,13 +96,7 @@ async fn a_static_fleet_serves_loads_on_demand_and_survives_a_dead_neuron() {
     assert_ne!(smol["loaded_on"][0]["neuron"].as_str().unwrap(), holder);
 
     // A streamed request passes the neuron's stream through to the end.
-    let res = fleet
-        .http
-        .post(format!("{}/v1/chat/completions", fleet.url))
-        .json(&json!({"model": "smollm2", "stream": true, "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}))
-        .send()
-        .await
-        .unwrap();
+    let res = fleet.send("/v1/chat/completions", &json!({"model": "smollm2", "stream": true, "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]})).await;
     assert_eq!(res.headers()["content-type"], "text/event-stream");
     let mut text = String::new();
     let mut s = res.bytes_stream();
@@ -242,15 +236,12 @@ async fn a_neuron_killed_mid_stream_ends_the_stream_with_an_error_event() {
     let mut fleet = Fleet::start("").await;
     let (idx, _) = holder(&fleet).await;
     let res = fleet
-        .http
-        .post(format!("{}/v1/chat/completions", fleet.url))
-        .json(
+        .send(
+            "/v1/chat/completions",
             &json!({"model": "smollm2", "stream": true, "max_tokens": 2000, "temperature": 0.8,
             "messages": [{"role": "user", "content": "Write a very long essay about the sea."}]}),
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
     let mut s = res.bytes_stream();
     let mut text = String::from_utf8(s.next().await.unwrap().unwrap().to_vec()).unwrap();
     fleet.neurons[idx].1.take();
@@ -274,12 +265,11 @@ async fn a_short_load_bound_answers_503_with_retry_after_and_the_load_goes_on() 
     fleet.wait_state("smollm2", "ready").await;
     // Gemma 3 takes longer than a second to load here: the caller gets 503 with Retry-After.
     let res = fleet
-        .http
-        .post(format!("{}/v1/completions", fleet.url))
-        .json(&json!({"model": "gemma3", "prompt": "Hi", "max_tokens": 2}))
-        .send()
-        .await
-        .unwrap();
+        .send(
+            "/v1/completions",
+            &json!({"model": "gemma3", "prompt": "Hi", "max_tokens": 2}),
+        )
+        .await;
     assert_eq!(res.status(), 503);
     assert!(res.headers().contains_key("retry-after"));
     let body: Value = res.json().await.unwrap();
@@ -305,13 +295,7 @@ async fn a_short_load_bound_answers_503_with_retry_after_and_the_load_goes_on() 
 async fn a_streaming_request_for_a_cold_model_starts_with_a_keep_alive() {
     let fleet = Fleet::start("").await;
     fleet.wait_state("smollm2", "ready").await;
-    let res = fleet
-        .http
-        .post(format!("{}/v1/completions", fleet.url))
-        .json(&json!({"model": "gemma3", "prompt": "Question: What is the capital of France?\nAnswer:", "max_tokens": 4, "temperature": 0, "stream": true}))
-        .send()
-        .await
-        .unwrap();
+    let res = fleet.send("/v1/completions", &json!({"model": "gemma3", "prompt": "Question: What is the capital of France?\nAnswer:", "max_tokens": 4, "temperature": 0, "stream": true})).await;
     assert_eq!(res.status(), 200);
     let text = res.text().await.unwrap();
     assert!(text.starts_with(": loading model\n\n"), "{text}");

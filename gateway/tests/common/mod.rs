@@ -58,6 +58,16 @@ pub fn signal(pid: u32, sig: &str) {
     assert!(ok, "kill {sig} {pid}");
 }
 
+/// A neuron's own `/status` answer, asked directly on its port.
+pub async fn neuron_status(port: u16) -> Value {
+    reqwest::get(format!("http://127.0.0.1:{port}/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// The sum of every sample of `name` in a metrics `text` whose labels contain each of `labels`
 /// (`key="value"`).
 pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
@@ -170,14 +180,18 @@ impl Fleet {
         signal(self.neurons[idx].1.as_ref().unwrap().0.id(), sig);
     }
 
-    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .http
+    /// POSTs `body` as JSON to the gateway and hands back the response as it comes.
+    pub async fn send(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.http
             .post(format!("{}{path}", self.url))
-            .json(&body)
+            .json(body)
             .send()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self.send(path, &body).await;
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
