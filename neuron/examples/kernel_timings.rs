@@ -2,25 +2,11 @@
 //! one run (a measurement, not a check): `cargo run --release -p neuron --example kernel_timings`
 //! (all types), or with type names to time only those (`-- Q4K Q6K`).
 
-use std::time::Instant;
+mod common;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use neuron::engine::linear::Linear;
-
-/// Best of five batches, in microseconds per call: the least disturbed by neighbours on shared cores.
-fn time(mut f: impl FnMut(), iters: usize) -> f64 {
-    f();
-    (0..5)
-        .map(|_| {
-            let t = Instant::now();
-            for _ in 0..iters {
-                f();
-            }
-            t.elapsed().as_secs_f64() / iters as f64 * 1e6
-        })
-        .fold(f64::INFINITY, f64::min)
-}
 
 fn main() {
     let dev = Device::Cpu;
@@ -56,8 +42,8 @@ fn main() {
             for m in [1, 8, 127] {
                 let x = Tensor::randn(0f32, 1.0, (1, m, k), &dev).unwrap();
                 let iters = if m == 1 { 50 } else { 3 }.min(20_000_000 / (n * k * m).max(1) + 1);
-                let a = time(|| drop(ours.forward(&x).unwrap()), iters);
-                let b = time(|| drop(theirs.forward(&x).unwrap()), iters);
+                let a = common::best_of_five(|| drop(ours.forward(&x).unwrap()), iters) * 1e6;
+                let b = common::best_of_five(|| drop(theirs.forward(&x).unwrap()), iters) * 1e6;
                 println!(
                     "{dtype:?} n={n:5} k={k:4} m={m:3}: ours {a:9.1} us  candle {b:9.1} us  ({:.2}x)",
                     b / a

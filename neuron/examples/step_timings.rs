@@ -5,29 +5,16 @@
 //!
 //! `cargo run --release -p neuron --example step_timings -- <model.gguf> [context] [batch...]`
 
+mod common;
+
 use std::fs::File;
 use std::io::BufReader;
-use std::time::Instant;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use neuron::engine::linear::Linear;
 use neuron::engine::model::{Config, Model, SeqInput};
 use neuron::gguf::Meta;
-
-/// Best of five rounds of `iters` calls, in milliseconds per call.
-fn time(mut f: impl FnMut(), iters: usize) -> f64 {
-    f();
-    (0..5)
-        .map(|_| {
-            let t = Instant::now();
-            for _ in 0..iters {
-                f();
-            }
-            t.elapsed().as_secs_f64() / iters as f64 * 1e3
-        })
-        .fold(f64::INFINITY, f64::min)
-}
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -84,7 +71,7 @@ fn main() {
         }
         let next = [200u32];
         let steps = 20;
-        let step = time(
+        let step = common::best_of_five(
             || {
                 let mut seqs: Vec<_> = caches
                     .iter_mut()
@@ -100,19 +87,19 @@ fn main() {
                 }
             },
             steps,
-        );
+        ) * 1e3;
         let xs: Vec<Tensor> = linears
             .iter()
             .map(|(_, k)| Tensor::randn(0f32, 1.0, (1, batch, *k), &dev).unwrap())
             .collect();
-        let proj = time(
+        let proj = common::best_of_five(
             || {
                 for ((l, _), x) in linears.iter().zip(&xs) {
                     drop(l.forward(x).unwrap());
                 }
             },
             steps,
-        );
+        ) * 1e3;
         println!(
             "{batch:>5} {step:>10.2} {proj:>10.2} {:>10.2} {:>8.0}",
             step - proj,
