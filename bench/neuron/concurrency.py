@@ -112,7 +112,7 @@ def main():
     engines, procs = [], []
     try:
         # cortex: KV room for every slot's full context, as llama-server gets below.
-        kv = slots * ctx * 46080 if "SmolLM2" in path.name else 4 << 30
+        kv = slots * ctx * 23040 if "SmolLM2" in path.name else 4 << 30
         proc, url = start_neuron_with(args.neuron, str(path.parent), args.threads, kv, slots)
         procs.append(proc)
         load(url, "m", path)

@@ -303,7 +303,7 @@ impl Registry {
                 kv_tokens: prepared.as_ref().map(|p| p.kv_tokens).unwrap_or(0),
                 kv_token_bytes: prepared
                     .as_ref()
-                    .map(|p| p.cfg.kv_bytes_per_token())
+                    .map(|p| p.cfg.kv_bytes_per_token(&p.device))
                     .unwrap_or(0),
             }),
             load: Arc::new(Load::default()),
@@ -460,19 +460,21 @@ impl Registry {
             Some(c) => c,
             None => cfg.context_length.min(self.settings.default_context),
         };
+        let (device, device_name, free) = self.pick_device(req.device)?;
+        let token_bytes = cfg.kv_bytes_per_token(&device);
         // The KV budget bounds the context: one sequence must fit alone.
         let (context, kv_tokens) = match self.settings.kv_cache_memory {
             None => (context, context),
             Some(budget) => {
-                let tokens = (budget / cfg.kv_bytes_per_token()) as usize;
+                let tokens = (budget / token_bytes) as usize;
                 if tokens < 16 {
                     return Err(Error::invalid(
                         "kvCacheMemory",
                         format!(
                             "--kv-cache-memory {budget} holds {tokens} tokens of {} ({} bytes each); give at least {}",
                             path.display(),
-                            cfg.kv_bytes_per_token(),
-                            16 * cfg.kv_bytes_per_token()
+                            token_bytes,
+                            16 * token_bytes
                         ),
                     ));
                 }
@@ -482,7 +484,7 @@ impl Registry {
                             "contextLength",
                             format!(
                                 "contextLength {c} needs {} bytes of KV cache but --kv-cache-memory allows {budget} ({tokens} tokens); ask for at most {tokens} or raise --kv-cache-memory",
-                                c as u64 * cfg.kv_bytes_per_token()
+                                c as u64 * token_bytes
                             ),
                         ));
                     }
@@ -490,7 +492,6 @@ impl Registry {
                 }
             }
         };
-        let (device, device_name, free) = self.pick_device(req.device)?;
         let bytes = estimate_bytes(&content, &cfg, kv_tokens, &device);
         self.check_memory(&req.id, &device_name, free, bytes)?;
         Ok(Prepared {
@@ -547,7 +548,7 @@ impl Registry {
                     s.arch = Some(p.cfg.arch.name().to_string());
                     s.context_length = p.context;
                     s.kv_tokens = p.kv_tokens;
-                    s.kv_token_bytes = p.cfg.kv_bytes_per_token();
+                    s.kv_token_bytes = p.cfg.kv_bytes_per_token(&p.device);
                 });
                 p
             }
@@ -591,7 +592,10 @@ impl Registry {
         self.metrics
             .kv_budget
             .get_or_create(&Metrics::label(&entry.id))
-            .set((prepared.kv_tokens as u64 * prepared.cfg.kv_bytes_per_token()) as i64);
+            .set(
+                (prepared.kv_tokens as u64 * prepared.cfg.kv_bytes_per_token(&prepared.device))
+                    as i64,
+            );
         let lm = tokio::task::spawn_blocking(move || -> Result<LoadedModel> {
             let meta = Meta(&prepared.content.metadata);
             let tokenizer = match &tokenizer_json {

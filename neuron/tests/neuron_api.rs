@@ -410,7 +410,7 @@ async fn bad_sources_are_refused_and_broken_files_fail_without_taking_the_neuron
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_model_that_does_not_fit_is_refused_with_both_sizes() {
-    let n = Neuron::start(&["--max-memory", "300000000"]);
+    let n = Neuron::start(&["--max-memory", "250000000"]);
     let c = n.client();
     let uri = format!("file://{}", common::model_path(SMOLLM2).display());
     let (s, b) = c
@@ -422,7 +422,7 @@ async fn a_model_that_does_not_fit_is_refused_with_both_sizes() {
     assert_eq!(s, 409, "{b}");
     let msg = b["error"]["message"].as_str().unwrap();
     assert!(
-        msg.contains("needs") && msg.contains("free") && msg.contains("300000000 bytes"),
+        msg.contains("needs") && msg.contains("free") && msg.contains("250000000 bytes"),
         "{msg}"
     );
     // A smaller context fits.

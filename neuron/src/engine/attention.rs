@@ -10,15 +10,18 @@
 
 use std::cell::RefCell;
 
+use half::f16;
+
 use super::kernels;
 
 /// One decoding sequence: where its query row sits and the keys it may see.
 pub struct Row<'a> {
     /// Token index in the batch (the query's column in `q`, the output row).
     pub token: usize,
-    /// The sequence's cache, `(capacity, n_kv_head, head_dim)` row-major.
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    /// The sequence's cache, `(capacity, n_kv_head, head_dim)` row-major, in f16 (as
+    /// llama.cpp keeps it: half the memory and half the reading of f32).
+    pub k: &'a [f16],
+    pub v: &'a [f16],
     /// Visible cache positions `start..end` (the new token's own key included).
     pub start: usize,
     pub end: usize,
@@ -37,7 +40,8 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `q`: the batch's queries, `(n_head, tokens, head_dim)` row-major. Writes each row's attention
+/// `q`: the batch's queries, `(tokens, n_head, head_dim)` row-major (as the projection and
+/// the rotation leave them). Writes each row's attention
 /// output into `out` at `(row.token, n_head * head_dim)`; other rows of `out` are untouched.
 pub fn decode(q: &[f32], tokens: usize, rows: &[Row<'_>], h: Heads, out: &mut [f32]) {
     let (hd, nkv) = (h.head_dim, h.n_kv_head);
@@ -53,7 +57,11 @@ pub fn decode(q: &[f32], tokens: usize, rows: &[Row<'_>], h: Heads, out: &mut [f
     kernels::parallel(rows.len() * nkv, |t| {
         let (row, g) = (&rows[t / nkv], t % nkv);
         SCORES.with_borrow_mut(|scores| {
-            let qs = Queries { q, tokens, rep };
+            let qs = Queries {
+                q,
+                n_head: h.n_head,
+                rep,
+            };
             // SAFETY: the heads of group g at row.token are this task's alone: `rep * hd`
             // consecutive floats inside `out` (checked above).
             let o = unsafe {
@@ -64,11 +72,11 @@ pub fn decode(q: &[f32], tokens: usize, rows: &[Row<'_>], h: Heads, out: &mut [f
     });
 }
 
-/// The batch's queries, `(n_head, tokens, head_dim)`, with `rep` query heads per KV head.
+/// The batch's queries, `(tokens, n_head, head_dim)`, with `rep` query heads per KV head.
 #[derive(Clone, Copy)]
 struct Queries<'a> {
     q: &'a [f32],
-    tokens: usize,
+    n_head: usize,
     rep: usize,
 }
 
@@ -84,7 +92,7 @@ fn group(
 ) {
     let (hd, stride) = (h.head_dim, h.n_kv_head * h.head_dim);
     let (rep, len) = (qs.rep, row.end - row.start);
-    let q_of = |r: usize| &qs.q[((g * rep + r) * qs.tokens + row.token) * hd..][..hd];
+    let q_of = |r: usize| &qs.q[(row.token * qs.n_head + g * rep + r) * hd..][..hd];
     // scores[r * len + i]: head r, key row.start + i; then each head's sum.
     scores.clear();
     scores.resize(rep * len + rep, 0.0);
@@ -127,7 +135,7 @@ fn group(
 }
 
 /// `out = Σᵢ p[i] · v[i * stride..][..out.len()]`, in the order of `i`.
-fn weighted_sum(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+fn weighted_sum(p: &[f32], v: &[f16], stride: usize, out: &mut [f32]) {
     let hd = out.len();
     // Only the x86 path below advances it.
     #[allow(unused_mut)]
@@ -135,7 +143,8 @@ fn weighted_sum(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     ))]
     {
         // 64 columns at a time in eight registers, over every key before they are stored:
@@ -156,7 +165,7 @@ fn weighted_sum(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
     rest.fill(0.0);
     for (i, w) in p.iter().enumerate() {
         for (o, x) in rest.iter_mut().zip(&v[i * stride + col..][..hd - col]) {
-            *o += w * x;
+            *o += w * x.to_f32();
         }
     }
 }
@@ -164,17 +173,18 @@ fn weighted_sum(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
 /// Columns `col..col + 8R` of [`weighted_sum`], in `R` registers over every key.
 ///
 /// # Safety
-/// AVX2 and FMA must be in the build's target (they are where this is compiled), and
+/// AVX2, FMA and F16C must be in the build's target (they are where this is compiled), and
 /// `col + 8R <= out.len()`, with `v` holding `p.len()` rows of `stride`, the last `out.len()` long.
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
-    target_feature = "fma"
+    target_feature = "fma",
+    target_feature = "f16c"
 ))]
 #[inline(always)]
 unsafe fn weighted_columns<const R: usize>(
     p: &[f32],
-    v: &[f32],
+    v: &[f16],
     stride: usize,
     col: usize,
     out: &mut [f32],
@@ -186,7 +196,8 @@ unsafe fn weighted_columns<const R: usize>(
         for (i, &w) in p.iter().enumerate() {
             let (w, row) = (_mm256_set1_ps(w), v.as_ptr().add(i * stride + col));
             for (u, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8 * u)), *a);
+                let x = _mm256_cvtph_ps(_mm_loadu_si128(row.add(8 * u).cast()));
+                *a = _mm256_fmadd_ps(w, x, *a);
             }
         }
         for (u, a) in acc.iter().enumerate() {
@@ -197,24 +208,26 @@ unsafe fn weighted_columns<const R: usize>(
 
 /// `q` against four keys.
 #[inline(always)]
-fn dot4(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
+fn dot4(q: &[f32], k: [&[f16]; 4]) -> [f32; 4] {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     ))]
     {
         use std::arch::x86_64::*;
         let n = q.len();
         assert!(k.iter().all(|k| k.len() == n));
         let body = n / 8 * 8;
-        // SAFETY: AVX2 and FMA are in the build's target; loads stay below `body <= n`.
+        // SAFETY: AVX2, FMA and F16C are in the build's target; loads stay below `body <= n`.
         let mut out = unsafe {
             let mut acc = [_mm256_setzero_ps(); 4];
             for c in (0..body).step_by(8) {
                 let x = _mm256_loadu_ps(q.as_ptr().add(c));
                 for (a, k) in acc.iter_mut().zip(&k) {
-                    *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(k.as_ptr().add(c)), *a);
+                    let y = _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(c).cast()));
+                    *a = _mm256_fmadd_ps(x, y, *a);
                 }
             }
             // Each accumulator's eight lanes summed, the four results side by side.
@@ -231,7 +244,7 @@ fn dot4(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
             *o += q[body..]
                 .iter()
                 .zip(&k[body..])
-                .map(|(a, b)| a * b)
+                .map(|(a, b)| a * b.to_f32())
                 .sum::<f32>();
         }
         out
@@ -239,25 +252,26 @@ fn dot4(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
     #[cfg(not(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     )))]
     k.map(|k| dot(q, k))
 }
 
 /// Eight running sums, so the compiler keeps them in one vector register.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot(a: &[f32], b: &[f16]) -> f32 {
     let mut acc = [0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ac
         .remainder()
         .iter()
         .zip(bc.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x * y.to_f32())
         .sum();
     for (x, y) in ac.zip(bc) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].to_f32();
         }
     }
     acc.iter().sum::<f32>() + tail
@@ -268,19 +282,19 @@ mod tests {
     use super::*;
 
     /// Straightforward attention in f64 for one row.
-    fn reference(q: &[f32], tokens: usize, row: &Row<'_>, h: Heads) -> Vec<f32> {
+    fn reference(q: &[f32], row: &Row<'_>, h: Heads) -> Vec<f32> {
         let (hd, nkv) = (h.head_dim, h.n_kv_head);
         let rep = h.n_head / nkv;
         let mut out = vec![0f32; h.n_head * hd];
         for head in 0..h.n_head {
             let g = head / rep;
-            let qr = &q[(head * tokens + row.token) * hd..][..hd];
+            let qr = &q[(row.token * h.n_head + head) * hd..][..hd];
             let s: Vec<f64> = (row.start..row.end)
                 .map(|j| {
                     let k = &row.k[(j * nkv + g) * hd..][..hd];
                     qr.iter()
                         .zip(k)
-                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .map(|(a, b)| *a as f64 * b.to_f64())
                         .sum::<f64>()
                         * h.scale as f64
                 })
@@ -291,7 +305,7 @@ mod tests {
             for d in 0..hd {
                 let acc: f64 = (row.start..row.end)
                     .zip(&e)
-                    .map(|(j, p)| p * row.v[(j * nkv + g) * hd + d] as f64)
+                    .map(|(j, p)| p * row.v[(j * nkv + g) * hd + d].to_f64())
                     .sum();
                 out[head * hd + d] = (acc / z) as f32;
             }
@@ -317,13 +331,13 @@ mod tests {
             };
             let tokens = 6;
             let q: Vec<f32> = (0..n_head * tokens * head_dim).map(|_| rnd()).collect();
-            let caches: Vec<(Vec<f32>, Vec<f32>)> = [1usize, 7, 300]
+            let caches: Vec<(Vec<f16>, Vec<f16>)> = [1usize, 7, 300]
                 .iter()
                 .map(|cap| {
                     let n = cap * n_kv_head * head_dim;
                     (
-                        (0..n).map(|_| rnd() * 3.0).collect(),
-                        (0..n).map(|_| rnd()).collect(),
+                        (0..n).map(|_| f16::from_f32(rnd() * 3.0)).collect(),
+                        (0..n).map(|_| f16::from_f32(rnd())).collect(),
                     )
                 })
                 .collect();
@@ -369,7 +383,7 @@ mod tests {
             let mut out = vec![7f32; tokens * width];
             decode(&q, tokens, &rows, h, &mut out);
             for row in &rows {
-                let want = reference(&q, tokens, row, h);
+                let want = reference(&q, row, h);
                 let got = &out[row.token * width..][..width];
                 for (a, b) in got.iter().zip(&want) {
                     assert!(

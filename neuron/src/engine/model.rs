@@ -139,9 +139,20 @@ impl Config {
         })
     }
 
-    /// Bytes of KV cache one sequence needs per token (f32 keys and values, every layer).
-    pub fn kv_bytes_per_token(&self) -> u64 {
-        (self.n_layer * 2 * self.n_kv_head * self.head_dim * 4) as u64
+    /// What the KV cache holds on `device`: f16 where our attention reads it (the CPU, as
+    /// llama.cpp keeps it), f32 where candle's operations do.
+    pub fn kv_dtype(&self, device: &Device) -> DType {
+        if device.is_cpu() && !self.candle_attention {
+            DType::F16
+        } else {
+            DType::F32
+        }
+    }
+
+    /// Bytes of KV cache one sequence needs per token on `device` (keys and values, every layer).
+    pub fn kv_bytes_per_token(&self, device: &Device) -> u64 {
+        (self.n_layer * 2 * self.n_kv_head * self.head_dim * self.kv_dtype(device).size_in_bytes())
+            as u64
     }
 }
 
@@ -468,11 +479,12 @@ impl Model {
     pub fn new_cache_with(&self, cap: usize) -> Result<KvCache> {
         let cap = cap.min(self.max_len);
         let shape = (1, cap, self.cfg.n_kv_head, self.cfg.head_dim);
+        let dtype = self.cfg.kv_dtype(&self.device);
         let layers = (0..self.cfg.n_layer)
             .map(|_| {
                 Ok((
-                    Tensor::zeros(shape, DType::F32, &self.device)?,
-                    Tensor::zeros(shape, DType::F32, &self.device)?,
+                    Tensor::zeros(shape, dtype, &self.device)?,
+                    Tensor::zeros(shape, dtype, &self.device)?,
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -522,23 +534,30 @@ impl Model {
             x = (x * s)?;
         }
         // Rotary rows for every token's own position, once per pass.
-        let rotary = if let [one] = spans.as_slice() {
-            self.ropes
-                .iter()
-                .map(|r| {
-                    Ok((
+        let rotary = self
+            .ropes
+            .iter()
+            .map(|r| {
+                let (cos, sin) = if let [one] = spans.as_slice() {
+                    (
                         r.cos.narrow(0, one.pos, one.len)?,
                         r.sin.narrow(0, one.pos, one.len)?,
+                    )
+                } else {
+                    let at = Tensor::new(positions.as_slice(), &self.device)?;
+                    (r.cos.index_select(&at, 0)?, r.sin.index_select(&at, 0)?)
+                };
+                let host = if self.device.is_cpu() {
+                    Some((
+                        cos.flatten_all()?.to_vec1::<f32>()?,
+                        sin.flatten_all()?.to_vec1::<f32>()?,
                     ))
-                })
-                .collect::<Result<Vec<_>>>()?
-        } else {
-            let at = Tensor::new(positions.as_slice(), &self.device)?;
-            self.ropes
-                .iter()
-                .map(|r| Ok((r.cos.index_select(&at, 0)?, r.sin.index_select(&at, 0)?)))
-                .collect::<Result<Vec<_>>>()?
-        };
+                } else {
+                    None
+                };
+                Ok(Rotary { cos, sin, host })
+            })
+            .collect::<Result<Vec<_>>>()?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.attn_norm.forward(&x)?;
             let h = self.attention(layer, i, &h, seqs, &spans, &rotary[layer.rope])?;
@@ -587,7 +606,7 @@ impl Model {
         x: &Tensor,
         seqs: &mut [SeqInput<'_>],
         spans: &[Span],
-        (cos, sin): &(Tensor, Tensor),
+        rot: &Rotary,
     ) -> Result<Tensor> {
         let (_, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim);
@@ -611,17 +630,38 @@ impl Model {
         if let Some(n) = &l.k_norm {
             k = n.forward(&k)?;
         }
-        let rope = |y: &Tensor| -> Result<Tensor> {
-            let y = y.transpose(1, 2)?.contiguous()?;
-            Ok(if self.cfg.arch == Arch::Llama {
-                candle_nn::rotary_emb::rope_i(&y, cos, sin)?
-            } else {
-                candle_nn::rotary_emb::rope(&y, cos, sin)?
-            })
+        // Queries and keys rotated, both token-major `(1, tokens, heads, head_dim)`: the keys
+        // as the cache holds them, the queries as the CPU attention reads them.
+        let interleaved = self.cfg.arch == Arch::Llama;
+        let host = self.device.is_cpu() && q.dtype() == DType::F32 && k.dtype() == DType::F32;
+        let (q, k) = match &rot.host {
+            Some((cos, sin)) if host => {
+                let mut qh = q.flatten_all()?.to_vec1::<f32>()?;
+                let mut kh = k.flatten_all()?.to_vec1::<f32>()?;
+                elementwise::rotate(&mut qh, nh, hd, cos, sin, interleaved);
+                elementwise::rotate(&mut kh, nkv, hd, cos, sin, interleaved);
+                (
+                    Tensor::from_vec(qh, (1, t, nh, hd), &self.device)?,
+                    Tensor::from_vec(kh, (1, t, nkv, hd), &self.device)?,
+                )
+            }
+            _ => {
+                let rope = |y: &Tensor| -> Result<Tensor> {
+                    let y = y.transpose(1, 2)?.contiguous()?;
+                    Ok(if interleaved {
+                        candle_nn::rotary_emb::rope_i(&y, &rot.cos, &rot.sin)?
+                    } else {
+                        candle_nn::rotary_emb::rope(&y, &rot.cos, &rot.sin)?
+                    })
+                };
+                (
+                    rope(&q)?.transpose(1, 2)?,
+                    rope(&k)?.transpose(1, 2)?.contiguous()?,
+                )
+            }
         };
-        // (1, heads, tokens, head_dim) for the queries; keys back to token-major for the cache.
-        let q = rope(&q)?;
-        let k = rope(&k)?.transpose(1, 2)?.contiguous()?;
+        let kv_dtype = self.cfg.kv_dtype(&self.device);
+        let (k, v) = (k.to_dtype(kv_dtype)?, v.to_dtype(kv_dtype)?);
         for (s, sp) in seqs.iter_mut().zip(spans) {
             let (ck, cv) = &s.cache.layers[li];
             ck.slice_set(&k.narrow(1, sp.offset, sp.len)?, 1, sp.pos)?;
@@ -630,7 +670,7 @@ impl Model {
         // On the CPU every token, decoded or of a prompt, goes through our kernel, all sequences
         // at once: a prompt read again after a preemption then gives the very numbers its
         // tokens had when they were decoded.
-        let fast = |_: &Span| self.device.is_cpu() && !self.cfg.candle_attention;
+        let fast = |_: &Span| host && !self.cfg.candle_attention;
         let decoded = if spans.iter().any(fast) {
             Some(self.decode_attention(l, li, &q, t, seqs, spans, &fast)?)
         } else {
@@ -681,8 +721,8 @@ impl Model {
                 continue;
             }
             let (k, v) = (
-                &host(ks)?[kl.start_offset()..],
-                &host(vs)?[vl.start_offset()..],
+                &host_f16(ks)?[kl.start_offset()..],
+                &host_f16(vs)?[vl.start_offset()..],
             );
             for i in 0..sp.len {
                 let pos = sp.pos + i;
@@ -712,7 +752,7 @@ impl Model {
     }
 
     /// Attention of one sequence's chunk with candle's operations: prompts, and every step on
-    /// the GPU. `q` is the batch's `(1, n_head, tokens, head_dim)`.
+    /// the GPU. `q` is the batch's `(1, tokens, n_head, head_dim)`.
     fn chunk_attention(
         &self,
         l: &Layer,
@@ -740,7 +780,8 @@ impl Model {
         // head into the row dimension.
         let rep = nh / nkv;
         let q = q
-            .narrow(2, sp.offset, t)?
+            .narrow(1, sp.offset, t)?
+            .transpose(1, 2)?
             .contiguous()?
             .reshape((1, nkv, rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -797,6 +838,13 @@ impl Model {
     }
 }
 
+/// A pass's rotary rows, one per token, for one frequency base; with a host copy on the CPU.
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+    host: Option<(Vec<f32>, Vec<f32>)>,
+}
+
 /// Where one sequence's tokens sit in a batch: rows `offset..offset + len`, positions from `pos`.
 struct Span {
     offset: usize,
@@ -816,6 +864,14 @@ fn window_start(window: Option<usize>, pos: usize) -> usize {
 fn host(s: &Storage) -> Result<&[f32]> {
     match s {
         Storage::Cpu(c) => Ok(c.as_slice::<f32>()?),
+        _ => Err(Error::Internal("host attention on a device tensor".into())),
+    }
+}
+
+/// The f16 data of a CPU tensor's storage (the KV cache where our attention reads it).
+fn host_f16(s: &Storage) -> Result<&[half::f16]> {
+    match s {
+        Storage::Cpu(c) => Ok(c.as_slice::<half::f16>()?),
         _ => Err(Error::Internal("host attention on a device tensor".into())),
     }
 }
@@ -845,5 +901,5 @@ pub fn estimate_bytes(
         .filter(|ti| !rows_read_in_place(ti.ggml_dtype))
         .map(|ti| ti.shape.elem_count() as u64 * 4)
         .unwrap_or(0);
-    tensors + embed_f32 + cfg.kv_bytes_per_token() * kv_tokens as u64
+    tensors + embed_f32 + cfg.kv_bytes_per_token(device) * kv_tokens as u64
 }
