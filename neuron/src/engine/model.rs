@@ -10,9 +10,12 @@
 use std::io::{Read, Seek};
 use std::sync::Arc;
 
+use candle_core::backend::BackendStorage;
 use candle_core::quantized::{QTensor, gguf_file};
-use candle_core::{DType, Device, Module, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Module, Storage, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use super::linear::{Linear, Matmul, own_qtype};
 use super::{attention, elementwise};
@@ -630,20 +633,35 @@ impl Model {
         if let Some(n) = &l.k_norm {
             k = n.forward(&k)?;
         }
-        // Queries and keys rotated, both token-major `(1, tokens, heads, head_dim)`: the keys
-        // as the cache holds them, the queries as the CPU attention reads them.
+        // On the CPU every token, decoded or of a prompt, goes through our kernel, all sequences
+        // at once: a prompt read again after a preemption then gives the very numbers its
+        // tokens had when they were decoded.
+        let host = self.device.is_cpu() && q.dtype() == DType::F32 && !self.cfg.candle_attention;
+        let fast = |_: &Span| host;
         let interleaved = self.cfg.arch == Arch::Llama;
-        let host = self.device.is_cpu() && q.dtype() == DType::F32 && k.dtype() == DType::F32;
-        let (q, k) = match &rot.host {
+        // The queries rotated, token-major `(1, tokens, n_head, head_dim)`; the keys rotated
+        // and the values, written into each sequence's cache.
+        let q = match &rot.host {
             Some((cos, sin)) if host => {
                 let mut qh = q.flatten_all()?.to_vec1::<f32>()?;
                 let mut kh = k.flatten_all()?.to_vec1::<f32>()?;
                 elementwise::rotate(&mut qh, nh, hd, cos, sin, interleaved);
                 elementwise::rotate(&mut kh, nkv, hd, cos, sin, interleaved);
-                (
-                    Tensor::from_vec(qh, (1, t, nh, hd), &self.device)?,
-                    Tensor::from_vec(kh, (1, t, nkv, hd), &self.device)?,
-                )
+                let half = |x: &[f32]| {
+                    let mut h = vec![f16::ZERO; x.len()];
+                    h.convert_from_f32_slice(x);
+                    h
+                };
+                let (k, v) = (half(&kh), half(&v.flatten_all()?.to_vec1::<f32>()?));
+                let row = nkv * hd;
+                for (s, sp) in seqs.iter_mut().zip(spans) {
+                    let (ck, cv) = &s.cache.layers[li];
+                    let ours = sp.offset * row..(sp.offset + sp.len) * row;
+                    let at = sp.pos * row;
+                    ck.inplace_op1(&StoreRows(&k[ours.clone()], at))?;
+                    cv.inplace_op1(&StoreRows(&v[ours], at))?;
+                }
+                Tensor::from_vec(qh, (1, t, nh, hd), &self.device)?
             }
             _ => {
                 let rope = |y: &Tensor| -> Result<Tensor> {
@@ -654,23 +672,17 @@ impl Model {
                         candle_nn::rotary_emb::rope(&y, &rot.cos, &rot.sin)?
                     })
                 };
-                (
-                    rope(&q)?.transpose(1, 2)?,
-                    rope(&k)?.transpose(1, 2)?.contiguous()?,
-                )
+                let k = rope(&k)?.transpose(1, 2)?.contiguous()?;
+                let kv_dtype = self.cfg.kv_dtype(&self.device);
+                let (k, v) = (k.to_dtype(kv_dtype)?, v.to_dtype(kv_dtype)?);
+                for (s, sp) in seqs.iter_mut().zip(spans) {
+                    let (ck, cv) = &s.cache.layers[li];
+                    ck.slice_set(&k.narrow(1, sp.offset, sp.len)?, 1, sp.pos)?;
+                    cv.slice_set(&v.narrow(1, sp.offset, sp.len)?, 1, sp.pos)?;
+                }
+                rope(&q)?.transpose(1, 2)?
             }
         };
-        let kv_dtype = self.cfg.kv_dtype(&self.device);
-        let (k, v) = (k.to_dtype(kv_dtype)?, v.to_dtype(kv_dtype)?);
-        for (s, sp) in seqs.iter_mut().zip(spans) {
-            let (ck, cv) = &s.cache.layers[li];
-            ck.slice_set(&k.narrow(1, sp.offset, sp.len)?, 1, sp.pos)?;
-            cv.slice_set(&v.narrow(1, sp.offset, sp.len)?, 1, sp.pos)?;
-        }
-        // On the CPU every token, decoded or of a prompt, goes through our kernel, all sequences
-        // at once: a prompt read again after a preemption then gives the very numbers its
-        // tokens had when they were decoded.
-        let fast = |_: &Span| host && !self.cfg.candle_attention;
         let decoded = if spans.iter().any(fast) {
             Some(self.decode_attention(l, li, &q, t, seqs, spans, &fast)?)
         } else {
@@ -838,6 +850,36 @@ impl Model {
     }
 }
 
+/// Copies f16 rows into a CPU cache tensor in place, from element `.1` of its data: what
+/// `slice_set` does, without building a tensor for each sequence's rows.
+struct StoreRows<'a>(&'a [f16], usize);
+
+impl InplaceOp1 for StoreRows<'_> {
+    fn name(&self) -> &'static str {
+        "store-kv-rows"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F16(data) = storage else {
+            candle_core::bail!("KV rows stored into a {:?} cache", storage.dtype());
+        };
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("KV cache not contiguous".into()))?;
+        let at = start + self.1;
+        if at + self.0.len() > end {
+            candle_core::bail!(
+                "{} KV values at {} overrun a cache of {}",
+                self.0.len(),
+                self.1,
+                end - start
+            );
+        }
+        data[at..at + self.0.len()].copy_from_slice(self.0);
+        Ok(())
+    }
+}
+
 /// A pass's rotary rows, one per token, for one frequency base; with a host copy on the CPU.
 struct Rotary {
     cos: Tensor,
@@ -869,9 +911,9 @@ fn host(s: &Storage) -> Result<&[f32]> {
 }
 
 /// The f16 data of a CPU tensor's storage (the KV cache where our attention reads it).
-fn host_f16(s: &Storage) -> Result<&[half::f16]> {
+fn host_f16(s: &Storage) -> Result<&[f16]> {
     match s {
-        Storage::Cpu(c) => Ok(c.as_slice::<half::f16>()?),
+        Storage::Cpu(c) => Ok(c.as_slice::<f16>()?),
         _ => Err(Error::Internal("host attention on a device tensor".into())),
     }
 }
