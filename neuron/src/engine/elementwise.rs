@@ -2,8 +2,9 @@
 //!
 //! candle runs an element-wise operation on one thread below 64k elements, which is every
 //! decode step: SiLU's exponentials alone took 6% of a batch of eight on one core while the
-//! other waited. These compute exactly what candle's operations compute, element by element
-//! in the same order of operations, so the results are bit for bit the same.
+//! other waited. The rotation computes exactly what candle's operation computes, element by
+//! element in the same order of operations; SiLU takes its exponentials eight at a time (within
+//! 1e-6 of the exact product, where candle calls libm's `expf` once per element).
 
 use candle_core::{DType, Device, Storage, Tensor};
 
@@ -14,7 +15,7 @@ use crate::error::{Error, Result};
 const CHUNK: usize = 2048;
 
 /// `silu(gate) * up` (the gated feed-forward of llama-like models) for f32 CPU tensors of one
-/// shape: `g / (1 + e^-g) * u`, as candle's `silu` and `mul` round it.
+/// shape: `g / (1 + e^-g) * u`.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if gate.shape() != up.shape() || gate.dtype() != DType::F32 || up.dtype() != DType::F32 {
         return Err(Error::Internal(format!(
@@ -42,12 +43,87 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
             let len = CHUNK.min(n - lo);
             // SAFETY: task t alone writes out[lo..lo + len], inside `out`.
             let o = unsafe { std::slice::from_raw_parts_mut(dst.at(lo), len) };
-            for ((o, &g), &u) in o.iter_mut().zip(&g[lo..][..len]).zip(&u[lo..][..len]) {
-                *o = g / (1.0 + (-g).exp()) * u;
-            }
+            silu_mul_into(&g[lo..][..len], &u[lo..][..len], o);
         });
     }
     Ok(Tensor::from_vec(out, gate.shape(), &Device::Cpu)?)
+}
+
+/// `o = g / (1 + e^-g) * u`, element by element.
+fn silu_mul_into(g: &[f32], u: &[f32], o: &mut [f32]) {
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    let done = 0;
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    let done = {
+        use std::arch::x86_64::*;
+        let body = o.len().min(g.len()).min(u.len()) / 8 * 8;
+        // SAFETY: AVX2 and FMA are in the build's target; every access is below `body`.
+        unsafe {
+            let one = _mm256_set1_ps(1.0);
+            for i in (0..body).step_by(8) {
+                let x = _mm256_loadu_ps(g.as_ptr().add(i));
+                let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+                let s = _mm256_div_ps(x, _mm256_add_ps(one, e));
+                let y = _mm256_mul_ps(s, _mm256_loadu_ps(u.as_ptr().add(i)));
+                _mm256_storeu_ps(o.as_mut_ptr().add(i), y);
+            }
+        }
+        body
+    };
+    for ((o, &g), &u) in o[done..].iter_mut().zip(&g[done..]).zip(&u[done..]) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
+}
+
+/// `e^x` in eight lanes, rounded to f32 from a double-precision value good to about 1e-16: the
+/// correctly rounded result but in the rarest near-ties, so nearly always the very float libm's
+/// `expf` gives (glibc's is within 0.502 units in the last place). `x = n ln 2 + r` with
+/// `|r| <= ln 2 / 2`, `e^r` from its Taylor series to `r^12 / 12!`, `2^n` put into the
+/// exponent. Inputs are clamped to where f32 neither overflows nor goes subnormal.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+#[inline(always)]
+unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: register arithmetic only; AVX2 and FMA are in the build's target.
+    unsafe {
+        let x = _mm256_min_ps(_mm256_set1_ps(88.72283), x);
+        let x = _mm256_max_ps(_mm256_set1_ps(-87.33654), x);
+        let half = |x: __m256d| -> __m128 {
+            let n = _mm256_round_pd(
+                _mm256_mul_pd(x, _mm256_set1_pd(std::f64::consts::LOG2_E)),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            // ln 2 in two parts, so n ln 2 comes off exactly.
+            let r = _mm256_fnmadd_pd(n, _mm256_set1_pd(0.693_147_180_369_123_8), x);
+            let r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.908_214_929_270_587_7e-10), r);
+            let mut p = _mm256_set1_pd(1.0 / 479_001_600.0);
+            let mut fact = 479_001_600.0f64;
+            for k in (1..12).rev() {
+                fact /= (k + 1) as f64;
+                p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0 / fact));
+            }
+            let p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0));
+            // 2^n: n + 1023 in the exponent bits (n is in -126..=128).
+            let n = _mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n));
+            let pow = _mm256_slli_epi64(_mm256_add_epi64(n, _mm256_set1_epi64x(1023)), 52);
+            _mm256_cvtpd_ps(_mm256_mul_pd(p, _mm256_castsi256_pd(pow)))
+        };
+        let lo = half(_mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+        let hi = half(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+        _mm256_set_m128(hi, lo)
+    }
 }
 
 /// Rotary position embedding in place, on the layout the projections leave: `x` holds tokens of
@@ -133,26 +209,46 @@ mod tests {
         }
     }
 
-    /// Bit for bit what candle's two operations give, over more elements than one task takes
-    /// and a ragged tail.
+    /// Within 1e-6 (relative) of the product computed in f64 and, but for about 3 in 10,000
+    /// elements (one unit in the last place), bit for bit what candle's silu then mul give, over more elements than one task takes, a
+    /// ragged tail, and inputs far enough out that `e^-g` over- and underflows.
     #[test]
-    fn silu_mul_is_candles_silu_then_mul() {
+    fn silu_mul_matches_f64() {
         let dev = Device::Cpu;
-        for n in [1, 7, CHUNK, 3 * CHUNK + 5] {
+        let close = |g: f32, u: f32, got: f32| {
+            let want = g as f64 / (1.0 + (-g as f64).exp()) * u as f64;
+            assert!(
+                (got as f64 - want).abs() <= 1e-6 * want.abs() + 1e-30,
+                "silu({g}) * {u}: {got}, want {want}"
+            );
+        };
+        for n in [1, 7, CHUNK, 3 * CHUNK + 5, 1 << 16] {
             let g = Tensor::randn(0f32, 4.0, (1, n), &dev).unwrap();
             let u = Tensor::randn(0f32, 1.0, (1, n), &dev).unwrap();
-            let want = (candle_nn::ops::silu(&g).unwrap() * &u).unwrap();
             let got = silu_mul(&g, &u).unwrap();
-            let (want, got) = (
-                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            );
-            assert!(
-                want.iter()
-                    .zip(&got)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "n = {n}"
-            );
+            let candle = (candle_nn::ops::silu(&g).unwrap() * &u).unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut same = 0;
+            for (((g, u), got), candle) in flat(&g)
+                .into_iter()
+                .zip(flat(&u))
+                .zip(flat(&got))
+                .zip(flat(&candle))
+            {
+                close(g, u, got);
+                same += usize::from(got.to_bits() == candle.to_bits());
+            }
+            // glibc's expf is within 0.502 units in the last place, ours rounds a value good to
+            // about 1e-16: they part in about 3 of 10,000 elements, by one unit.
+            assert!(same * 1000 >= n * 999, "{same} of {n} the same as candle's");
+        }
+        let g = [
+            -200.0f32, -90.0, -87.0, -20.0, -1e-8, 0.0, 1e-8, 20.0, 88.0, 90.0, 200.0, 3.0,
+        ];
+        let mut o = [0f32; 12];
+        silu_mul_into(&g, &[1.5; 12], &mut o);
+        for (g, o) in g.iter().zip(o) {
+            close(*g, 1.5, o);
         }
     }
 }
