@@ -58,7 +58,7 @@ pub fn dot_all_at(lvl: Level, w: &Weights, acts: &[&[BlockQ8]], out: &mut [f32])
     for (i0, a) in (0..acts.len()).step_by(TILE).zip(acts.chunks(TILE)) {
         let mut buf = vec![0f32; n * a.len()];
         rows_into(lvl, w, 0..n, a, &mut buf, |j, r, v| {
-            out[(i0 + r) * n + j] = v
+            out[(i0 + r) * n + j..][..v.len()].copy_from_slice(v)
         });
     }
 }
@@ -100,7 +100,9 @@ fn dot_many(
     }
 }
 
-/// Products of weight rows `js` with up to [`TILE`] activation rows, handed to `put(j, r, v)`;
+/// Products of weight rows `js` with up to [`TILE`] activation rows, handed to `put(j, r, v)`
+/// (`v[i]` is row `j + i`'s product with activation row `r`: eight at a time from the
+/// interleaved groups, one at a time after them);
 /// `buf` holds at least `js.len() * acts.len()` floats. `js.start` is a multiple of [`GROUP`]
 /// where it is below `w.packed()`.
 fn rows_into(
@@ -109,7 +111,7 @@ fn rows_into(
     js: std::ops::Range<usize>,
     acts: &[&[BlockQ8]],
     buf: &mut [f32],
-    mut put: impl FnMut(usize, usize, f32),
+    mut put: impl FnMut(usize, usize, &[f32]),
 ) {
     let r = acts.len();
     let split = js.end.min(w.packed()).max(js.start);
@@ -119,9 +121,7 @@ fn rows_into(
         dot_groups(lvl, w, groups, acts, out);
         for (g, vals) in out.chunks_exact(GROUP * r).enumerate() {
             for (ri, v8) in vals.chunks_exact(GROUP).enumerate() {
-                for (i, v) in v8.iter().enumerate() {
-                    put(js.start + g * GROUP + i, ri, *v);
-                }
+                put(js.start + g * GROUP, ri, v8);
             }
         }
     }
@@ -131,7 +131,7 @@ fn rows_into(
         dot_many(lvl, w.qtype(), w.gguf_rows(split..js.end), rb, acts, out);
         for (jj, vals) in out.chunks_exact(r).enumerate() {
             for (ri, v) in vals.iter().enumerate() {
-                put(split + jj, ri, *v);
+                put(split + jj, ri, std::slice::from_ref(v));
             }
         }
     }
@@ -237,8 +237,9 @@ fn task(lvl: Level, w: &Weights, acts: &[BlockQ8], m: usize, out: Out, per_task:
     let chunk = |js: std::ops::Range<usize>, i0: usize, a: &[&[BlockQ8]]| {
         let mut buf = [0f32; CHUNK * TILE];
         rows_into(lvl, w, js, a, &mut buf, |j, i, v| {
-            // SAFETY: (i0 + i) < m and j < n, inside the output; no other task owns column j.
-            unsafe { *out.at((i0 + i) * n + j) = v };
+            // SAFETY: (i0 + i) < m and j + v.len() <= n, inside the output; no other task owns
+            // these columns.
+            unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), out.at((i0 + i) * n + j), v.len()) };
         });
     };
     let chunks = |rows: std::ops::Range<usize>| {
