@@ -212,7 +212,7 @@ async fn an_unreachable_neuron_is_named_with_what_to_check() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_model_that_does_not_fit_prints_the_409_with_both_sizes() {
-    let (_n, url) = neuron(&["--max-memory", "300000000"]).await;
+    let (_n, url) = neuron(&["--max-memory", "250000000"]).await;
     let uri = smollm2_uri();
     let o = probe(&["--neuron", &url, "--model", &uri]).await;
     assert_eq!(o.code, Some(1), "{o}");
@@ -222,11 +222,11 @@ async fn a_model_that_does_not_fit_prints_the_409_with_both_sizes() {
         "{o}"
     );
     assert!(
-        o.stderr.contains("needs") && o.stderr.contains("300000000 bytes"),
+        o.stderr.contains("needs") && o.stderr.contains("250000000 bytes"),
         "{o}"
     );
     assert!(
-        o.stderr.contains("\"needed_bytes\":") && o.stderr.contains("\"free_bytes\":300000000"),
+        o.stderr.contains("\"needed_bytes\":") && o.stderr.contains("\"free_bytes\":250000000"),
         "{o}"
     );
 

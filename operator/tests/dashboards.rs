@@ -274,7 +274,7 @@ async fn every_dashboard_and_alert_query_returns_data_from_the_real_binaries() {
     let checked = run_ok(Command::new(&promtool).args(["check", "rules"]).arg(&rules));
     assert!(checked.contains("SUCCESS"), "{checked}");
 
-    // alpha has room for one SmolLM2 copy of 1024 tokens (about 144 MB; so a second placement
+    // alpha has room for one SmolLM2 copy of 1024 tokens (about 120 MB; so a second placement
     // evicts), beta for more.
     let (alpha, beta) = (free_port(), free_port());
     let _alpha = start_neuron(alpha, &["--max-memory", "200000000"]);

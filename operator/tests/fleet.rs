@@ -85,7 +85,7 @@ async fn a_full_neuron_evicts_the_least_recently_used_and_never_a_pinned_model()
     let cp = ControlPlane::start().await;
     install_crds(&cp);
     let port = free_port();
-    // Room for one copy of SmolLM2 with a 1024-token context (about 144 MB), not two.
+    // Room for one copy of SmolLM2 with a 1024-token context (about 120 MB), not two.
     let _neuron = start_neuron(port, &["--max-memory", "200000000"]);
     apply(&cp, "solo", &neuron_yaml("solo", port));
     let op_port = free_port();
