@@ -18,10 +18,13 @@ use super::kernels;
 pub struct Row<'a> {
     /// Token index in the batch (the query's column in `q`, the output row).
     pub token: usize,
-    /// The sequence's cache, `(capacity, n_kv_head, head_dim)` row-major, in f16 (as
-    /// llama.cpp keeps it: half the memory and half the reading of f32).
+    /// The sequence's cache, `(n_kv_head, cap, head_dim)` row-major, in f16 (as llama.cpp
+    /// keeps it: half the memory and half the reading of f32). Head-major, so the keys a task
+    /// reads are one contiguous run rather than a slice of every position's row.
     pub k: &'a [f16],
     pub v: &'a [f16],
+    /// Positions the cache holds per KV head.
+    pub cap: usize,
     /// Visible cache positions `start..end` (the new token's own key included).
     pub start: usize,
     pub end: usize,
@@ -51,7 +54,7 @@ pub fn decode(q: &[f32], tokens: usize, rows: &[Row<'_>], h: Heads, out: &mut [f
     assert_eq!(out.len(), tokens * width, "output");
     for r in rows {
         assert!(r.token < tokens && r.start < r.end, "row");
-        assert!(r.k.len() >= r.end * nkv * hd && r.v.len() >= r.end * nkv * hd);
+        assert!(r.end <= r.cap && r.k.len() >= nkv * r.cap * hd && r.v.len() >= nkv * r.cap * hd);
     }
     let dst = kernels::Out(out.as_mut_ptr());
     kernels::parallel(rows.len() * nkv, |t| {
@@ -90,14 +93,19 @@ fn group(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let (hd, stride) = (h.head_dim, h.n_kv_head * h.head_dim);
+    let hd = h.head_dim;
+    // This KV head's keys and values, position after position.
+    let (keys, values) = (
+        &row.k[g * row.cap * hd..][..row.cap * hd],
+        &row.v[g * row.cap * hd..][..row.cap * hd],
+    );
     let (rep, len) = (qs.rep, row.end - row.start);
     let q_of = |r: usize| &qs.q[(row.token * qs.n_head + g * rep + r) * hd..][..hd];
     // scores[r * len + i]: head r, key row.start + i; then each head's sum.
     scores.clear();
     scores.resize(rep * len + rep, 0.0);
     let (scores, sums) = scores.split_at_mut(rep * len);
-    let key = |j: usize| &row.k[j * stride + g * hd..][..hd];
+    let key = |j: usize| &keys[j * hd..][..hd];
     for r in 0..rep {
         let (q, s) = (q_of(r), &mut scores[r * len..][..len]);
         // Four keys at a time: the query is read once for them, one reduction for the four.
@@ -122,13 +130,13 @@ fn group(
             sums[r] += *v;
         }
     }
-    let values = &row.v[row.start * stride + g * hd..];
+    let values = &values[row.start * hd..];
     for ((o, p), sum) in out
         .chunks_exact_mut(hd)
         .zip(scores.chunks_exact(len))
         .zip(sums.iter())
     {
-        weighted_sum(p, values, stride, o);
+        weighted_sum(p, values, hd, o);
         let inv = 1.0 / sum;
         o.iter_mut().for_each(|v| *v *= inv);
     }
@@ -291,7 +299,7 @@ mod tests {
             let qr = &q[(row.token * h.n_head + head) * hd..][..hd];
             let s: Vec<f64> = (row.start..row.end)
                 .map(|j| {
-                    let k = &row.k[(j * nkv + g) * hd..][..hd];
+                    let k = &row.k[(g * row.cap + j) * hd..][..hd];
                     qr.iter()
                         .zip(k)
                         .map(|(a, b)| *a as f64 * b.to_f64())
@@ -305,7 +313,7 @@ mod tests {
             for d in 0..hd {
                 let acc: f64 = (row.start..row.end)
                     .zip(&e)
-                    .map(|(j, p)| p * row.v[(j * nkv + g) * hd + d].to_f64())
+                    .map(|(j, p)| p * row.v[(g * row.cap + j) * hd + d].to_f64())
                     .sum();
                 out[head * hd + d] = (acc / z) as f32;
             }
@@ -346,6 +354,7 @@ mod tests {
                     token: 0,
                     k: &caches[0].0,
                     v: &caches[0].1,
+                    cap: 1,
                     start: 0,
                     end: 1,
                 },
@@ -353,6 +362,7 @@ mod tests {
                     token: 3,
                     k: &caches[1].0,
                     v: &caches[1].1,
+                    cap: 7,
                     start: 2,
                     end: 7,
                 },
@@ -360,6 +370,7 @@ mod tests {
                     token: 4,
                     k: &caches[2].0,
                     v: &caches[2].1,
+                    cap: 300,
                     start: 0,
                     end: 300,
                 },
@@ -368,6 +379,7 @@ mod tests {
                     token: 1,
                     k: &caches[2].0,
                     v: &caches[2].1,
+                    cap: 300,
                     start: 0,
                     end: 5,
                 },
@@ -375,6 +387,7 @@ mod tests {
                     token: 2,
                     k: &caches[2].0,
                     v: &caches[2].1,
+                    cap: 300,
                     start: 0,
                     end: 6,
                 },

@@ -214,8 +214,8 @@ struct Layer {
     rope: usize,
 }
 
-/// One sequence's keys and values for every layer, token-major `(1, capacity, n_kv_head,
-/// head_dim)`, so a chunk of new tokens is one contiguous write. It starts as large as asked and
+/// One sequence's keys and values for every layer, head-major `(1, n_kv_head, capacity,
+/// head_dim)`, so the attention of one KV head reads one contiguous run. It starts as large as asked and
 /// grows on demand ([`KvCache::grow`]), which is how a batch of short sequences shares the memory
 /// one long one would take.
 pub struct KvCache {
@@ -259,8 +259,8 @@ impl KvCache {
             )));
         }
         for ((k, v), (sk, sv)) in self.layers.iter().zip(&src.layers) {
-            k.slice_set(&sk.narrow(1, 0, n)?, 1, 0)?;
-            v.slice_set(&sv.narrow(1, 0, n)?, 1, 0)?;
+            k.slice_set(&sk.narrow(2, 0, n)?.contiguous()?, 2, 0)?;
+            v.slice_set(&sv.narrow(2, 0, n)?.contiguous()?, 2, 0)?;
         }
         self.len = n;
         Ok(())
@@ -274,8 +274,8 @@ impl KvCache {
         let mut bigger = model.new_cache_with(cap)?;
         if self.len > 0 {
             for ((k, v), (bk, bv)) in self.layers.iter().zip(&bigger.layers) {
-                bk.slice_set(&k.narrow(1, 0, self.len)?, 1, 0)?;
-                bv.slice_set(&v.narrow(1, 0, self.len)?, 1, 0)?;
+                bk.slice_set(&k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                bv.slice_set(&v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
             }
         }
         bigger.len = self.len;
@@ -481,7 +481,7 @@ impl Model {
     /// A cache for `cap` tokens (at most the served context).
     pub fn new_cache_with(&self, cap: usize) -> Result<KvCache> {
         let cap = cap.min(self.max_len);
-        let shape = (1, cap, self.cfg.n_kv_head, self.cfg.head_dim);
+        let shape = (1, self.cfg.n_kv_head, cap, self.cfg.head_dim);
         let dtype = self.cfg.kv_dtype(&self.device);
         let layers = (0..self.cfg.n_layer)
             .map(|_| {
@@ -657,9 +657,21 @@ impl Model {
                 for (s, sp) in seqs.iter_mut().zip(spans) {
                     let (ck, cv) = &s.cache.layers[li];
                     let ours = sp.offset * row..(sp.offset + sp.len) * row;
-                    let at = sp.pos * row;
-                    ck.inplace_op1(&StoreRows(&k[ours.clone()], at))?;
-                    cv.inplace_op1(&StoreRows(&v[ours], at))?;
+                    let (cap, pos) = (s.cache.cap, sp.pos);
+                    ck.inplace_op1(&StoreRows {
+                        rows: &k[ours.clone()],
+                        pos,
+                        cap,
+                        nkv,
+                        hd,
+                    })?;
+                    cv.inplace_op1(&StoreRows {
+                        rows: &v[ours],
+                        pos,
+                        cap,
+                        nkv,
+                        hd,
+                    })?;
                 }
                 Tensor::from_vec(qh, (1, t, nh, hd), &self.device)?
             }
@@ -672,13 +684,14 @@ impl Model {
                         candle_nn::rotary_emb::rope(&y, &rot.cos, &rot.sin)?
                     })
                 };
-                let k = rope(&k)?.transpose(1, 2)?.contiguous()?;
+                // Head-major, as the cache holds them.
                 let kv_dtype = self.cfg.kv_dtype(&self.device);
-                let (k, v) = (k.to_dtype(kv_dtype)?, v.to_dtype(kv_dtype)?);
+                let k = rope(&k)?.to_dtype(kv_dtype)?;
+                let v = v.transpose(1, 2)?.contiguous()?.to_dtype(kv_dtype)?;
                 for (s, sp) in seqs.iter_mut().zip(spans) {
                     let (ck, cv) = &s.cache.layers[li];
-                    ck.slice_set(&k.narrow(1, sp.offset, sp.len)?, 1, sp.pos)?;
-                    cv.slice_set(&v.narrow(1, sp.offset, sp.len)?, 1, sp.pos)?;
+                    ck.slice_set(&k.narrow(2, sp.offset, sp.len)?.contiguous()?, 2, sp.pos)?;
+                    cv.slice_set(&v.narrow(2, sp.offset, sp.len)?.contiguous()?, 2, sp.pos)?;
                 }
                 rope(&q)?.transpose(1, 2)?
             }
@@ -728,10 +741,11 @@ impl Model {
         let (qs, ql) = q.storage_and_layout();
         let q = &host(&qs)?[ql.start_offset()..][..nh * tokens * hd];
         let mut rows = Vec::with_capacity(spans.len());
-        for (((ks, kl), (vs, vl)), sp) in guards.iter().zip(spans) {
+        for ((((ks, kl), (vs, vl)), sp), s) in guards.iter().zip(spans).zip(seqs) {
             if !fast(sp) {
                 continue;
             }
+            let sp_cap = s.cache.cap;
             let (k, v) = (
                 &host_f16(ks)?[kl.start_offset()..],
                 &host_f16(vs)?[vl.start_offset()..],
@@ -742,6 +756,7 @@ impl Model {
                     token: sp.offset + i,
                     k,
                     v,
+                    cap: sp_cap,
                     start: window_start(l.window, pos),
                     end: pos + 1,
                 });
@@ -780,14 +795,8 @@ impl Model {
         // positions up to itself (query - key < w), so older keys are never read.
         let start = window_start(l.window, pos);
         let (ck, cv) = &cache.layers[li];
-        let k = ck
-            .narrow(1, start, total - start)?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = cv
-            .narrow(1, start, total - start)?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let k = ck.narrow(2, start, total - start)?.contiguous()?;
+        let v = cv.narrow(2, start, total - start)?.contiguous()?;
         // Grouped-query attention without copying keys: fold the query heads that share a KV
         // head into the row dimension.
         let rep = nh / nkv;
@@ -850,9 +859,16 @@ impl Model {
     }
 }
 
-/// Copies f16 rows into a CPU cache tensor in place, from element `.1` of its data: what
-/// `slice_set` does, without building a tensor for each sequence's rows.
-struct StoreRows<'a>(&'a [f16], usize);
+/// Copies a chunk of tokens' f16 keys or values, token-major `(tokens, nkv, hd)`, into a CPU
+/// cache tensor in place at positions `pos..`: what `slice_set` does into the head-major cache,
+/// without building a tensor for each sequence's rows.
+struct StoreRows<'a> {
+    rows: &'a [f16],
+    pos: usize,
+    cap: usize,
+    nkv: usize,
+    hd: usize,
+}
 
 impl InplaceOp1 for StoreRows<'_> {
     fn name(&self) -> &'static str {
@@ -866,16 +882,21 @@ impl InplaceOp1 for StoreRows<'_> {
         let (start, end) = layout
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("KV cache not contiguous".into()))?;
-        let at = start + self.1;
-        if at + self.0.len() > end {
+        let (hd, nkv) = (self.hd, self.nkv);
+        let tokens = self.rows.len() / (nkv * hd).max(1);
+        if end - start != nkv * self.cap * hd || self.pos + tokens > self.cap {
             candle_core::bail!(
-                "{} KV values at {} overrun a cache of {}",
-                self.0.len(),
-                self.1,
-                end - start
+                "{tokens} KV rows at position {} overrun a cache of {} positions",
+                self.pos,
+                self.cap
             );
         }
-        data[at..at + self.0.len()].copy_from_slice(self.0);
+        let cache = &mut data[start..end];
+        for (i, token) in self.rows.chunks_exact(nkv * hd).enumerate() {
+            for (g, head) in token.chunks_exact(hd).enumerate() {
+                cache[(g * self.cap + self.pos + i) * hd..][..hd].copy_from_slice(head);
+            }
+        }
         Ok(())
     }
 }
