@@ -12,8 +12,7 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::{QTensor, gguf_file};
-use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Module, Storage, Tensor};
-use candle_transformers::quantized_nn::RmsNorm;
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
@@ -156,6 +155,48 @@ impl Config {
     pub fn kv_bytes_per_token(&self, device: &Device) -> u64 {
         (self.n_layer * 2 * self.n_kv_head * self.head_dim * self.kv_dtype(device).size_in_bytes())
             as u64
+    }
+}
+
+/// An RMS norm's weights, as candle-transformers' `RmsNorm` holds them, with a host copy on the
+/// CPU for the fused residual step ([`elementwise::add_rms_norm`]).
+struct RmsNorm {
+    weight: Tensor,
+    host: Option<Vec<f32>>,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn from_qtensor(t: QTensor, eps: f64) -> Result<Self> {
+        let weight = t.dequantize(&t.device())?;
+        let host = if weight.device().is_cpu() && weight.dtype() == DType::F32 {
+            Some(weight.to_vec1::<f32>()?)
+        } else {
+            None
+        };
+        Ok(RmsNorm { weight, host, eps })
+    }
+
+    /// candle-transformers' `RmsNorm::forward`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?)
+    }
+
+    /// `x + h` (`x` when there is no `h`) and its norm.
+    fn add_forward(&self, x: &Tensor, h: Option<Tensor>) -> Result<(Tensor, Tensor)> {
+        match &self.host {
+            Some(alpha) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+                elementwise::add_rms_norm(x, h.as_ref(), alpha, self.eps as f32)
+            }
+            _ => {
+                let x = match h {
+                    Some(h) => (x + h)?,
+                    None => x.clone(),
+                };
+                let n = self.forward(&x)?;
+                Ok((x, n))
+            }
+        }
     }
 }
 
@@ -355,7 +396,7 @@ impl<R: Read + Seek> Loader<'_, R> {
     }
 
     fn norm(&mut self, name: &str, eps: f64) -> Result<RmsNorm> {
-        Ok(RmsNorm::from_qtensor(self.get(name)?, eps)?)
+        RmsNorm::from_qtensor(self.get(name)?, eps)
     }
 
     fn opt_norm(&mut self, name: &str, eps: f64) -> Result<Option<RmsNorm>> {
@@ -561,15 +602,18 @@ impl Model {
                 Ok(Rotary { cos, sin, host })
             })
             .collect::<Result<Vec<_>>>()?;
+        // The last feed-forward output, added to the residual stream by the next norm.
+        let mut pending = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.attn_norm.forward(&x)?;
+            let (sum, h) = layer.attn_norm.add_forward(&x, pending.take())?;
+            x = sum;
             let h = self.attention(layer, i, &h, seqs, &spans, &rotary[layer.rope])?;
             let h = match &layer.post_attn_norm {
                 Some(n) => n.forward(&h)?,
                 None => h,
             };
-            x = (x + h)?;
-            let h = layer.ffn_norm.forward(&x)?;
+            let (sum, h) = layer.ffn_norm.add_forward(&x, Some(h))?;
+            x = sum;
             let [gate, up]: [Tensor; 2] = Linear::forward_many(&[&layer.gate, &layer.up], &h)?
                 .try_into()
                 .map_err(|_| Error::Internal("two projections".into()))?;
@@ -581,10 +625,12 @@ impl Model {
                 Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
             };
             let h = layer.down.forward(&act)?;
-            let h = match &layer.post_ffn_norm {
+            pending = Some(match &layer.post_ffn_norm {
                 Some(n) => n.forward(&h)?,
                 None => h,
-            };
+            });
+        }
+        if let Some(h) = pending {
             x = (x + h)?;
         }
         for (s, span) in seqs.iter_mut().zip(&spans) {

@@ -34,6 +34,11 @@ pub fn parallel<F: Fn(usize) + Sync>(tasks: usize, f: F) {
     pool::run(tasks, f)
 }
 
+/// Threads a [`parallel`] call runs on (the workers and the caller).
+pub fn threads() -> usize {
+    pool::threads()
+}
+
 /// An output buffer shared by the tasks of one [`parallel`] call, each of which writes only
 /// elements no other task writes (its own rows, columns or chunk).
 #[derive(Clone, Copy)]
