@@ -57,9 +57,15 @@ pub fn dot_all_at(lvl: Level, w: &Weights, acts: &[&[BlockQ8]], out: &mut [f32])
     let n = w.n();
     for (i0, a) in (0..acts.len()).step_by(TILE).zip(acts.chunks(TILE)) {
         let mut buf = vec![0f32; n * a.len()];
-        rows_into(lvl, w, 0..n, a, &mut buf, |j, r, v| {
-            out[(i0 + r) * n + j..][..v.len()].copy_from_slice(v)
-        });
+        rows_into(
+            lvl,
+            w,
+            0..n,
+            a,
+            &mut buf,
+            acts.len() > SMALL_M,
+            |j, r, v| out[(i0 + r) * n + j..][..v.len()].copy_from_slice(v),
+        );
     }
 }
 
@@ -111,6 +117,7 @@ fn rows_into(
     js: std::ops::Range<usize>,
     acts: &[&[BlockQ8]],
     buf: &mut [f32],
+    prompt: bool,
     mut put: impl FnMut(usize, usize, &[f32]),
 ) {
     let r = acts.len();
@@ -118,7 +125,7 @@ fn rows_into(
     if split > js.start {
         let groups = w.groups(js.start / GROUP..split / GROUP);
         let out = &mut buf[..(split - js.start) * r];
-        dot_groups(lvl, w, groups, acts, out);
+        dot_groups(lvl, w, groups, acts, out, prompt);
         for (g, vals) in out.chunks_exact(GROUP * r).enumerate() {
             for (ri, v8) in vals.chunks_exact(GROUP).enumerate() {
                 put(js.start + g * GROUP, ri, v8);
@@ -138,7 +145,16 @@ fn rows_into(
 }
 
 /// Interleaved groups of `w` times up to [`TILE`] activation rows: `out[g * 8R + r * 8 + i]`.
-fn dot_groups(lvl: Level, w: &Weights, groups: &[u8], acts: &[&[BlockQ8]], out: &mut [f32]) {
+/// `prompt`: part of a product of more than [`SMALL_M`] rows, where 512-bit registers over two
+/// groups at a time pay (the same bits either way).
+fn dot_groups(
+    lvl: Level,
+    w: &Weights,
+    groups: &[u8],
+    acts: &[&[BlockQ8]],
+    out: &mut [f32],
+    prompt: bool,
+) {
     let lvl = lvl.min(detected());
     // Blocks (super-blocks for the K-quants) per row.
     let nb = w.k() / w.qtype().block_weights();
@@ -146,7 +162,8 @@ fn dot_groups(lvl: Level, w: &Weights, groups: &[u8], acts: &[&[BlockQ8]], out: 
     if lvl >= Level::Avx2 {
         // SAFETY: `detected()` checked the CPU features.
         unsafe {
-            super::avx2::dot_groups(w.qtype(), groups, nb, acts, out, lvl >= Level::Avx512Vnni)
+            let vnni = lvl >= Level::Avx512Vnni;
+            super::avx2::dot_groups(w.qtype(), groups, nb, acts, out, vnni, prompt)
         };
         return;
     }
@@ -236,7 +253,7 @@ fn task(lvl: Level, w: &Weights, acts: &[BlockQ8], m: usize, out: Out, per_task:
     // Weight rows `js` times one tile of activation rows, through a stack buffer.
     let chunk = |js: std::ops::Range<usize>, i0: usize, a: &[&[BlockQ8]]| {
         let mut buf = [0f32; CHUNK * TILE];
-        rows_into(lvl, w, js, a, &mut buf, |j, i, v| {
+        rows_into(lvl, w, js, a, &mut buf, m > SMALL_M, |j, i, v| {
             // SAFETY: (i0 + i) < m and j + v.len() <= n, inside the output; no other task owns
             // these columns.
             unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), out.at((i0 + i) * n + j), v.len()) };
