@@ -683,7 +683,6 @@ impl Model {
         // at once: a prompt read again after a preemption then gives the very numbers its
         // tokens had when they were decoded.
         let host = self.device.is_cpu() && q.dtype() == DType::F32 && !self.cfg.candle_attention;
-        let fast = |_: &Span| host;
         let interleaved = self.cfg.arch == Arch::Llama;
         // The queries rotated, token-major `(1, tokens, n_head, head_dim)`; the keys rotated
         // and the values, written into each sequence's cache.
@@ -742,30 +741,20 @@ impl Model {
                 rope(&q)?.transpose(1, 2)?
             }
         };
-        let decoded = if spans.iter().any(fast) {
-            Some(self.decode_attention(l, li, &q, t, seqs, spans, &fast)?)
+        let y = if host {
+            self.decode_attention(l, li, &q, t, seqs, spans)?
         } else {
-            None
-        };
-        let y = match &decoded {
-            Some(all) if spans.iter().all(fast) => all.clone(),
-            _ => {
-                let mut parts = Vec::with_capacity(spans.len());
-                for (s, sp) in seqs.iter().zip(spans) {
-                    parts.push(match &decoded {
-                        Some(d) if fast(sp) => d.narrow(1, sp.offset, sp.len)?,
-                        _ => self.chunk_attention(l, &q, s.cache, li, sp)?,
-                    });
-                }
-                Tensor::cat(&parts, 1)?
-            }
+            let parts = seqs
+                .iter()
+                .zip(spans)
+                .map(|(s, sp)| self.chunk_attention(l, &q, s.cache, li, sp))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 1)?
         };
         l.wo.forward(&y)
     }
 
-    /// Attention of every token of the `fast` spans, as `(1, tokens, n_head * head_dim)` (rows
-    /// of other spans are zero).
-    #[allow(clippy::too_many_arguments)]
+    /// Attention of every token of the batch with our kernel, as `(1, tokens, n_head * head_dim)`.
     fn decode_attention(
         &self,
         l: &Layer,
@@ -774,7 +763,6 @@ impl Model {
         tokens: usize,
         seqs: &[SeqInput<'_>],
         spans: &[Span],
-        fast: &dyn Fn(&Span) -> bool,
     ) -> Result<Tensor> {
         let (nh, hd) = (self.cfg.n_head, self.cfg.head_dim);
         let guards: Vec<_> = seqs
@@ -788,9 +776,6 @@ impl Model {
         let q = &host(&qs)?[ql.start_offset()..][..nh * tokens * hd];
         let mut rows = Vec::with_capacity(spans.len());
         for ((((ks, kl), (vs, vl)), sp), s) in guards.iter().zip(spans).zip(seqs) {
-            if !fast(sp) {
-                continue;
-            }
             let sp_cap = s.cache.cap;
             let (k, v) = (
                 &host_f16(ks)?[kl.start_offset()..],

@@ -512,11 +512,17 @@ unsafe fn groups_vnni<const R: usize, const T: u8>(
     }
 }
 
-/// Bytes of one interleaved block (eight rows) of a 32-weight type, as `groups_body` reads it.
-const fn group_block_bytes(t: u8) -> usize {
+/// Where the quants start in one interleaved block (eight rows) of a 32-weight type: after the
+/// scales, the minimums (Q4_1, Q5_1) and the fifth bits (Q5_0, Q5_1).
+const fn group_quants_at(t: u8) -> usize {
     let minimum = t == Q4_1 || t == Q5_1;
     let fifth = t == Q5_0 || t == Q5_1;
-    16 * (1 + minimum as usize) + 32 * fifth as usize + if t == Q8_0 { 256 } else { 128 }
+    16 * (1 + minimum as usize) + 32 * fifth as usize
+}
+
+/// Bytes of one interleaved block (eight rows) of a 32-weight type.
+const fn group_block_bytes(t: u8) -> usize {
+    group_quants_at(t) + if t == Q8_0 { 256 } else { 128 }
 }
 
 /// [`groups_body`] with VNNI for Q4_0, Q4_1 and Q8_0, two interleaved groups (sixteen rows) at a
@@ -531,8 +537,7 @@ unsafe fn pairs_vnni<const R: usize, const T: u8>(
     out: &mut [f32],
 ) {
     let minimum = T == Q4_1;
-    let quants = 16 * (1 + minimum as usize);
-    let gb = group_block_bytes(T);
+    let (quants, gb) = (group_quants_at(T), group_block_bytes(T));
     assert!(acts.len() == R && acts.iter().all(|a| a.len() >= nb));
     assert!(
         groups.len().is_multiple_of(2 * nb * gb) && out.len() >= groups.len() / (nb * gb) * 8 * R
@@ -638,9 +643,7 @@ unsafe fn groups_body<const R: usize, const T: u8, const VNNI: bool>(
 ) {
     let minimum = T == Q4_1 || T == Q5_1;
     let fifth = T == Q5_0 || T == Q5_1;
-    // Where the quants start in one interleaved block, and its bytes.
-    let quants = 16 * (1 + minimum as usize) + 32 * fifth as usize;
-    let gb = quants + if T == Q8_0 { 256 } else { 128 };
+    let (quants, gb) = (group_quants_at(T), group_block_bytes(T));
     assert!(acts.len() == R && acts.iter().all(|a| a.len() >= nb));
     assert!(groups.len().is_multiple_of(nb * gb) && out.len() >= groups.len() / (nb * gb) * 8 * R);
     let a: [*const BlockQ8; R] = std::array::from_fn(|r| acts[r].as_ptr());
