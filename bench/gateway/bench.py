@@ -10,10 +10,14 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
 import urllib.request
+
+
+VEGETA = "vegeta"
 
 
 def free_port():
@@ -107,6 +111,28 @@ def wrk(url, body, conns, seconds, warmup=False):
     return {"p50": ms("50"), "p99": ms("99"), "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "reqs": reqs}
 
 
+def vegeta(url, body, conns, rate, seconds):
+    """Open loop: requests leave at `rate` per second whatever the answers do (at most `conns` in flight on
+    `conns` connections), so the latency is the proxy's, not the queue a closed loop builds at saturation."""
+    d = pathlib.Path(tempfile.mkdtemp())
+    (d / "body.json").write_text(json.dumps(body))
+    (d / "targets").write_text(f"POST {url}\nContent-Type: application/json\n@{d / 'body.json'}\n")
+    attack = subprocess.run(["taskset", "-c", "1", VEGETA, "attack", "-format", "http", "-targets", str(d / "targets"),
+                             "-rate", f"{rate}/1s", "-duration", f"{seconds}s", "-timeout", "60s",
+                             "-connections", str(conns), "-max-connections", str(conns),
+                             "-workers", str(conns), "-max-workers", str(conns)], capture_output=True,
+                            env={**os.environ, "GOGC": "off"})  # no collector pauses in the client's own latencies
+    report = subprocess.run([VEGETA, "report", "-type", "json"], input=attack.stdout, capture_output=True)
+    shutil.rmtree(d, ignore_errors=True)
+    if attack.returncode or report.returncode:
+        raise SystemExit(f"vegeta failed on {url}:\n{attack.stderr.decode()}{report.stderr.decode()}")
+    r = json.loads(report.stdout)
+    if r["status_codes"].keys() - {"200"}:
+        raise SystemExit(f"{url}: failed responses under vegeta: {r['status_codes']} {r.get('errors')}")
+    lat = r["latencies"]
+    return {"p50": lat["50th"] / 1e6, "p99": lat["99th"] / 1e6, "rps": r["throughput"], "reqs": r["requests"]}
+
+
 def cpu_seconds(pids):
     total = 0.0
     tick = os.sysconf("SC_CLK_TCK")
@@ -171,6 +197,9 @@ def main():
     ap.add_argument("--litellm")
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--vegeta", help="vegeta binary: adds open-loop rows at --rate on 64 connections")
+    ap.add_argument("--rate", default="2000,5000", help="offered loads (req/s, comma-separated) for the open-loop rows")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per open-loop cell (the median is shown)")
     a = ap.parse_args()
     conc = [int(c) for c in a.concurrency.split(",")]
     d = pathlib.Path(tempfile.mkdtemp())
@@ -236,6 +265,36 @@ def main():
                     r["cpu_us"] = (cpu_seconds(tree(pids[0]) if pids else []) - before) / max(r["reqs"], 1) * 1e6 if pids else 0.0
                     base = base or r
                     rows.append((("stream" if stream else "json"), c, name, r, base))
+        # Open loop (vegeta): a fixed offered load on 64 connections. A closed loop at c=64 runs every proxy
+        # flat out, so its p99 is mostly queueing; at a load the host can carry, the p99 is the proxy's own.
+        open_rows = []
+        if a.vegeta:
+            global VEGETA
+            VEGETA = a.vegeta
+            for stream in (False, True):
+                for rate in (int(x) for x in a.rate.split(",")):
+                    runs = {}
+                    # Rounds interleave the targets, and each cell reports the median of its rounds: on a shared
+                    # VM one p99 moves by milliseconds between back-to-back runs of the same target.
+                    for _ in range(a.rounds):
+                        for name, plain, sse, pids, model in targets:
+                            if name == "litellm":
+                                continue  # tops out near 80 req/s: an offered load of thousands would only measure its queue
+                            url = (sse if stream else plain) + "/v1/chat/completions"
+                            body = {"model": model + ("-stream" if stream else ""), "messages": [{"role": "user", "content": "Hi"}]}
+                            if stream:
+                                body["stream"] = True
+                            vegeta(url, body, 64, rate, 1)
+                            before = cpu_seconds(tree(pids[0]) if pids else [])
+                            r = vegeta(url, body, 64, rate, a.seconds)
+                            r["cpu_us"] = (cpu_seconds(tree(pids[0]) if pids else []) - before) / max(r["reqs"], 1) * 1e6 if pids else 0.0
+                            runs.setdefault(name, []).append(r)
+                    base = None
+                    for name, rs in runs.items():
+                        r = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
+                        r["p99s"] = sorted(x["p99"] for x in rs)
+                        base = base or r
+                        open_rows.append((("stream" if stream else "json"), rate, name, r, base))
         # End to end on a real neuron (SmolLM2, 16 tokens per answer): the gateway's share of a real request.
         real = end_to_end(a, d, procs) if a.neuron else []
 
@@ -254,6 +313,14 @@ def main():
                     vs.append(f"{litellm['cpu_us'] / r['cpu_us']:.0f}× less CPU and {r['rps'] / litellm['rps']:.0f}× the req/s of LiteLLM")
             print(f"{mode:7}{c:>4}  {name:8}{r['p50']:9.3f}{r['p99']:9.3f}{r['p50'] - base['p50']:9.3f}{r['p99'] - base['p99']:9.3f}"
                   f"{r['rps']:10.0f}{r['rps'] / base['rps']:10.2f}{cpu:>12}  {'; '.join(vs)}")
+        if open_rows:
+            print(f"\nopen loop (vegeta on core 1, 64 connections, at most 64 in flight), a fixed offered load; "
+                  f"median of {a.rounds} interleaved rounds of {a.seconds} s; added = vs direct")
+            print(f"{'mode':7}{'req/s':>7}  {'target':8}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}{'served':>9}{'CPU µs/req':>12}  p99 of each round")
+            for mode, rate, name, r, base in open_rows:
+                cpu = f"{r['cpu_us']:.0f}" if name != "direct" else "-"
+                print(f"{mode:7}{rate:>7}  {name:8}{r['p50']:9.3f}{r['p99']:9.3f}{r['p50'] - base['p50']:9.3f}{r['p99'] - base['p99']:9.3f}"
+                      f"{r['rps']:9.0f}{cpu:>12}  {' '.join(f'{x:.2f}' for x in r['p99s'])}")
         if not real:
             return
         print("\nend to end on a real neuron (SmolLM2 Q4_1, CPU, 16 generated tokens per request)")
