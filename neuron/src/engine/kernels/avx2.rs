@@ -443,9 +443,12 @@ unsafe fn groups_of<const R: usize>(
             (QType::Q5_0, true) => groups_vnni::<R, Q5_0>(groups, nb, acts, out, pairs),
             (QType::Q5_1, true) => groups_vnni::<R, Q5_1>(groups, nb, acts, out, pairs),
             (QType::Q8_0, true) => groups_vnni::<R, Q8_0>(groups, nb, acts, out, pairs),
-            (QType::Q4K, _) => groups_k::<R, Q4K>(groups, nb, acts, out),
-            (QType::Q5K, _) => groups_k::<R, Q5K>(groups, nb, acts, out),
-            (QType::Q6K, _) => groups_k::<R, Q6K>(groups, nb, acts, out),
+            (QType::Q4K, false) => groups_k_avx2::<R, Q4K>(groups, nb, acts, out),
+            (QType::Q5K, false) => groups_k_avx2::<R, Q5K>(groups, nb, acts, out),
+            (QType::Q6K, false) => groups_k_avx2::<R, Q6K>(groups, nb, acts, out),
+            (QType::Q4K, true) => groups_k_vnni::<R, Q4K>(groups, nb, acts, out),
+            (QType::Q5K, true) => groups_k_vnni::<R, Q5K>(groups, nb, acts, out),
+            (QType::Q6K, true) => groups_k_vnni::<R, Q6K>(groups, nb, acts, out),
         }
     }
 }
@@ -816,9 +819,33 @@ unsafe fn shuffle_lanes(v: __m256i, mask: &[i8; 16]) -> __m256i {
 /// one activation block as in [`groups_avx2`]; the 16-bit sums are weighted by the rows' scales in
 /// `madd`; Q4_K's and Q5_K's minimums and Q6_K's offset of 32 multiply the activations' half sums
 /// (`BlockQ8::hs`) in `madd` too, so a super-block ends in integers before one f32 scaling (its
-/// activations share one scale, see `quantize_row`).
+/// activations share one scale, see `quantize_row`). With VNNI each sub-block's products sum
+/// in one `vpdpbusd` chain per scale into 32 bits, multiplied by the scale as integers: the same
+/// integers, so the same bits.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn groups_k<const R: usize, const T: u8>(
+unsafe fn groups_k_avx2<const R: usize, const T: u8>(
+    groups: &[u8],
+    nsb: usize,
+    acts: &[&[BlockQ8]],
+    out: &mut [f32],
+) {
+    // SAFETY: forwarded; the features are enabled on this function.
+    unsafe { groups_k::<R, T, false>(groups, nsb, acts, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn groups_k_vnni<const R: usize, const T: u8>(
+    groups: &[u8],
+    nsb: usize,
+    acts: &[&[BlockQ8]],
+    out: &mut [f32],
+) {
+    // SAFETY: forwarded; the features are enabled on this function.
+    unsafe { groups_k::<R, T, true>(groups, nsb, acts, out) }
+}
+
+#[inline(always)]
+unsafe fn groups_k<const R: usize, const T: u8, const VNNI: bool>(
     groups: &[u8],
     nsb: usize,
     acts: &[&[BlockQ8]],
@@ -838,8 +865,8 @@ unsafe fn groups_k<const R: usize, const T: u8>(
     let a: [*const BlockQ8; R] = std::array::from_fn(|r| acts[r].as_ptr());
     // SAFETY: group `g` super-block `sb` reads bytes (g * nsb + sb) * gb .. + gb of `groups`
     // (the layout's pieces lie inside), activation blocks 8sb..8sb+8 of each row, and writes
-    // out[g * 8R .. (g + 1) * 8R], all in bounds by the assertions; AVX2, FMA and F16C are
-    // enabled on this function.
+    // out[g * 8R .. (g + 1) * 8R], all in bounds by the assertions; inlined only into
+    // `groups_k_avx2` (AVX2, FMA, F16C) and `groups_k_vnni` (and VNNI).
     unsafe {
         let low4 = _mm256_set1_epi8(0x0f);
         for (g, grp) in groups.chunks_exact(nsb * gb).enumerate() {
@@ -931,11 +958,30 @@ unsafe fn groups_k<const R: usize, const T: u8>(
                             let s = shuffle_lanes(sc[t / 4], &BYTE_TO_PAIRS[t % 4]);
                             (s, s, shuffle_lanes(mn[t / 4], &BYTE_TO_PAIRS[t % 4]))
                         };
+                        // The same scales as 32-bit integers, one per lane (the pairs' high halves).
+                        let (s32_a, s32_b) =
+                            (_mm256_srai_epi32(s_a, 16), _mm256_srai_epi32(s_b, 16));
                         for r in 0..R {
                             let ab = &*a[r].add(8 * sb + t);
                             let qa = ab.qs.as_ptr();
                             let prod = |u: usize| _mm256_maddubs_epi16(w[u], act_group(qa, u));
-                            let part = if T == Q6K {
+                            let dots = |us: std::ops::Range<usize>| {
+                                let mut s = _mm256_setzero_si256();
+                                for u in us {
+                                    s = _mm256_dpbusd_epi32(s, w[u], act_group(qa, u));
+                                }
+                                s
+                            };
+                            let part = if VNNI {
+                                if T == Q6K {
+                                    _mm256_add_epi32(
+                                        _mm256_mullo_epi32(dots(0..4), s32_a),
+                                        _mm256_mullo_epi32(dots(4..8), s32_b),
+                                    )
+                                } else {
+                                    _mm256_mullo_epi32(dots(0..8), s32_a)
+                                }
+                            } else if T == Q6K {
                                 // Quants up to 63: two products per 16-bit sum at most.
                                 _mm256_add_epi32(
                                     _mm256_add_epi32(
@@ -967,9 +1013,9 @@ unsafe fn groups_k<const R: usize, const T: u8>(
                                 }
                             };
                             isum[r] = _mm256_add_epi32(isum[r], part);
-                            let hs = _mm256_set1_epi32(
-                                (ab.hs[0] as u16 as i32) | ((ab.hs[1] as i32) << 16),
-                            );
+                            // Both half sums, low then high 16 bits: one broadcast load.
+                            let hs =
+                                _mm256_set1_epi32(ab.hs.as_ptr().cast::<i32>().read_unaligned());
                             ioff[r] = _mm256_add_epi32(ioff[r], _mm256_madd_epi16(s_off, hs));
                         }
                     }
