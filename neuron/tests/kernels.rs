@@ -446,17 +446,17 @@ fn matmul_many_equals_one_matmul_per_matrix() {
     }
 }
 
-/// Every row of a prompt-sized product (past the decode path's row count, where Q4_0, Q4_1 and
-/// Q8_0 take two interleaved groups at a time in 512-bit registers with VNNI) gives the very bits
-/// it gives alone: pairs of groups, a last group alone and rows past the groups alike.
+/// Every row of a decode batch of eight (which Q4_0, Q4_1 and Q8_0 take in one pass with VNNI)
+/// and of a prompt-sized product (past the decode path's row count, where the same types take
+/// two interleaved groups at a time in 512-bit registers) gives the very bits it gives alone:
+/// pairs of groups, a last group alone and rows past the groups alike.
 #[test]
-fn a_prompts_rows_equal_the_same_rows_alone() {
+fn a_batchs_rows_equal_the_same_rows_alone() {
     let mut rng = Rng(321);
-    for qtype in TYPES {
+    for (qtype, m) in TYPES.into_iter().flat_map(|t| [(t, 8), (t, 21)]) {
         let k = 3 * qtype.block_weights();
         let n = 44; // two pairs of groups, a fifth group, four rows outside the groups
         let w = Weights::new(qtype, weights(&mut rng, qtype, n, k, false), n, k);
-        let m = 21;
         let x = floats(&mut rng, m * k);
         let mut all = vec![0f32; m * n];
         kernels::matmul(&w, &x, m, &mut all);
@@ -468,7 +468,7 @@ fn a_prompts_rows_equal_the_same_rows_alone() {
                     .iter()
                     .zip(&one)
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{qtype:?} row {i}"
+                "{qtype:?} row {i} of {m}"
             );
         }
     }

@@ -416,7 +416,34 @@ pub unsafe fn dot_groups(
             2 => groups_of::<2>(qtype, groups, nb, acts, out, vnni, pairs),
             3 => groups_of::<3>(qtype, groups, nb, acts, out, vnni, pairs),
             4 => groups_of::<4>(qtype, groups, nb, acts, out, vnni, pairs),
-            r => panic!("dot_groups takes 1 to 4 activation rows, got {r}"),
+            8 if wide_tile(qtype, vnni) => groups_vnni_8(qtype, groups, nb, acts, out, pairs),
+            r => panic!("dot_groups takes 1 to 4 activation rows (8 where `wide_tile`), got {r}"),
+        }
+    }
+}
+
+/// Whether [`dot_groups`] takes eight activation rows at once for `qtype`: with VNNI (32 vector
+/// registers), the 32-weight types without fifth bits, whose eight weight vectors, eight sums and
+/// eight minimum sums then stay in registers while each block is unpacked once for all eight.
+pub fn wide_tile(qtype: QType, vnni: bool) -> bool {
+    vnni && matches!(qtype, QType::Q4_0 | QType::Q4_1 | QType::Q8_0)
+}
+
+unsafe fn groups_vnni_8(
+    qtype: QType,
+    groups: &[u8],
+    nb: usize,
+    acts: &[&[BlockQ8]],
+    out: &mut [f32],
+    pairs: bool,
+) {
+    // SAFETY: forwarded; `wide_tile` checked VNNI.
+    unsafe {
+        match qtype {
+            QType::Q4_0 => groups_vnni::<8, Q4_0>(groups, nb, acts, out, pairs),
+            QType::Q4_1 => groups_vnni::<8, Q4_1>(groups, nb, acts, out, pairs),
+            QType::Q8_0 => groups_vnni::<8, Q8_0>(groups, nb, acts, out, pairs),
+            _ => unreachable!("wide_tile"),
         }
     }
 }

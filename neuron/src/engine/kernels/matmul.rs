@@ -1,8 +1,9 @@
 //! `y = x · Wᵀ` for quantized `W` (n rows of k) and f32 `x` (m rows of k), split over our
 //! worker pool (`pool.rs`; the calling thread works too).
 //!
-//! Each task owns a range of weight rows and walks the activation rows four at a time, so a
-//! weight block is unpacked once per four rows while the task's weights stay in cache; decode
+//! Each task owns a range of weight rows and walks the activation rows four at a time (eight
+//! where the kernel has the registers: Q4_0, Q4_1 and Q8_0 with AVX-512 VNNI), so a weight block
+//! is unpacked once per tile of rows while the task's weights stay in cache; decode
 //! (m = 1) is the same loop with one row. The quantized activations live in a per-thread buffer
 //! that grows to the largest product seen, so steady-state calls allocate nothing but `y`.
 
@@ -14,6 +15,8 @@ use super::{Level, Out, detected, level, pool, quantize, scalar};
 
 /// Activation rows that share one pass over a weight row.
 const TILE: usize = 4;
+/// A decode batch of this many rows takes one pass where the kernel allows (`wide`).
+const WIDE_TILE: usize = 8;
 /// Enough tasks per thread to even out a neighbour stealing a core.
 const TASKS_PER_THREAD: usize = 4;
 /// Up to this many activation rows, each weight row meets all of them before the next.
@@ -133,12 +136,16 @@ fn rows_into(
         }
     }
     if js.end > split {
-        let out = &mut buf[..(js.end - split) * r];
+        // The rows after the last whole group, [`TILE`] activation rows at a time.
         let rb = w.row_bytes();
-        dot_many(lvl, w.qtype(), w.gguf_rows(split..js.end), rb, acts, out);
-        for (jj, vals) in out.chunks_exact(r).enumerate() {
-            for (ri, v) in vals.iter().enumerate() {
-                put(split + jj, ri, std::slice::from_ref(v));
+        for (t, a) in acts.chunks(TILE).enumerate() {
+            let r = a.len();
+            let out = &mut buf[..(js.end - split) * r];
+            dot_many(lvl, w.qtype(), w.gguf_rows(split..js.end), rb, a, out);
+            for (jj, vals) in out.chunks_exact(r).enumerate() {
+                for (ri, v) in vals.iter().enumerate() {
+                    put(split + jj, t * TILE + ri, std::slice::from_ref(v));
+                }
             }
         }
     }
@@ -176,6 +183,20 @@ fn dot_groups(
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     let _ = (lvl, nb);
     dot_groups_scalar(w, groups, acts, out)
+}
+
+/// Whether the kernels of `lvl` take [`WIDE_TILE`] activation rows at once for `w`.
+fn wide(lvl: Level, w: &Weights) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let lvl = lvl.min(detected());
+        super::avx2::wide_tile(w.qtype(), lvl >= Level::Avx512Vnni)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (lvl, w);
+        false
+    }
 }
 
 fn run(w: &Weights, acts: &[BlockQ8], m: usize, y: &mut [f32]) {
@@ -243,17 +264,29 @@ fn split(n: usize) -> (usize, usize) {
 /// `t * per_task..(t + 1) * per_task`, written into `out` (`m` rows of `w.n()`).
 fn task(lvl: Level, w: &Weights, acts: &[BlockQ8], m: usize, out: Out, per_task: usize, t: usize) {
     let (n, nb) = (w.n(), w.k() / QK);
-    let tile_at = |i0: usize| -> (usize, [&[BlockQ8]; TILE]) {
-        let r = TILE.min(m - i0);
-        (
-            r,
-            std::array::from_fn(|i| &acts[(i0 + i.min(r - 1)) * nb..][..nb]),
-        )
+    // The activation rows in tiles: (first row, rows), eight at a time where the kernel takes
+    // eight, then four at a time.
+    let wide = wide(lvl, w);
+    let tiles = || {
+        let mut i0 = 0;
+        std::iter::from_fn(move || {
+            (i0 < m).then(|| {
+                let r = if wide && m - i0 >= WIDE_TILE {
+                    WIDE_TILE
+                } else {
+                    TILE.min(m - i0)
+                };
+                i0 += r;
+                (i0 - r, r)
+            })
+        })
     };
-    // Weight rows `js` times one tile of activation rows, through a stack buffer.
-    let chunk = |js: std::ops::Range<usize>, i0: usize, a: &[&[BlockQ8]]| {
-        let mut buf = [0f32; CHUNK * TILE];
-        rows_into(lvl, w, js, a, &mut buf, m > SMALL_M, |j, i, v| {
+    // Weight rows `js` times the tile of `r` activation rows from `i0`, through a stack buffer.
+    let chunk = |js: std::ops::Range<usize>, (i0, r): (usize, usize)| {
+        let a: [&[BlockQ8]; WIDE_TILE] =
+            std::array::from_fn(|i| &acts[(i0 + i.min(r - 1)) * nb..][..nb]);
+        let mut buf = [0f32; CHUNK * WIDE_TILE];
+        rows_into(lvl, w, js, &a[..r], &mut buf, m > SMALL_M, |j, i, v| {
             // SAFETY: (i0 + i) < m and j + v.len() <= n, inside the output; no other task owns
             // these columns.
             unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), out.at((i0 + i) * n + j), v.len()) };
@@ -269,17 +302,15 @@ fn task(lvl: Level, w: &Weights, acts: &[BlockQ8], m: usize, out: Out, per_task:
         // A decode batch: every activation row meets a chunk of weight rows while it is in
         // L1, so the weights stream from memory once per product, not once per tile.
         for js in chunks(rows) {
-            for i0 in (0..m).step_by(TILE) {
-                let (r, a) = tile_at(i0);
-                chunk(js.clone(), i0, &a[..r]);
+            for tile in tiles() {
+                chunk(js.clone(), tile);
             }
         }
     } else {
         // A prompt: the task's weight rows stay in cache while the tiles pass over them.
-        for i0 in (0..m).step_by(TILE) {
-            let (r, a) = tile_at(i0);
+        for tile in tiles() {
             for js in chunks(rows.clone()) {
-                chunk(js, i0, &a[..r]);
+                chunk(js, tile);
             }
         }
     }
