@@ -394,7 +394,8 @@ unsafe fn dot_k<const R: usize, const T: u8>(row: &[u8], acts: &[&[BlockQ8]], ou
 }
 
 /// Interleaved groups (`weights.rs`): `out[g * 8R + r * 8 + i] = row(8g + i) · acts[r]` for
-/// every group in `groups` (`nb` blocks, or K-quant super-blocks, each), `R = acts.len() <= 4`.
+/// every group in `groups` (`nb` blocks, or K-quant super-blocks, each), `R = acts.len() <= 4`,
+/// or 8 where [`wide_tile`] says so.
 /// `pairs`: with VNNI, take Q4_0, Q4_1 and Q8_0 two groups at a time in 512-bit registers (the
 /// same bits; faster for prompts, not for a decode batch, whose weights stream from memory).
 ///
@@ -416,7 +417,13 @@ pub unsafe fn dot_groups(
             2 => groups_of::<2>(qtype, groups, nb, acts, out, vnni, pairs),
             3 => groups_of::<3>(qtype, groups, nb, acts, out, vnni, pairs),
             4 => groups_of::<4>(qtype, groups, nb, acts, out, vnni, pairs),
-            8 if wide_tile(qtype, vnni) => groups_vnni_8(qtype, groups, nb, acts, out, pairs),
+            // `wide_tile` checked VNNI.
+            8 if wide_tile(qtype, vnni) => match qtype {
+                QType::Q4_0 => groups_vnni::<8, Q4_0>(groups, nb, acts, out, pairs),
+                QType::Q4_1 => groups_vnni::<8, Q4_1>(groups, nb, acts, out, pairs),
+                QType::Q8_0 => groups_vnni::<8, Q8_0>(groups, nb, acts, out, pairs),
+                _ => unreachable!("wide_tile"),
+            },
             r => panic!("dot_groups takes 1 to 4 activation rows (8 where `wide_tile`), got {r}"),
         }
     }
@@ -427,25 +434,6 @@ pub unsafe fn dot_groups(
 /// eight minimum sums then stay in registers while each block is unpacked once for all eight.
 pub fn wide_tile(qtype: QType, vnni: bool) -> bool {
     vnni && matches!(qtype, QType::Q4_0 | QType::Q4_1 | QType::Q8_0)
-}
-
-unsafe fn groups_vnni_8(
-    qtype: QType,
-    groups: &[u8],
-    nb: usize,
-    acts: &[&[BlockQ8]],
-    out: &mut [f32],
-    pairs: bool,
-) {
-    // SAFETY: forwarded; `wide_tile` checked VNNI.
-    unsafe {
-        match qtype {
-            QType::Q4_0 => groups_vnni::<8, Q4_0>(groups, nb, acts, out, pairs),
-            QType::Q4_1 => groups_vnni::<8, Q4_1>(groups, nb, acts, out, pairs),
-            QType::Q8_0 => groups_vnni::<8, Q8_0>(groups, nb, acts, out, pairs),
-            _ => unreachable!("wide_tile"),
-        }
-    }
 }
 
 unsafe fn groups_of<const R: usize>(
@@ -470,12 +458,12 @@ unsafe fn groups_of<const R: usize>(
             (QType::Q5_0, true) => groups_vnni::<R, Q5_0>(groups, nb, acts, out, pairs),
             (QType::Q5_1, true) => groups_vnni::<R, Q5_1>(groups, nb, acts, out, pairs),
             (QType::Q8_0, true) => groups_vnni::<R, Q8_0>(groups, nb, acts, out, pairs),
-            (QType::Q4K, false) => groups_k_avx2::<R, Q4K>(groups, nb, acts, out),
-            (QType::Q5K, false) => groups_k_avx2::<R, Q5K>(groups, nb, acts, out),
-            (QType::Q6K, false) => groups_k_avx2::<R, Q6K>(groups, nb, acts, out),
-            (QType::Q4K, true) => groups_k_vnni::<R, Q4K>(groups, nb, acts, out),
-            (QType::Q5K, true) => groups_k_vnni::<R, Q5K>(groups, nb, acts, out),
-            (QType::Q6K, true) => groups_k_vnni::<R, Q6K>(groups, nb, acts, out),
+            (QType::Q4K, false) => groups_avx2::<R, Q4K>(groups, nb, acts, out),
+            (QType::Q5K, false) => groups_avx2::<R, Q5K>(groups, nb, acts, out),
+            (QType::Q6K, false) => groups_avx2::<R, Q6K>(groups, nb, acts, out),
+            (QType::Q4K, true) => groups_vnni::<R, Q4K>(groups, nb, acts, out, false),
+            (QType::Q5K, true) => groups_vnni::<R, Q5K>(groups, nb, acts, out, false),
+            (QType::Q6K, true) => groups_vnni::<R, Q6K>(groups, nb, acts, out, false),
         }
     }
 }
@@ -514,7 +502,13 @@ unsafe fn groups_avx2<const R: usize, const T: u8>(
     out: &mut [f32],
 ) {
     // SAFETY: forwarded; the features are enabled on this function.
-    unsafe { groups_body::<R, T, false>(groups, nb, acts, out) }
+    unsafe {
+        if matches!(T, Q4K | Q5K | Q6K) {
+            groups_k::<R, T, false>(groups, nb, acts, out)
+        } else {
+            groups_body::<R, T, false>(groups, nb, acts, out)
+        }
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
@@ -536,6 +530,8 @@ unsafe fn groups_vnni<const R: usize, const T: u8>(
             if !rest.is_empty() {
                 groups_body::<R, T, true>(rest, nb, acts, out);
             }
+        } else if matches!(T, Q4K | Q5K | Q6K) {
+            groups_k::<R, T, true>(groups, nb, acts, out)
         } else {
             groups_body::<R, T, true>(groups, nb, acts, out)
         }
@@ -848,29 +844,7 @@ unsafe fn shuffle_lanes(v: __m256i, mask: &[i8; 16]) -> __m256i {
 /// (`BlockQ8::hs`) in `madd` too, so a super-block ends in integers before one f32 scaling (its
 /// activations share one scale, see `quantize_row`). With VNNI each sub-block's products sum
 /// in one `vpdpbusd` chain per scale into 32 bits, multiplied by the scale as integers: the same
-/// integers, so the same bits.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn groups_k_avx2<const R: usize, const T: u8>(
-    groups: &[u8],
-    nsb: usize,
-    acts: &[&[BlockQ8]],
-    out: &mut [f32],
-) {
-    // SAFETY: forwarded; the features are enabled on this function.
-    unsafe { groups_k::<R, T, false>(groups, nsb, acts, out) }
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-unsafe fn groups_k_vnni<const R: usize, const T: u8>(
-    groups: &[u8],
-    nsb: usize,
-    acts: &[&[BlockQ8]],
-    out: &mut [f32],
-) {
-    // SAFETY: forwarded; the features are enabled on this function.
-    unsafe { groups_k::<R, T, true>(groups, nsb, acts, out) }
-}
-
+/// integers, so the same bits. Reached through [`groups_avx2`] and [`groups_vnni`].
 #[inline(always)]
 unsafe fn groups_k<const R: usize, const T: u8, const VNNI: bool>(
     groups: &[u8],
