@@ -1,15 +1,22 @@
 //! Token selection: OpenAI's presence and frequency penalties on the logits, then candle's
 //! `LogitsProcessor` for temperature, top-k and top-p (greedy at temperature 0).
 //!
-//! Top-p alone keeps candle's numbers but not its method: candle sorts the whole vocabulary for
-//! every token (3.2 ms of a 49k vocabulary, more than a decode step of SmolLM2 on two cores, and
-//! once per sequence of a batch). Here only the tokens that can be in the nucleus are sorted
-//! (see [`nucleus`]), and the same tokens are zeroed before candle draws.
+//! Sampling from every token or from a top-p nucleus keeps candle's numbers but not its method:
+//! - candle sorts the whole vocabulary for every token (3.2 ms of a 49k vocabulary, more than a
+//!   decode step of SmolLM2 on two cores, and once per sequence of a batch). Here only the tokens
+//!   that can be in the nucleus are sorted (see [`nucleus`]), and the same tokens are zeroed.
+//! - candle's draw builds rand's `WeightedIndex` over the whole vocabulary. Here it is built over
+//!   the tokens left in the nucleus, in the same order, from the same generator (see
+//!   [`draw_nonzero`]): the same sums, the same uniform number, the same token.
 
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
+use rand::SeedableRng;
+use rand::distr::Distribution;
+use rand::distr::weighted::WeightedIndex;
+use rand::rngs::StdRng;
 
 use crate::error::Result;
 
@@ -38,8 +45,13 @@ impl Default for SamplingParams {
 
 pub struct Sampler {
     params: SamplingParams,
+    /// Greedy and top-k: candle's own.
     processor: LogitsProcessor,
-    /// Top-p without top-k, applied by [`nucleus`] to the probabilities candle draws from.
+    /// Every token or top-p without top-k: the temperature, and the generator candle's
+    /// `LogitsProcessor` would draw with (the same seed, so the same numbers).
+    all: Option<(f64, StdRng)>,
+    /// Top-p without top-k, applied by [`nucleus`] to the probabilities [`draw_nonzero`] draws
+    /// from.
     top_p: Option<f32>,
     counts: HashMap<u32, u32>,
 }
@@ -63,9 +75,16 @@ impl Sampler {
             (true, None, Some(p)) if p > 0.0 && p < 1.0 => Some(p as f32),
             _ => None,
         };
+        let all = match sampling {
+            Sampling::All { temperature } => {
+                Some((temperature, StdRng::seed_from_u64(params.seed)))
+            }
+            _ => None,
+        };
         Sampler {
             processor: LogitsProcessor::from_sampling(params.seed, sampling),
             params,
+            all,
             top_p,
             counts: HashMap::new(),
         }
@@ -83,13 +102,43 @@ impl Sampler {
         }
         let n = logits.len();
         let t = Tensor::from_vec(logits, n, &Device::Cpu)?;
-        let tok = match self.top_p {
-            Some(p) => self.processor.sample_f(&t, |prs| nucleus(prs, p))?,
+        let tok = match &mut self.all {
+            Some((temperature, rng)) => {
+                // What candle's `sample_f` computes for `Sampling::All`, then its draw.
+                let prs = candle_nn::ops::softmax_last_dim(&(&t / *temperature)?)?;
+                let mut prs = prs.to_vec1::<f32>()?;
+                match self.top_p {
+                    Some(p) => {
+                        nucleus(&mut prs, p);
+                        draw_nonzero(&prs, rng)?
+                    }
+                    None => WeightedIndex::new(&prs).map_err(weights_error)?.sample(rng) as u32,
+                }
+            }
             None => self.processor.sample(&t)?,
         };
         *self.counts.entry(tok).or_insert(0) += 1;
         Ok(tok)
     }
+}
+
+/// The token candle's `LogitsProcessor` draws from `prs` with `rng` (rand's `WeightedIndex`),
+/// for a nucleus: built over the tokens with a weight only. Its cumulative sums at those tokens
+/// and its total are the very same floats (adding a zero changes no sum), so the same uniform
+/// number lands on the same token; a NaN or negative weight is refused alike.
+fn draw_nonzero(prs: &[f32], rng: &mut StdRng) -> Result<u32> {
+    let (tokens, weights): (Vec<u32>, Vec<f32>) = prs
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| **w != 0.0)
+        .map(|(i, w)| (i as u32, *w))
+        .unzip();
+    let index = WeightedIndex::new(&weights).map_err(weights_error)?;
+    Ok(tokens[index.sample(rng)])
+}
+
+fn weights_error(e: rand::distr::weighted::Error) -> crate::error::Error {
+    crate::error::Error::Internal(format!("sampling weights: {e}"))
 }
 
 /// Zeroes every probability outside the nucleus exactly as candle's top-p does: in order of
@@ -176,7 +225,8 @@ mod tests {
                     if grid { v.round() } else { v }
                 })
                 .collect();
-            for (p, temperature) in [(0.9, 1.0), (0.5, 0.7), (0.999, 1.3)] {
+            // p = 1: no nucleus, a draw from every token (candle's `All`).
+            for (p, temperature) in [(0.9, 1.0), (0.5, 0.7), (0.999, 1.3), (1.0, 0.8)] {
                 let mut ours = Sampler::new(SamplingParams {
                     temperature,
                     top_p: Some(p),
