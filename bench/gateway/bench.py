@@ -17,9 +17,6 @@ import time
 import urllib.request
 
 
-VEGETA = "vegeta"
-
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -111,18 +108,18 @@ def wrk(url, body, conns, seconds, warmup=False):
     return {"p50": ms("50"), "p99": ms("99"), "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "reqs": reqs}
 
 
-def vegeta(url, body, conns, rate, seconds):
+def vegeta(binary, url, body, conns, rate, seconds):
     """Open loop: requests leave at `rate` per second whatever the answers do (at most `conns` in flight on
     `conns` connections), so the latency is the proxy's, not the queue a closed loop builds at saturation."""
     d = pathlib.Path(tempfile.mkdtemp())
     (d / "body.json").write_text(json.dumps(body))
     (d / "targets").write_text(f"POST {url}\nContent-Type: application/json\n@{d / 'body.json'}\n")
-    attack = subprocess.run(["taskset", "-c", "1", VEGETA, "attack", "-format", "http", "-targets", str(d / "targets"),
+    attack = subprocess.run(["taskset", "-c", "1", binary, "attack", "-format", "http", "-targets", str(d / "targets"),
                              "-rate", f"{rate}/1s", "-duration", f"{seconds}s", "-timeout", "60s",
                              "-connections", str(conns), "-max-connections", str(conns),
                              "-workers", str(conns), "-max-workers", str(conns)], capture_output=True,
                             env={**os.environ, "GOGC": "off"})  # no collector pauses in the client's own latencies
-    report = subprocess.run([VEGETA, "report", "-type", "json"], input=attack.stdout, capture_output=True)
+    report = subprocess.run([binary, "report", "-type", "json"], input=attack.stdout, capture_output=True)
     shutil.rmtree(d, ignore_errors=True)
     if attack.returncode or report.returncode:
         raise SystemExit(f"vegeta failed on {url}:\n{attack.stderr.decode()}{report.stderr.decode()}")
@@ -131,6 +128,24 @@ def vegeta(url, body, conns, rate, seconds):
         raise SystemExit(f"{url}: failed responses under vegeta: {r['status_codes']} {r.get('errors')}")
     lat = r["latencies"]
     return {"p50": lat["50th"] / 1e6, "p99": lat["99th"] / 1e6, "rps": r["throughput"], "reqs": r["requests"]}
+
+
+def chat(plain, sse, model, stream):
+    """The URL and body of one chat completion for a target (its streaming backend when `stream`)."""
+    body = {"model": model + ("-stream" if stream else ""), "messages": [{"role": "user", "content": "Hi"}]}
+    if stream:
+        body["stream"] = True
+    return (sse if stream else plain) + "/v1/chat/completions", body
+
+
+def measured(pids, warm_up, run):
+    """`warm_up()`, then `run()` with the CPU the processes of `pids[0]` spent per request (0 without)."""
+    warm_up()
+    spent = lambda: cpu_seconds(tree(pids[0])) if pids else 0.0
+    before = spent()
+    r = run()
+    r["cpu_us"] = (spent() - before) / max(r["reqs"], 1) * 1e6 if pids else 0.0
+    return r
 
 
 def cpu_seconds(pids):
@@ -255,22 +270,14 @@ def main():
             for c in conc:
                 base = None
                 for name, plain, sse, pids, model in targets:
-                    url = (sse if stream else plain) + "/v1/chat/completions"
-                    body = {"model": model + ("-stream" if stream else ""), "messages": [{"role": "user", "content": "Hi"}]}
-                    if stream:
-                        body["stream"] = True
-                    wrk(url, body, c, 1, warmup=True)
-                    before = cpu_seconds(tree(pids[0]) if pids else [])
-                    r = wrk(url, body, c, a.seconds)
-                    r["cpu_us"] = (cpu_seconds(tree(pids[0]) if pids else []) - before) / max(r["reqs"], 1) * 1e6 if pids else 0.0
+                    url, body = chat(plain, sse, model, stream)
+                    r = measured(pids, lambda: wrk(url, body, c, 1, warmup=True), lambda: wrk(url, body, c, a.seconds))
                     base = base or r
                     rows.append((("stream" if stream else "json"), c, name, r, base))
         # Open loop (vegeta): a fixed offered load on 64 connections. A closed loop at c=64 runs every proxy
         # flat out, so its p99 is mostly queueing; at a load the host can carry, the p99 is the proxy's own.
         open_rows = []
         if a.vegeta:
-            global VEGETA
-            VEGETA = a.vegeta
             for stream in (False, True):
                 for rate in (int(x) for x in a.rate.split(",")):
                     runs = {}
@@ -280,14 +287,9 @@ def main():
                         for name, plain, sse, pids, model in targets:
                             if name == "litellm":
                                 continue  # tops out near 80 req/s: an offered load of thousands would only measure its queue
-                            url = (sse if stream else plain) + "/v1/chat/completions"
-                            body = {"model": model + ("-stream" if stream else ""), "messages": [{"role": "user", "content": "Hi"}]}
-                            if stream:
-                                body["stream"] = True
-                            vegeta(url, body, 64, rate, 1)
-                            before = cpu_seconds(tree(pids[0]) if pids else [])
-                            r = vegeta(url, body, 64, rate, a.seconds)
-                            r["cpu_us"] = (cpu_seconds(tree(pids[0]) if pids else []) - before) / max(r["reqs"], 1) * 1e6 if pids else 0.0
+                            url, body = chat(plain, sse, model, stream)
+                            r = measured(pids, lambda: vegeta(a.vegeta, url, body, 64, rate, 1),
+                                         lambda: vegeta(a.vegeta, url, body, 64, rate, a.seconds))
                             runs.setdefault(name, []).append(r)
                     base = None
                     for name, rs in runs.items():
