@@ -45,47 +45,44 @@ impl Default for SamplingParams {
 
 pub struct Sampler {
     params: SamplingParams,
-    /// Greedy and top-k: candle's own.
-    processor: LogitsProcessor,
-    /// Every token or top-p without top-k: the temperature, and the generator candle's
-    /// `LogitsProcessor` would draw with (the same seed, so the same numbers).
-    all: Option<(f64, StdRng)>,
-    /// Top-p without top-k, applied by [`nucleus`] to the probabilities [`draw_nonzero`] draws
-    /// from.
-    top_p: Option<f32>,
+    draw: Draw,
     counts: HashMap<u32, u32>,
+}
+
+enum Draw {
+    /// Greedy, top-k, and top-k then top-p: candle's own `LogitsProcessor`.
+    Candle(LogitsProcessor),
+    /// Every token, or a top-p nucleus without top-k (`top_p` inside (0, 1): candle samples from
+    /// every token when p is outside): candle's softmax, [`nucleus`] for top-p, then the draw of
+    /// candle's `LogitsProcessor` from the generator it would use (the same seed, so the same
+    /// numbers).
+    Weighted {
+        temperature: f64,
+        top_p: Option<f32>,
+        rng: StdRng,
+    },
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        let sampling = if params.temperature <= 0.0 {
-            Sampling::ArgMax
+        let candle = |sampling| Draw::Candle(LogitsProcessor::from_sampling(params.seed, sampling));
+        let draw = if params.temperature <= 0.0 {
+            candle(Sampling::ArgMax)
         } else {
             let temperature = params.temperature;
             match (params.top_k, params.top_p) {
-                (None, None) => Sampling::All { temperature },
-                (Some(k), None) => Sampling::TopK { k, temperature },
-                // candle's TopP, less its sort: `All` with the nucleus zeroed in `sample`.
-                (None, Some(_)) => Sampling::All { temperature },
-                (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
+                (Some(k), None) => candle(Sampling::TopK { k, temperature }),
+                (Some(k), Some(p)) => candle(Sampling::TopKThenTopP { k, p, temperature }),
+                (None, top_p) => Draw::Weighted {
+                    temperature,
+                    top_p: top_p.filter(|p| *p > 0.0 && *p < 1.0).map(|p| p as f32),
+                    rng: StdRng::seed_from_u64(params.seed),
+                },
             }
-        };
-        // candle samples from every token when p is outside (0, 1).
-        let top_p = match (params.temperature > 0.0, params.top_k, params.top_p) {
-            (true, None, Some(p)) if p > 0.0 && p < 1.0 => Some(p as f32),
-            _ => None,
-        };
-        let all = match sampling {
-            Sampling::All { temperature } => {
-                Some((temperature, StdRng::seed_from_u64(params.seed)))
-            }
-            _ => None,
         };
         Sampler {
-            processor: LogitsProcessor::from_sampling(params.seed, sampling),
             params,
-            all,
-            top_p,
+            draw,
             counts: HashMap::new(),
         }
     }
@@ -102,12 +99,17 @@ impl Sampler {
         }
         let n = logits.len();
         let t = Tensor::from_vec(logits, n, &Device::Cpu)?;
-        let tok = match &mut self.all {
-            Some((temperature, rng)) => {
+        let tok = match &mut self.draw {
+            Draw::Candle(processor) => processor.sample(&t)?,
+            Draw::Weighted {
+                temperature,
+                top_p,
+                rng,
+            } => {
                 // What candle's `sample_f` computes for `Sampling::All`, then its draw.
                 let prs = candle_nn::ops::softmax_last_dim(&(&t / *temperature)?)?;
                 let mut prs = prs.to_vec1::<f32>()?;
-                match self.top_p {
+                match *top_p {
                     Some(p) => {
                         nucleus(&mut prs, p);
                         draw_nonzero(&prs, rng)?
@@ -115,7 +117,6 @@ impl Sampler {
                     None => WeightedIndex::new(&prs).map_err(weights_error)?.sample(rng) as u32,
                 }
             }
-            None => self.processor.sample(&t)?,
         };
         *self.counts.entry(tok).or_insert(0) += 1;
         Ok(tok)

@@ -867,7 +867,7 @@ unsafe fn groups_k<const R: usize, const T: u8, const VNNI: bool>(
     // SAFETY: group `g` super-block `sb` reads bytes (g * nsb + sb) * gb .. + gb of `groups`
     // (the layout's pieces lie inside), activation blocks 8sb..8sb+8 of each row, and writes
     // out[g * 8R .. (g + 1) * 8R], all in bounds by the assertions; inlined only into
-    // `groups_k_avx2` (AVX2, FMA, F16C) and `groups_k_vnni` (and VNNI).
+    // `groups_avx2` (AVX2, FMA, F16C) and `groups_vnni` (and VNNI, which `VNNI` needs).
     unsafe {
         let low4 = _mm256_set1_epi8(0x0f);
         for (g, grp) in groups.chunks_exact(nsb * gb).enumerate() {
