@@ -175,13 +175,13 @@ fn dot_groups(
         return;
     }
     #[cfg(target_arch = "aarch64")]
-    if lvl == Level::Neon && w.qtype().block_weights() == QK {
+    if lvl == Level::Neon {
         // SAFETY: `detected()` checked NEON and the dot-product extension.
         unsafe { super::neon::dot_groups(w.qtype(), groups, nb, acts, out) };
         return;
     }
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    let _ = (lvl, nb);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (lvl, nb, prompt);
     dot_groups_scalar(w, groups, acts, out)
 }
 

@@ -3,7 +3,8 @@
 //!
 //! As in llama.cpp, the activations are quantized to 8-bit blocks once per product and every
 //! weight block meets them in an integer dot product; SIMD is chosen at run time
-//! (AVX-512 VNNI, AVX2, else portable code) so one binary is fast on every x86-64 host.
+//! (AVX-512 VNNI, AVX2, NEON with `sdot` on arm64, else portable code) so one binary is fast on
+//! every host.
 //!
 //! ```text
 //! let mut y = vec![0f32; m * n];
@@ -58,7 +59,8 @@ impl Out {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
     Scalar,
-    /// Arm64 NEON with the dot-product extension (the interleaved types; the rest portable).
+    /// Arm64 NEON with the dot-product extension (interleaved rows of every type; the few rows
+    /// past a projection's last group of eight portable).
     Neon,
     /// AVX2 + FMA + F16C.
     Avx2,
