@@ -4,7 +4,13 @@ use serde::{Deserialize, Serialize};
 
 /// Where a model's weights come from: a Hugging Face repository or a file already on the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged, deny_unknown_fields)]
+#[serde(
+    untagged,
+    deny_unknown_fields,
+    expecting = "a model source: {\"uri\": \"file:///var/lib/cortex/models/x.gguf\"} or \
+                 {\"repo\": \"unsloth/Qwen3-0.6B-GGUF\", \"quant\": \"Q4_K_M\"} (optionally with \
+                 \"file\", \"revision\" and \"tokenizerRepo\")"
+)]
 pub enum ModelSource {
     /// `{"uri": "file:///var/lib/cortex/models/x.gguf"}`
     Uri { uri: String },
@@ -185,5 +191,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("contxt"), "{err}");
+    }
+
+    #[test]
+    fn a_source_of_neither_form_says_both_forms() {
+        let err =
+            serde_json::from_str::<LoadRequest>(r#"{"id":"x","source":{"path":"/models/a.gguf"}}"#)
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains(r#"{"uri": "file:///"#) && err.contains(r#"{"repo": "#),
+            "{err}"
+        );
     }
 }
