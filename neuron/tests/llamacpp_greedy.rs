@@ -4,6 +4,13 @@
 //! `tests/data/llamacpp-greedy-*.json`, with llama.cpp's runner-up token and the gap between its two
 //! best logits at every step. Most prompts must match for all 32 tokens; a prompt may fork only at
 //! a step where llama.cpp's own choice was a near-tie, and then to llama.cpp's runner-up.
+//!
+//! How close two correct engines can be: the fixture also holds what llama.cpp picks at the same
+//! positions when it reads the prompt and its continuation in one batch (its matrix-matrix
+//! kernels, so only the order of its float additions changes). It disagrees with its own
+//! one-token-at-a-time greedy at 2 of 160 SmolLM2 steps and 3 of 160 Gemma 3 steps, all at gaps
+//! below 0.22, leaving 3 and 2 of 5 prompts whole. We must keep at least as many prompts whole as
+//! llama.cpp keeps against itself, and never fewer than [`MIN_FULL`].
 
 mod common;
 
@@ -20,8 +27,8 @@ use neuron::gguf::Meta;
 /// activations and summation orders of two engines move logits by tenths (forks measured on
 /// these prompts: 0.04 to 0.36).
 const NEAR_TIE: f64 = 0.5;
-/// Prompts per model that must match for all 32 tokens.
-const MIN_FULL: usize = 2;
+/// Prompts per model (of five) that must match for all 32 tokens.
+const MIN_FULL: usize = 3;
 
 fn greedy_matches_llama_cpp(fixture: &str) {
     let path = format!("{}/tests/data/{fixture}", env!("CARGO_MANIFEST_DIR"));
@@ -42,6 +49,8 @@ fn greedy_matches_llama_cpp(fixture: &str) {
             .collect()
     };
     let mut full = 0;
+    // Prompts llama.cpp's batched reading keeps whole against its own greedy, and its tokens.
+    let (mut self_full, mut self_tokens, mut tokens) = (0, 0, 0);
     let mut report = String::new();
     for case in cases {
         let (prompt, reference) = (ids(&case["prompt"]), ids(&case["greedy"]));
@@ -79,6 +88,15 @@ fn greedy_matches_llama_cpp(fixture: &str) {
         let forks: Vec<usize> = (0..reference.len())
             .filter(|&i| ours[i] != reference[i])
             .collect();
+        let batched = ids(&case["batched"]);
+        let same = batched
+            .iter()
+            .zip(&reference)
+            .filter(|(b, r)| b == r)
+            .count();
+        self_tokens += same;
+        self_full += usize::from(same == reference.len());
+        tokens += reference.len() - forks.len();
         // A different token is allowed only where llama.cpp itself nearly tied: ours must be
         // one it scored within NEAR_TIE of its best.
         let gaps: Vec<f64> = forks
@@ -104,10 +122,16 @@ fn greedy_matches_llama_cpp(fixture: &str) {
             32 - forks.len()
         );
     }
-    eprintln!("{name} against llama.cpp:\n{report}");
+    let steps = 32 * cases.len();
+    eprintln!(
+        "{name} against llama.cpp:\n{report}  ours: {tokens} of {steps} tokens, {full} prompts whole; \
+         llama.cpp batched against itself: {self_tokens} of {steps}, {self_full} prompts whole"
+    );
+    let want = MIN_FULL.max(self_full);
     assert!(
-        full >= MIN_FULL,
-        "{name}: only {full} of {} prompts match llama.cpp for all 32 tokens (want {MIN_FULL})\n{report}",
+        full >= want,
+        "{name}: only {full} of {} prompts match llama.cpp for all 32 tokens (want {want}: at least \
+         {MIN_FULL}, and as many as llama.cpp's batched reading keeps against itself)\n{report}",
         cases.len()
     );
 }
