@@ -926,8 +926,10 @@ unsafe fn groups_k<const R: usize, const T: u8, const VNNI: bool>(
                             // Bits 2u'..2u'+2 of vector h's bytes: the high bits of vector 4h + u'.
                             let bits = _mm256_set1_epi8(0x30);
                             for h in 0..2 {
-                                let q =
-                                    _mm256_loadu_si256(p.add(lay.high + 64 * t + 32 * h).cast());
+                                let q = _mm256_loadu_si256(
+                                    p.add(lay.high + 64 * super::weights::q6_slot(t) + 32 * h)
+                                        .cast(),
+                                );
                                 let u = 4 * h;
                                 w[u] = _mm256_or_si256(
                                     w[u],
@@ -948,7 +950,7 @@ unsafe fn groups_k<const R: usize, const T: u8, const VNNI: bool>(
                         // Q4_K/Q5_K, (sc of weights 0..16, sc of 16..32) for Q6_K.
                         let (s_a, s_b, s_off) = if T == Q6K {
                             let ab = _mm256_cvtepi8_epi16(_mm_loadu_si128(
-                                p.add(lay.scales + 16 * t).cast(),
+                                p.add(lay.scales + 16 * super::weights::q6_slot(t)).cast(),
                             ));
                             (
                                 shuffle_lanes(ab, &HALF_TO_PAIRS[0]),

@@ -12,7 +12,7 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 
 use super::blocks::{BlockQ8, QType};
-use super::weights::{k_layout, k_pair};
+use super::weights::{k_layout, k_pair, q6_slot};
 
 /// Interleaved groups: `out[g * 8R + r * 8 + i] = row(8g + i) · acts[r]` for every group in
 /// `groups` (`nb` blocks, or super-blocks for the K-quants, each), `R = acts.len() <= 4`.
@@ -294,7 +294,9 @@ unsafe fn groups_k<const T: u8>(groups: &[u8], nsb: usize, acts: &[&[BlockQ8]], 
                                 vdupq_n_u8(0)
                             };
                             let high = if T == Q6K {
-                                [0, 1].map(|v| vld1q_u8(p.add(lay.high + 64 * t + 32 * v + 16 * h)))
+                                [0, 1].map(|v| {
+                                    vld1q_u8(p.add(lay.high + 64 * q6_slot(t) + 32 * v + 16 * h))
+                                })
                             } else {
                                 [vdupq_n_u8(0); 2]
                             };
@@ -326,7 +328,7 @@ unsafe fn groups_k<const T: u8>(groups: &[u8], nsb: usize, acts: &[&[BlockQ8]], 
                             // t, and what multiplies the two half sums of its activations.
                             let (s_a, s_b, off_a, off_b) = if T == Q6K {
                                 let pairs = vreinterpretq_s32_s16(vmovl_s8(vld1_s8(
-                                    p.add(lay.scales + 16 * t + 8 * h).cast(),
+                                    p.add(lay.scales + 16 * q6_slot(t) + 8 * h).cast(),
                                 )));
                                 let a = vshrq_n_s32::<16>(vshlq_n_s32::<16>(pairs));
                                 let b = vshrq_n_s32::<16>(pairs);
