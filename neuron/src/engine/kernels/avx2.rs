@@ -9,6 +9,7 @@
 use std::arch::x86_64::*;
 
 use super::blocks::{BlockQ8, QType};
+use super::weights::{K_WORDS, k_high, k_nibbles, k_pair, k_scales};
 
 /// `out[j * R + r] = row_j · acts[r]` for every row `j` of `rows` (consecutive rows of `rb`
 /// bytes), `R = acts.len() <= 4`: the type dispatch happens once per call, not once per row.
@@ -838,7 +839,7 @@ unsafe fn shuffle_lanes(v: __m256i, mask: &[i8; 16]) -> __m256i {
     }
 }
 
-/// Interleaved K-quant groups (`weights::KLayout`). Each sub-block's eight quant vectors meet
+/// Interleaved K-quant groups (layout: `weights::k_nibbles` and its neighbours). Each sub-block's eight quant vectors meet
 /// one activation block as in [`groups_avx2`]; the 16-bit sums are weighted by the rows' scales in
 /// `madd`; Q4_K's and Q5_K's minimums and Q6_K's offset of 32 multiply the activations' half sums
 /// (`BlockQ8::hs`) in `madd` too, so a super-block ends in integers before one f32 scaling (its
@@ -857,7 +858,6 @@ unsafe fn groups_k<const R: usize, const T: u8, const VNNI: bool>(
         Q5K => QType::Q5K,
         _ => QType::Q6K,
     };
-    let lay = super::weights::k_layout(qtype);
     let gb = 8 * qtype.block_bytes();
     assert!(acts.len() == R && acts.iter().all(|a| a.len() >= nsb * 8));
     assert!(
@@ -880,7 +880,7 @@ unsafe fn groups_k<const R: usize, const T: u8, const VNNI: bool>(
                 // 4..8) and minimums, decoded from the three words as `scales_mins_k4` does.
                 let (mut sc, mut mn) = ([_mm256_setzero_si256(); 2], [_mm256_setzero_si256(); 2]);
                 if T != Q6K {
-                    let word = |w: usize| _mm256_loadu_si256(p.add(lay.scales + 32 * w).cast());
+                    let word = |w: usize| _mm256_loadu_si256(p.add(K_WORDS + 32 * w).cast());
                     let (w0, w1, w2) = (word(0), word(1), word(2));
                     let (low6, low4w, top2) = (
                         _mm256_set1_epi32(0x3f3f_3f3f),
@@ -906,12 +906,12 @@ unsafe fn groups_k<const R: usize, const T: u8, const VNNI: bool>(
                 // Q4_K/Q5_K: Σ min * half sums; Q6_K: Σ scale * half sums (times 32).
                 let mut ioff = [_mm256_setzero_si256(); R];
                 for pair in 0..4 {
-                    let (_, sub_lo, sub_hi) = super::weights::k_pair(qtype, pair);
+                    let (_, sub_lo, sub_hi) = k_pair(qtype, pair);
                     for (half, t) in [(0, sub_lo), (1, sub_hi)] {
                         let mut w = [_mm256_setzero_si256(); 8];
                         for (u, wu) in w.iter_mut().enumerate() {
                             let raw =
-                                _mm256_loadu_si256(p.add(lay.nibbles + 256 * pair + 32 * u).cast());
+                                _mm256_loadu_si256(p.add(k_nibbles(qtype, pair) + 32 * u).cast());
                             *wu = if half == 0 {
                                 _mm256_and_si256(raw, low4)
                             } else {
@@ -919,17 +919,14 @@ unsafe fn groups_k<const R: usize, const T: u8, const VNNI: bool>(
                             };
                         }
                         if T == Q5K {
-                            let q = _mm256_loadu_si256(p.add(lay.high + 32 * t).cast());
+                            let q = _mm256_loadu_si256(p.add(k_high(qtype, t)).cast());
                             merge_fifth_bits(&mut w, q);
                         }
                         if T == Q6K {
                             // Bits 2u'..2u'+2 of vector h's bytes: the high bits of vector 4h + u'.
                             let bits = _mm256_set1_epi8(0x30);
                             for h in 0..2 {
-                                let q = _mm256_loadu_si256(
-                                    p.add(lay.high + 64 * super::weights::q6_slot(t) + 32 * h)
-                                        .cast(),
-                                );
+                                let q = _mm256_loadu_si256(p.add(k_high(qtype, t) + 32 * h).cast());
                                 let u = 4 * h;
                                 w[u] = _mm256_or_si256(
                                     w[u],
@@ -949,9 +946,8 @@ unsafe fn groups_k<const R: usize, const T: u8, const VNNI: bool>(
                         // The scales of this sub-block, one row per 32-bit lane: (sc, sc) for
                         // Q4_K/Q5_K, (sc of weights 0..16, sc of 16..32) for Q6_K.
                         let (s_a, s_b, s_off) = if T == Q6K {
-                            let ab = _mm256_cvtepi8_epi16(_mm_loadu_si128(
-                                p.add(lay.scales + 16 * super::weights::q6_slot(t)).cast(),
-                            ));
+                            let ab =
+                                _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(k_scales(t)).cast()));
                             (
                                 shuffle_lanes(ab, &HALF_TO_PAIRS[0]),
                                 shuffle_lanes(ab, &HALF_TO_PAIRS[1]),

@@ -12,7 +12,7 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 
 use super::blocks::{BlockQ8, QType};
-use super::weights::{k_layout, k_pair, q6_slot};
+use super::weights::{K_WORDS, k_high, k_nibbles, k_pair, k_scales};
 
 /// Interleaved groups: `out[g * 8R + r * 8 + i] = row(8g + i) · acts[r]` for every group in
 /// `groups` (`nb` blocks, or super-blocks for the K-quants, each), `R = acts.len() <= 4`.
@@ -219,7 +219,7 @@ unsafe fn byte_of(v: uint32x4_t, b: usize) -> int32x4_t {
     }
 }
 
-/// Interleaved K-quant groups (`weights::KLayout`), four rows per vector as [`groups_dot`]. Each
+/// Interleaved K-quant groups (layout: `weights::k_nibbles` and its neighbours), four rows per vector as [`groups_dot`]. Each
 /// sub-block's quants meet its activation block in `sdot` chains (one per scale: the whole
 /// sub-block for Q4_K and Q5_K, each half for Q6_K), multiplied by the rows' scales as 32-bit
 /// integers; Q4_K's and Q5_K's minimums and Q6_K's offset of 32 multiply the activations' half
@@ -232,7 +232,6 @@ unsafe fn groups_k<const T: u8>(groups: &[u8], nsb: usize, acts: &[&[BlockQ8]], 
         Q5K => QType::Q5K,
         _ => QType::Q6K,
     };
-    let lay = k_layout(qtype);
     let gb = 8 * qtype.block_bytes();
     let r_n = acts.len();
     assert!((1..=4).contains(&r_n) && acts.iter().all(|a| a.len() >= nsb * 8));
@@ -260,7 +259,7 @@ unsafe fn groups_k<const T: u8>(groups: &[u8], nsb: usize, acts: &[&[BlockQ8]], 
                 let mut mn = [[vdupq_n_u32(0); 2]; 2];
                 if T != Q6K {
                     for h in 0..2 {
-                        let word = |w: usize| vld1q_u32(p.add(lay.scales + 32 * w + 16 * h).cast());
+                        let word = |w: usize| vld1q_u32(p.add(K_WORDS + 32 * w + 16 * h).cast());
                         let (w0, w1, w2) = (word(0), word(1), word(2));
                         let high = |w: uint32x4_t| {
                             vshlq_n_u32::<4>(vandq_u32(
@@ -289,20 +288,17 @@ unsafe fn groups_k<const T: u8>(groups: &[u8], nsb: usize, acts: &[&[BlockQ8]], 
                             // w[u]: weights 4u..4u+4 of sub-block t of rows 4h..4h+4.
                             let mut w = [vdupq_n_s8(0); 8];
                             let fifth = if T == Q5K {
-                                vld1q_u8(p.add(lay.high + 32 * t + 16 * h))
+                                vld1q_u8(p.add(k_high(qtype, t) + 16 * h))
                             } else {
                                 vdupq_n_u8(0)
                             };
                             let high = if T == Q6K {
-                                [0, 1].map(|v| {
-                                    vld1q_u8(p.add(lay.high + 64 * q6_slot(t) + 32 * v + 16 * h))
-                                })
+                                [0, 1].map(|v| vld1q_u8(p.add(k_high(qtype, t) + 32 * v + 16 * h)))
                             } else {
                                 [vdupq_n_u8(0); 2]
                             };
                             for (u, wu) in w.iter_mut().enumerate() {
-                                let raw =
-                                    vld1q_u8(p.add(lay.nibbles + 256 * pair + 32 * u + 16 * h));
+                                let raw = vld1q_u8(p.add(k_nibbles(qtype, pair) + 32 * u + 16 * h));
                                 let mut q = if half == 0 {
                                     vandq_u8(raw, low4)
                                 } else {
@@ -328,7 +324,7 @@ unsafe fn groups_k<const T: u8>(groups: &[u8], nsb: usize, acts: &[&[BlockQ8]], 
                             // t, and what multiplies the two half sums of its activations.
                             let (s_a, s_b, off_a, off_b) = if T == Q6K {
                                 let pairs = vreinterpretq_s32_s16(vmovl_s8(vld1_s8(
-                                    p.add(lay.scales + 16 * q6_slot(t) + 8 * h).cast(),
+                                    p.add(k_scales(t) + 8 * h).cast(),
                                 )));
                                 let a = vshrq_n_s32::<16>(vshlq_n_s32::<16>(pairs));
                                 let b = vshrq_n_s32::<16>(pairs);

@@ -7,8 +7,9 @@
 //! row `i`'s quants (nibbles or bytes). A 32-byte load then holds four weights of each of the
 //! eight rows, the vector lanes are the rows, and one broadcast group of four activation bytes
 //! meets all eight at once: no per-row horizontal sum, no per-block scalar scale, and the eight
-//! scales convert in one instruction. The layout has exactly the bytes GGUF has. Rows past the
-//! last whole group of eight, and the K-quants, stay in GGUF layout.
+//! scales convert in one instruction. The layout has exactly the bytes GGUF has. The K-quants'
+//! super-blocks are interleaved likewise (see [`K_WORDS`] for their layout). Rows past the last
+//! whole group of eight stay in GGUF layout.
 
 use std::cell::RefCell;
 
@@ -253,42 +254,71 @@ fn row_from(qtype: QType, grp: &[u8], i: usize, out: &mut [u8]) {
     }
 }
 
-/// Where the pieces of an interleaved K-quant super-block of eight rows start.
+/// Where the pieces of an interleaved K-quant super-block of eight rows lie: in the order the
+/// kernels read them, so a super-block is read from its first byte to its last and the hardware
+/// prefetcher keeps ahead (with the scales, high bits and nibbles in three regions, a streamed
+/// Q6_K product took about a fifth longer).
 ///
-/// - Q4_K, Q5_K: `d` of each row (16 bytes), `dmin` (16), the GGUF 12 bytes of packed scales and
-///   minimums as three u32 words, word `w` of row `i` at `32 w + 4 i` (96); Q5_K's fifth bits,
-///   32 bytes per sub-block as [`fifth_bits`] arranges them (256); the nibbles.
-/// - Q6_K: `d` of each row (16); per sub-block `t` (at slot [`q6_slot`]`(t)`), 16 bytes: row `i`'s
-///   two scales (of weights 0..16 and 16..32) at `2i`, `2i + 1` (128); per sub-block (same slots)
-///   64 bytes of high bits: two 32-byte vectors, bits `2u'..2u' + 2` of byte `4i + t'` of vector
-///   `h` are the high bits of row `i`'s weight `4 (4h + u') + t'` (512); the nibbles.
-/// - The nibbles: four pairs of sub-blocks sharing bytes, 256 bytes each, byte `32u + 4i + t'` being
-///   the byte whose low nibble is row `i`'s weight `4u + t'` of the pair's first sub-block and whose
-///   high nibble that of its second ([`k_pair`]).
-pub(super) struct KLayout {
-    pub scales: usize,
-    pub high: usize,
-    pub nibbles: usize,
+/// - The head: `d` of each row (16 bytes); for Q4_K and Q5_K also `dmin` (16) and the GGUF 12
+///   bytes of packed scales and minimums as three u32 words, word `w` of row `i` at
+///   [`K_WORDS`]` + 32 w + 4 i` (96).
+/// - Then the four pairs of sub-blocks that share nibble bytes ([`k_pair`]), each:
+///   - Q6_K: per sub-block of the pair (low, then high nibbles), 16 bytes of scales, row `i`'s two
+///     (of weights 0..16 and 16..32) at `2i`, `2i + 1` ([`k_scales`]); then per sub-block 64 bytes
+///     of high bits ([`k_high`]): two 32-byte vectors, bits `2u'..2u' + 2` of byte `4i + t'` of
+///     vector `h` being the high bits of row `i`'s weight `4 (4h + u') + t'`.
+///   - Q5_K: per sub-block its 32 fifth bits, as [`fifth_bits`] arranges them ([`k_high`]).
+///   - The nibbles, 256 bytes ([`k_nibbles`]): byte `32u + 4i + t'` is the byte whose low nibble
+///     is row `i`'s weight `4u + t'` of the pair's first sub-block and whose high nibble that of
+///     its second.
+pub(super) const K_WORDS: usize = 32;
+
+const fn k_head(qtype: QType) -> usize {
+    match qtype {
+        QType::Q6K => 16,
+        _ => 128,
+    }
 }
 
-pub(super) const fn k_layout(qtype: QType) -> KLayout {
+/// Bytes of one pair: what precedes its nibbles, and the nibbles.
+const fn k_before_nibbles(qtype: QType) -> usize {
     match qtype {
-        QType::Q6K => KLayout {
-            scales: 16,
-            high: 144,
-            nibbles: 656,
-        },
-        QType::Q5K => KLayout {
-            scales: 32,
-            high: 128,
-            nibbles: 384,
-        },
-        _ => KLayout {
-            scales: 32,
-            high: 128,
-            nibbles: 128,
-        },
+        QType::Q6K => 2 * 16 + 2 * 64,
+        QType::Q5K => 2 * 32,
+        _ => 0,
     }
+}
+
+const fn k_pair_at(qtype: QType, p: usize) -> usize {
+    k_head(qtype) + p * (k_before_nibbles(qtype) + 256)
+}
+
+/// Sub-block `t`'s pair, and whether it takes the pair's low (0) or high (1) nibbles.
+const fn k_pair_of(qtype: QType, t: usize) -> (usize, usize) {
+    match qtype {
+        QType::Q6K => (2 * (t / 4) + t % 2, (t % 4) / 2),
+        _ => (t / 2, t % 2),
+    }
+}
+
+/// The nibbles of pair `p`.
+pub(super) const fn k_nibbles(qtype: QType, p: usize) -> usize {
+    k_pair_at(qtype, p) + k_before_nibbles(qtype)
+}
+
+/// Sub-block `t`'s high bits: Q6_K's two 2-bit vectors, Q5_K's fifth bits.
+pub(super) const fn k_high(qtype: QType, t: usize) -> usize {
+    let (p, h) = k_pair_of(qtype, t);
+    match qtype {
+        QType::Q6K => k_pair_at(qtype, p) + 2 * 16 + 64 * h,
+        _ => k_pair_at(qtype, p) + 32 * h,
+    }
+}
+
+/// Q6_K sub-block `t`'s 16 bytes of scales.
+pub(super) const fn k_scales(t: usize) -> usize {
+    let (p, h) = k_pair_of(QType::Q6K, t);
+    k_pair_at(QType::Q6K, p) + 16 * h
 }
 
 /// Pair `p` of sub-blocks sharing nibble bytes: (offset of its 32 bytes in a GGUF super-block,
@@ -302,14 +332,6 @@ pub(super) const fn k_pair(qtype: QType, p: usize) -> (usize, usize, usize) {
     }
 }
 
-/// Where Q6_K sub-block `t`'s scales and high bits sit among the eight: in the order the kernels
-/// visit the sub-blocks (pair by pair: 0, 2, 1, 3, 4, 6, 5, 7), so a super-block is read from low
-/// addresses to high and the hardware prefetcher keeps ahead (in sub-block order, the reads of the
-/// high bits went back and forth, and a streamed Q6_K product took about a third longer).
-pub(super) const fn q6_slot(t: usize) -> usize {
-    (t & 4) | (t & 1) << 1 | (t & 2) >> 1
-}
-
 /// The 2-bit high part of Q6_K weight `l` (0..32) of sub-block `t`, from a GGUF super-block.
 fn q6_high(blk: &[u8], t: usize, l: usize) -> u8 {
     let (n, c) = (t / 4, t % 4);
@@ -317,22 +339,20 @@ fn q6_high(blk: &[u8], t: usize, l: usize) -> u8 {
 }
 
 fn pack_k(qtype: QType, src: [&[u8]; GROUP], dst: &mut [u8]) {
-    let lay = k_layout(qtype);
     for (i, s) in src.iter().enumerate() {
         for p in 0..4 {
             let at = k_pair(qtype, p).0;
             for u in 0..8 {
-                dst[lay.nibbles + 256 * p + 32 * u + 4 * i..][..4]
+                dst[k_nibbles(qtype, p) + 32 * u + 4 * i..][..4]
                     .copy_from_slice(&s[at + 4 * u..][..4]);
             }
         }
         if qtype == QType::Q6K {
             dst[2 * i..][..2].copy_from_slice(&s[208..210]);
             for t in 0..8 {
-                dst[lay.scales + 16 * q6_slot(t) + 2 * i..][..2]
-                    .copy_from_slice(&s[192 + 2 * t..][..2]);
+                dst[k_scales(t) + 2 * i..][..2].copy_from_slice(&s[192 + 2 * t..][..2]);
                 for (h, v) in [0, 1]
-                    .map(|h| lay.high + 64 * q6_slot(t) + 32 * h)
+                    .map(|h| k_high(qtype, t) + 32 * h)
                     .into_iter()
                     .enumerate()
                 {
@@ -347,7 +367,7 @@ fn pack_k(qtype: QType, src: [&[u8]; GROUP], dst: &mut [u8]) {
             dst[2 * i..][..2].copy_from_slice(&s[0..2]);
             dst[16 + 2 * i..][..2].copy_from_slice(&s[2..4]);
             for w in 0..3 {
-                dst[lay.scales + 32 * w + 4 * i..][..4].copy_from_slice(&s[4 + 4 * w..][..4]);
+                dst[K_WORDS + 32 * w + 4 * i..][..4].copy_from_slice(&s[4 + 4 * w..][..4]);
             }
         }
     }
@@ -356,31 +376,29 @@ fn pack_k(qtype: QType, src: [&[u8]; GROUP], dst: &mut [u8]) {
         for t in 0..8 {
             let qh =
                 src.map(|s| (0..32).fold(0u32, |q, l| q | (((s[16 + l] >> t) & 1) as u32) << l));
-            dst[lay.high + 32 * t..][..32].copy_from_slice(&fifth_bits(qh));
+            dst[k_high(qtype, t)..][..32].copy_from_slice(&fifth_bits(qh));
         }
     }
 }
 
 /// Row `i` of one interleaved K-quant super-block `src`, as GGUF bytes.
 fn unpack_k(qtype: QType, src: &[u8], i: usize, dst: &mut [u8]) {
-    let lay = k_layout(qtype);
     for p in 0..4 {
         let at = k_pair(qtype, p).0;
         for u in 0..8 {
             dst[at + 4 * u..][..4]
-                .copy_from_slice(&src[lay.nibbles + 256 * p + 32 * u + 4 * i..][..4]);
+                .copy_from_slice(&src[k_nibbles(qtype, p) + 32 * u + 4 * i..][..4]);
         }
     }
     if qtype == QType::Q6K {
         dst[208..210].copy_from_slice(&src[2 * i..][..2]);
         dst[128..192].fill(0);
         for t in 0..8 {
-            dst[192 + 2 * t..][..2]
-                .copy_from_slice(&src[lay.scales + 16 * q6_slot(t) + 2 * i..][..2]);
+            dst[192 + 2 * t..][..2].copy_from_slice(&src[k_scales(t) + 2 * i..][..2]);
             let (n, c) = (t / 4, t % 4);
             for l in 0..32 {
                 let (h, u, tt) = (l / 16, (l / 4) % 4, l % 4);
-                let bits = (src[lay.high + 64 * q6_slot(t) + 32 * h + 4 * i + tt] >> (2 * u)) & 3;
+                let bits = (src[k_high(qtype, t) + 32 * h + 4 * i + tt] >> (2 * u)) & 3;
                 dst[128 + 32 * n + l] |= bits << (2 * c);
             }
         }
@@ -388,12 +406,12 @@ fn unpack_k(qtype: QType, src: &[u8], i: usize, dst: &mut [u8]) {
         dst[0..2].copy_from_slice(&src[2 * i..][..2]);
         dst[2..4].copy_from_slice(&src[16 + 2 * i..][..2]);
         for w in 0..3 {
-            dst[4 + 4 * w..][..4].copy_from_slice(&src[lay.scales + 32 * w + 4 * i..][..4]);
+            dst[4 + 4 * w..][..4].copy_from_slice(&src[K_WORDS + 32 * w + 4 * i..][..4]);
         }
         if qtype == QType::Q5K {
             dst[16..48].fill(0);
             for t in 0..8 {
-                let qh = row_fifth_bits(&src[lay.high + 32 * t..], i);
+                let qh = row_fifth_bits(&src[k_high(qtype, t)..], i);
                 for l in 0..32 {
                     dst[16 + l] |= (((qh >> l) & 1) as u8) << t;
                 }
