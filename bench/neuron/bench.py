@@ -14,6 +14,8 @@ import urllib.request
 import llama_cpp
 import numpy as np
 
+import wide_model
+
 TEXT = (
     "The history of the city begins with a small settlement on an island in the river. Over the centuries "
     "it grew into a centre of trade, learning and government. Its bridges, markets and cathedrals drew "
@@ -159,6 +161,12 @@ def main():
         models = [str(requantized(smol, "Q4_1", "Q4_0")), str(smol), str(requantized(smol, "Q4_1", "Q8_0")),
                   *(str(requantized(smol, "Q4_1", t)) for t in ("Q4_K_M", "Q5_K_M", "Q6_K")),
                   str(requantized(gemma, "Q4_K_M", "Q4_0")), str(requantized(gemma, "Q4_K_M", "Q4_1")), str(gemma)]
+        # Both models are too narrow for K-quants in most matrices; this one is not (random
+        # weights, for speed only: see wide_model.py).
+        wide = pathlib.Path(a.model_dir) / f"{wide_model.NAME}.F16.gguf"
+        if not wide.exists():
+            wide_model.write(smol, wide)
+        models += [str(requantized(wide, "F16", t)) for t in ("Q4_K_M", "Q5_K_M", "Q6_K")]
     dirs = ",".join(sorted({str(pathlib.Path(m).resolve().parent) for m in models}))
     bandwidth = read_bandwidth(a.threads)
     engines = {"cortex": start_neuron(a.neuron, dirs, a.threads, {})}
@@ -207,6 +215,9 @@ def main():
             note = "" if nc == nl else f"  (prompt tokens differ: cortex {nc}, llama.cpp {nl})"
             print(f"{name:36} {kp:9.1f} {cp:9.1f} {lp:8.1f} {cp / lp:5.2f} "
                   f"{kd:9.1f} {cd:9.1f} {ld:8.1f} {cd / ld:5.2f} {limit:8.0f}{note}")
+        print("\nweight bytes by tensor type:")
+        for path in models:
+            print(f"{pathlib.Path(path).name:36} {wide_model.type_shares(pathlib.Path(path))}")
     finally:
         for proc, _ in engines.values():
             proc.kill()
