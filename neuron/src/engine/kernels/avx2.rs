@@ -423,6 +423,9 @@ pub unsafe fn dot_groups(
                 QType::Q4_0 => groups_vnni::<8, Q4_0>(groups, nb, acts, out, pairs),
                 QType::Q4_1 => groups_vnni::<8, Q4_1>(groups, nb, acts, out, pairs),
                 QType::Q8_0 => groups_vnni::<8, Q8_0>(groups, nb, acts, out, pairs),
+                QType::Q4K => groups_vnni::<8, Q4K>(groups, nb, acts, out, false),
+                QType::Q5K => groups_vnni::<8, Q5K>(groups, nb, acts, out, false),
+                QType::Q6K => groups_vnni::<8, Q6K>(groups, nb, acts, out, false),
                 _ => unreachable!("wide_tile"),
             },
             r => panic!("dot_groups takes 1 to 4 activation rows (8 where `wide_tile`), got {r}"),
@@ -432,9 +435,15 @@ pub unsafe fn dot_groups(
 
 /// Whether [`dot_groups`] takes eight activation rows at once for `qtype`: with VNNI (32 vector
 /// registers), the 32-weight types without fifth bits, whose eight weight vectors, eight sums and
-/// eight minimum sums then stay in registers while each block is unpacked once for all eight.
+/// eight minimum sums then stay in registers while each block is unpacked once for all eight; and
+/// the K-quants, whose eight weight vectors and eight integer sums and offsets stay in registers
+/// through a sub-block (each sub-block's quants, high bits and scales are unpacked once for
+/// eight rows instead of four: 5-13% less time at 127 rows).
 pub fn wide_tile(qtype: QType, vnni: bool) -> bool {
-    vnni && matches!(qtype, QType::Q4_0 | QType::Q4_1 | QType::Q8_0)
+    vnni && matches!(
+        qtype,
+        QType::Q4_0 | QType::Q4_1 | QType::Q8_0 | QType::Q4K | QType::Q5K | QType::Q6K
+    )
 }
 
 unsafe fn groups_of<const R: usize>(
