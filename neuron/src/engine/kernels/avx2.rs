@@ -848,13 +848,14 @@ unsafe fn shuffle_lanes(v: __m256i, mask: &[i8; 16]) -> __m256i {
     }
 }
 
-/// Interleaved K-quant groups (layout: `weights::k_nibbles` and its neighbours). Each sub-block's eight quant vectors meet
-/// one activation block as in [`groups_avx2`]; the 16-bit sums are weighted by the rows' scales in
-/// `madd`; Q4_K's and Q5_K's minimums and Q6_K's offset of 32 multiply the activations' half sums
-/// (`BlockQ8::hs`) in `madd` too, so a super-block ends in integers before one f32 scaling (its
-/// activations share one scale, see `quantize_row`). With VNNI each sub-block's products sum
-/// in one `vpdpbusd` chain per scale into 32 bits, multiplied by the scale as integers: the same
-/// integers, so the same bits. Reached through [`groups_avx2`] and [`groups_vnni`].
+/// Interleaved K-quant groups (layout: `weights::K_WORDS`). Each sub-block's eight quant vectors
+/// meet one activation block as in [`groups_avx2`]; the 16-bit sums are weighted by the rows'
+/// scales in `madd`; Q4_K's and Q5_K's minimums and Q6_K's offset of 32 multiply the
+/// activations' half sums (`BlockQ8::hs`) in `madd` too, so a super-block ends in integers before
+/// one f32 scaling (its activations share one scale, see `quantize_row`). With VNNI each
+/// sub-block's products sum in one `vpdpbusd` chain per scale into 32 bits, multiplied by the
+/// scale as integers: the same integers, so the same bits. Reached through [`groups_avx2`] and
+/// [`groups_vnni`].
 #[inline(always)]
 unsafe fn groups_k<const R: usize, const T: u8, const VNNI: bool>(
     groups: &[u8],

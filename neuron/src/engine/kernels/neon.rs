@@ -219,12 +219,13 @@ unsafe fn byte_of(v: uint32x4_t, b: usize) -> int32x4_t {
     }
 }
 
-/// Interleaved K-quant groups (layout: `weights::k_nibbles` and its neighbours), four rows per vector as [`groups_dot`]. Each
-/// sub-block's quants meet its activation block in `sdot` chains (one per scale: the whole
-/// sub-block for Q4_K and Q5_K, each half for Q6_K), multiplied by the rows' scales as 32-bit
-/// integers; Q4_K's and Q5_K's minimums and Q6_K's offset of 32 multiply the activations' half
-/// sums (`BlockQ8::hs`), so a super-block ends in integers before one f32 scaling (its
-/// activations share one scale, see `quantize_row`): the integers of the portable code.
+/// Interleaved K-quant groups (layout: `weights::K_WORDS`), four rows per vector as
+/// [`groups_dot`]. Each sub-block's quants meet its activation block in `sdot` chains (one per
+/// scale: the whole sub-block for Q4_K and Q5_K, each half for Q6_K), multiplied by the rows'
+/// scales as 32-bit integers; Q4_K's and Q5_K's minimums and Q6_K's offset of 32 multiply the
+/// activations' half sums (`BlockQ8::hs`), so a super-block ends in integers before one f32
+/// scaling (its activations share one scale, see `quantize_row`): the integers of the portable
+/// code.
 #[target_feature(enable = "neon,dotprod")]
 unsafe fn groups_k<const T: u8>(groups: &[u8], nsb: usize, acts: &[&[BlockQ8]], out: &mut [f32]) {
     let qtype = match T {

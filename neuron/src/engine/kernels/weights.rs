@@ -280,7 +280,8 @@ const fn k_head(qtype: QType) -> usize {
     }
 }
 
-/// Bytes of one pair: what precedes its nibbles, and the nibbles.
+/// Bytes of a pair before its 256 bytes of nibbles: Q6_K's scales and high bits, Q5_K's fifth
+/// bits.
 const fn k_before_nibbles(qtype: QType) -> usize {
     match qtype {
         QType::Q6K => 2 * 16 + 2 * 64,
