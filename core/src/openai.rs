@@ -162,6 +162,20 @@ pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    /// What the prefix cache did for the prompt (OpenAI's `prompt_tokens_details`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+/// OpenAI's `usage.prompt_tokens_details`: `cached_tokens` of the prompt were read from the
+/// prefix cache instead of computed (they are part of `prompt_tokens`, as OpenAI counts them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: u32,
+    /// cortex's extension: prompt tokens this request computed and stored in the prefix cache
+    /// for the requests after it (Anthropic's `cache_creation_input_tokens`).
+    #[serde(default)]
+    pub cache_creation_tokens: u32,
 }
 
 impl Usage {
@@ -170,7 +184,30 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: None,
         }
+    }
+
+    /// Usage with what the prefix cache read (`cached`) and stored (`created`) of the prompt.
+    pub fn cached(prompt_tokens: u32, completion_tokens: u32, cached: u32, created: u32) -> Self {
+        Usage {
+            prompt_tokens_details: Some(PromptTokensDetails {
+                cached_tokens: cached,
+                cache_creation_tokens: created,
+            }),
+            ..Usage::new(prompt_tokens, completion_tokens)
+        }
+    }
+
+    /// Prompt tokens read from the prefix cache.
+    pub fn cached_tokens(&self) -> u32 {
+        self.prompt_tokens_details.map_or(0, |d| d.cached_tokens)
+    }
+
+    /// Prompt tokens stored in the prefix cache by this request.
+    pub fn cache_creation_tokens(&self) -> u32 {
+        self.prompt_tokens_details
+            .map_or(0, |d| d.cache_creation_tokens)
     }
 }
 
