@@ -135,6 +135,13 @@ pub struct ModelInfo {
     /// KV cache memory its running sequences hold now, in bytes.
     #[serde(default)]
     pub kv_cache_used_bytes: u64,
+    /// Memory kept beyond `kv_cache_bytes` for finished requests' blocks (the prefix cache).
+    #[serde(default)]
+    pub prefix_cache_bytes: u64,
+    /// Bytes of cached prefix blocks no running request holds now (they live in
+    /// `kv_cache_bytes + prefix_cache_bytes`).
+    #[serde(default)]
+    pub prefix_cache_used_bytes: u64,
 }
 
 /// One accelerator or the host's memory when it serves models on the CPU.

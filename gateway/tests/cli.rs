@@ -182,6 +182,8 @@ async fn status_prints_a_line_for_every_device_of_a_neuron_with_several() {
             queued: 1,
             kv_cache_bytes: 8 << 30,
             kv_cache_used_bytes: 1 << 30,
+            prefix_cache_bytes: 0,
+            prefix_cache_used_bytes: 0,
         }],
         inflight: 2,
         queued: 1,

@@ -13,6 +13,7 @@ use std::io::BufReader;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use neuron::engine::linear::Linear;
+use neuron::engine::kv_cache::{BLOCK, BlockId};
 use neuron::engine::model::{Config, Model, SeqInput};
 use neuron::gguf::Meta;
 
@@ -63,28 +64,34 @@ fn main() {
         "batch", "step ms", "proj ms", "rest ms", "tok/s"
     );
     for batch in batches {
-        let mut caches: Vec<_> = (0..batch)
-            .map(|_| model.new_cache_with(context + 512).unwrap())
+        // One store, each sequence its own run of blocks, as the engine has them.
+        let mut store = model.new_store();
+        let per = (context + 1).div_ceil(BLOCK);
+        let tables: Vec<Vec<BlockId>> = (0..batch)
+            .map(|s| ((s * per) as BlockId..((s + 1) * per) as BlockId).collect())
             .collect();
-        for (c, t) in caches.iter_mut().zip(&inputs) {
-            model.forward(t, c).unwrap();
+        for (tab, t) in tables.iter().zip(&inputs) {
+            let seq = SeqInput {
+                tokens: t,
+                pos: 0,
+                blocks: tab,
+            };
+            model.forward_batch(&[seq], &mut store).unwrap();
         }
         let next = [200u32];
         let steps = 20;
+        // Every round computes position `context` again, so each times the same step.
         let step = common::best_of_five(
             || {
-                let mut seqs: Vec<_> = caches
-                    .iter_mut()
-                    .map(|c| SeqInput {
+                let seqs: Vec<_> = tables
+                    .iter()
+                    .map(|tab| SeqInput {
                         tokens: &next,
-                        cache: c,
+                        pos: context,
+                        blocks: tab,
                     })
                     .collect();
-                model.forward_batch(&mut seqs).unwrap();
-                // Back to the same context, so every round times the same step.
-                for s in seqs.iter_mut() {
-                    s.cache.truncate(context);
-                }
+                model.forward_batch(&seqs, &mut store).unwrap();
             },
             steps,
         ) * 1e3;

@@ -9,7 +9,7 @@
 //! let registry = Registry::new(
 //!     Settings { model_dirs: vec!["/var/lib/cortex/models".into()], device: Default::default(),
 //!                max_queue: 64, max_memory: None, default_context: 8192,
-//!                kv_cache_memory: None, max_batch: 16 },
+//!                kv_cache_memory: None, prefix_cache_memory: None, max_batch: 16 },
 //!     metrics.clone(),
 //! );
 //! let app = api::router(Arc::new(api::AppState {

@@ -49,6 +49,13 @@ struct Args {
     /// waits, and a running one that must grow preempts the youngest.
     #[arg(long, env = "CORTEX_KV_CACHE_MEMORY")]
     kv_cache_memory: Option<u64>,
+    /// Memory each model keeps, beyond the running requests' KV cache, for the blocks of
+    /// finished requests, in bytes (default: one full context). A request whose prompt starts
+    /// as a kept one did (an agent's system prompt and tools, earlier turns of a conversation)
+    /// reads only the rest; the least recently used blocks go first when room is needed. 0
+    /// keeps finished blocks only while the running budget has room.
+    #[arg(long, env = "CORTEX_PREFIX_CACHE_MEMORY")]
+    prefix_cache_memory: Option<u64>,
     /// Most requests of one model decoded together in a batch.
     #[arg(long, env = "CORTEX_MAX_BATCH", default_value_t = 16)]
     max_batch: usize,
@@ -115,6 +122,7 @@ async fn run() -> anyhow::Result<()> {
             max_memory: args.max_memory,
             default_context: args.default_context,
             kv_cache_memory: args.kv_cache_memory,
+            prefix_cache_memory: args.prefix_cache_memory,
             max_batch: args.max_batch,
         },
         metrics.clone(),

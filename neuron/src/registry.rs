@@ -36,6 +36,9 @@ pub struct Settings {
     pub default_context: usize,
     /// KV cache memory each model's sequences may hold together (default: one full context).
     pub kv_cache_memory: Option<u64>,
+    /// Memory each model keeps for finished requests' blocks beyond the running budget (the
+    /// prefix cache; default: one full context).
+    pub prefix_cache_memory: Option<u64>,
     /// Most sequences a model runs in one batch.
     pub max_batch: usize,
 }
@@ -51,6 +54,8 @@ struct Status {
     loaded_at: Option<u64>,
     /// KV cache budget in tokens, and the bytes one token takes.
     kv_tokens: usize,
+    /// Prefix cache room beyond that, in tokens.
+    prefix_tokens: usize,
     kv_token_bytes: u64,
 }
 
@@ -102,6 +107,9 @@ impl Entry {
             inflight: self.load.inflight.load(Ordering::Relaxed),
             queued: self.load.queued.load(Ordering::Relaxed),
             kv_cache_bytes: s.kv_tokens as u64 * s.kv_token_bytes,
+            prefix_cache_bytes: s.prefix_tokens as u64 * s.kv_token_bytes,
+            prefix_cache_used_bytes: self.load.prefix_cached.load(Ordering::Relaxed) as u64
+                * s.kv_token_bytes,
             kv_cache_used_bytes: self.load.kv_used.load(Ordering::Relaxed) as u64
                 * s.kv_token_bytes,
         }
@@ -188,6 +196,7 @@ struct Prepared {
     cfg: Config,
     context: usize,
     kv_tokens: usize,
+    prefix_tokens: usize,
     bytes: u64,
     device: Device,
     device_name: String,
@@ -301,6 +310,7 @@ impl Registry {
                 context_length: prepared.as_ref().map(|p| p.context).unwrap_or(0),
                 loaded_at: None,
                 kv_tokens: prepared.as_ref().map(|p| p.kv_tokens).unwrap_or(0),
+                prefix_tokens: prepared.as_ref().map(|p| p.prefix_tokens).unwrap_or(0),
                 kv_token_bytes: prepared
                     .as_ref()
                     .map(|p| p.cfg.kv_bytes_per_token(&p.device))
@@ -492,7 +502,13 @@ impl Registry {
                 }
             }
         };
-        let bytes = estimate_bytes(&content, &cfg, kv_tokens, &device);
+        // Finished requests' blocks stay for the next prompts that start alike: by default as
+        // many as one full context, so a long prompt outlives the next long one.
+        let prefix_tokens = match self.settings.prefix_cache_memory {
+            None => context,
+            Some(bytes) => (bytes / token_bytes) as usize,
+        };
+        let bytes = estimate_bytes(&content, &cfg, kv_tokens + prefix_tokens, &device);
         self.check_memory(&req.id, &device_name, free, bytes)?;
         Ok(Prepared {
             path,
@@ -500,6 +516,7 @@ impl Registry {
             cfg,
             context,
             kv_tokens,
+            prefix_tokens,
             bytes,
             device,
             device_name,
@@ -548,6 +565,7 @@ impl Registry {
                     s.arch = Some(p.cfg.arch.name().to_string());
                     s.context_length = p.context;
                     s.kv_tokens = p.kv_tokens;
+                    s.prefix_tokens = p.prefix_tokens;
                     s.kv_token_bytes = p.cfg.kv_bytes_per_token(&p.device);
                 });
                 p
@@ -587,6 +605,7 @@ impl Registry {
         let cancel = entry.cancel.clone();
         let batching = engine::Batching {
             kv_tokens: prepared.kv_tokens,
+            prefix_tokens: prepared.prefix_tokens,
             max_batch: self.settings.max_batch.max(1),
         };
         self.metrics

@@ -261,18 +261,26 @@ async fn collect(
     let mut text = String::new();
     while let Some(ev) = rx.recv().await {
         match ev {
+            GenEvent::Prompt { .. } => {}
             GenEvent::Text(t, _) => text.push_str(&t),
             GenEvent::Done {
                 finish,
                 stop,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
+                cache_creation_tokens,
             } => {
                 return Ok((
                     text,
                     finish,
                     stop,
-                    Usage::new(prompt_tokens as u32, completion_tokens as u32),
+                    Usage::cached(
+                        prompt_tokens as u32,
+                        completion_tokens as u32,
+                        cached_tokens as u32,
+                        cache_creation_tokens as u32,
+                    ),
                 ));
             }
             GenEvent::Error(e) => return Err(Error::Unavailable(e)),
@@ -529,16 +537,21 @@ enum UsageMode {
     None,
     /// `stream_options.include_usage`: a last chunk with the totals.
     Final,
-    /// `continuous_usage_stats` too: every chunk, the first with the prompt's token count.
+    /// `continuous_usage_stats` too: every chunk, the first with the prompt's token count,
+    /// those after the prompt is read with its cached tokens.
     Continuous {
         prompt: usize,
+        cached: Option<usize>,
     },
 }
 
 impl UsageMode {
     fn of(p: &Params, prompt: usize) -> Self {
         match (p.include_usage, p.continuous_usage) {
-            (true, true) => UsageMode::Continuous { prompt },
+            (true, true) => UsageMode::Continuous {
+                prompt,
+                cached: None,
+            },
             (true, false) => UsageMode::Final,
             _ => UsageMode::None,
         }
@@ -547,7 +560,14 @@ impl UsageMode {
     /// The usage a chunk sent after `generated` tokens carries.
     fn so_far(self, generated: usize) -> Option<Usage> {
         match self {
-            UsageMode::Continuous { prompt } => Some(Usage::new(prompt as u32, generated as u32)),
+            UsageMode::Continuous {
+                prompt,
+                cached: None,
+            } => Some(Usage::new(prompt as u32, generated as u32)),
+            UsageMode::Continuous {
+                prompt,
+                cached: Some(c),
+            } => Some(Usage::cached(prompt as u32, generated as u32, c as u32, 0)),
             _ => None,
         }
     }
@@ -588,6 +608,11 @@ fn sse(
                 return None;
             }
             match st.rx.recv().await {
+                Some(GenEvent::Prompt { cached_tokens }) => {
+                    if let UsageMode::Continuous { cached, .. } = &mut st.usage {
+                        *cached = Some(cached_tokens);
+                    }
+                }
                 Some(GenEvent::Text(t, generated)) => {
                     let t = match st.tools.as_mut() {
                         Some(p) => p.push(&t),
@@ -603,6 +628,8 @@ fn sse(
                     mut stop,
                     prompt_tokens,
                     completion_tokens,
+                    cached_tokens,
+                    cache_creation_tokens,
                 }) => {
                     if let Some(p) = st.tools.take() {
                         let (rest, calls) = p.finish();
@@ -617,7 +644,12 @@ fn sse(
                             stop = None;
                         }
                     }
-                    let usage = Usage::new(prompt_tokens as u32, completion_tokens as u32);
+                    let usage = Usage::cached(
+                        prompt_tokens as u32,
+                        completion_tokens as u32,
+                        cached_tokens as u32,
+                        cache_creation_tokens as u32,
+                    );
                     let text = matches!(st.kind, ChunkKind::Text).then(String::new);
                     let ev = st.chunk(text, false, Some((finish, stop)), None);
                     st.pending.push_back(ev);

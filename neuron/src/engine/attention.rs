@@ -1,34 +1,36 @@
 //! Attention of each token of a batch over its sequence's cached keys and values, on the CPU:
-//! decoded tokens and prompt tokens alike, every sequence at once.
+//! decoded tokens and prompt tokens alike, every sequence at once, tiled as flash attention is.
 //!
-//! Through candle this is about thirty small tensor operations per sequence and layer, whose
-//! fixed costs add up to as much as the projections once a batch holds several sequences. Here it
-//! is one pass per (token, KV head) over the cache in place, split over the kernel pool. A
-//! token's result depends only on the keys it sees, never on what else is in the batch or on
-//! whether it was decoded or read as part of a prompt: each task reads only its own rows, in the
-//! same order (so a sequence read again after a preemption gets back the very same numbers).
+//! A task is one sequence's run of up to [`QUERY_TILE`]-ish query positions and one KV head
+//! (all the query heads that share it). It walks the keys one cache block ([`BLOCK`] positions)
+//! at a time: the block's keys and values are converted from f16 once for all of the task's
+//! query rows, the scores of the tile come from a register-blocked product, and an online
+//! softmax (running maximum and sum per row) folds the tile into each row's output. No score
+//! matrix longer than one block exists, and a long prompt's keys are read once per query tile
+//! instead of once per query.
+//!
+//! A row's numbers never depend on which other rows share its task, or on whether it was
+//! decoded or read as part of a prompt: its score for a key is one chain of fused
+//! multiply-adds over the dimensions, its tiles are the cache blocks (fixed positions), masked
+//! keys weigh exactly zero, and every sum over a tile has the same shape. So a token's keys and
+//! values are the same bits whichever pass computed them, which is what lets the prefix cache
+//! hand one sequence's blocks to another (`scheduler.rs`), and a sequence read again after a
+//! preemption gets back the very numbers it had.
 
 use std::cell::RefCell;
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use super::kernels;
+use super::kv_cache::BLOCK;
 
-/// One decoding sequence: where its query row sits and the keys it may see.
-pub struct Row<'a> {
-    /// Token index in the batch (the query's column in `q`, the output row).
-    pub token: usize,
-    /// The sequence's cache, `(n_kv_head, cap, head_dim)` row-major, in f16 (as llama.cpp
-    /// keeps it: half the memory and half the reading of f32). Head-major, so the keys a task
-    /// reads are one contiguous run rather than a slice of every position's row.
-    pub k: &'a [f16],
-    pub v: &'a [f16],
-    /// Positions the cache holds per KV head.
-    pub cap: usize,
-    /// Visible cache positions `start..end` (the new token's own key included).
-    pub start: usize,
-    pub end: usize,
-}
+/// Query rows (positions × heads of one KV head) a task aims for: enough that a block's
+/// conversion and reading are shared widely, few enough that the rows' outputs stay in cache.
+const TASK_ROWS: usize = 32;
+
+/// Rows of the score and output products held in registers at once.
+const MR: usize = 6;
 
 /// Shapes shared by every row.
 #[derive(Clone, Copy)]
@@ -39,271 +41,379 @@ pub struct Heads {
     pub scale: f32,
 }
 
-thread_local! {
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+/// One layer's keys and values of one cache block: keys `[kv_head][dim][position]`, values
+/// `[kv_head][position][dim]` (see `kv_store.rs`).
+#[derive(Clone, Copy)]
+pub struct BlockKv<'a> {
+    pub k: &'a [f16],
+    pub v: &'a [f16],
 }
 
-/// `q`: the batch's queries, `(tokens, n_head, head_dim)` row-major (as the projection and
-/// the rotation leave them). Writes each row's attention
-/// output into `out` at `(row.token, n_head * head_dim)`; other rows of `out` are untouched.
-pub fn decode(q: &[f32], tokens: usize, rows: &[Row<'_>], h: Heads, out: &mut [f32]) {
+/// One sequence's tokens in the batch.
+pub struct Span<'a> {
+    /// The first token's row in the batch's queries and output.
+    pub offset: usize,
+    pub len: usize,
+    /// The first token's position in its sequence.
+    pub pos: usize,
+    /// A sliding layer's window: a query at `p` sees keys `p + 1 - window..=p`.
+    pub window: Option<usize>,
+    /// The sequence's blocks, position 0 on, covering at least `pos + len` positions.
+    pub blocks: Vec<BlockKv<'a>>,
+}
+
+/// The first position a query at `pos` sees.
+pub fn window_start(window: Option<usize>, pos: usize) -> usize {
+    match window {
+        Some(w) => (pos + 1).saturating_sub(w),
+        None => 0,
+    }
+}
+
+#[derive(Default)]
+struct Scratch {
+    q: Vec<f32>,
+    acc: Vec<f32>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    scores: Vec<f32>,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// `q`: the batch's queries, `(tokens, n_head, head_dim)` row-major (as the projection and the
+/// rotation leave them). Writes each span's attention output into `out` at `(token, n_head *
+/// head_dim)`; rows of tokens in no span are untouched.
+pub fn attend(q: &[f32], tokens: usize, spans: &[Span<'_>], h: Heads, out: &mut [f32]) {
     let (hd, nkv) = (h.head_dim, h.n_kv_head);
     let rep = h.n_head / nkv;
-    let width = h.n_head * hd;
-    assert_eq!(q.len(), h.n_head * tokens * hd, "queries");
-    assert_eq!(out.len(), tokens * width, "output");
-    for r in rows {
-        assert!(r.token < tokens && r.start < r.end, "row");
-        assert!(r.end <= r.cap && r.k.len() >= nkv * r.cap * hd && r.v.len() >= nkv * r.cap * hd);
+    assert_eq!(q.len(), tokens * h.n_head * hd, "queries");
+    assert_eq!(out.len(), tokens * h.n_head * hd, "output");
+    let per_task = (TASK_ROWS / rep).max(1);
+    let mut tasks = Vec::new();
+    for (si, sp) in spans.iter().enumerate() {
+        assert!(sp.offset + sp.len <= tokens, "span rows");
+        assert!(sp.blocks.len() * BLOCK >= sp.pos + sp.len, "span blocks");
+        for b in &sp.blocks {
+            assert!(b.k.len() >= nkv * hd * BLOCK && b.v.len() >= nkv * hd * BLOCK);
+        }
+        for g in 0..nkv {
+            let mut i = 0;
+            while i < sp.len {
+                let n = per_task.min(sp.len - i);
+                tasks.push((si, g, i, i + n));
+                i += n;
+            }
+        }
     }
     let dst = kernels::Out(out.as_mut_ptr());
-    kernels::parallel(rows.len() * nkv, |t| {
-        let (row, g) = (&rows[t / nkv], t % nkv);
-        SCORES.with_borrow_mut(|scores| {
-            let qs = Queries {
-                q,
-                n_head: h.n_head,
-                rep,
-            };
-            // SAFETY: the heads of group g at row.token are this task's alone: `rep * hd`
-            // consecutive floats inside `out` (checked above).
-            let o = unsafe {
-                std::slice::from_raw_parts_mut(dst.at(row.token * width + g * rep * hd), rep * hd)
-            };
-            group(qs, row, g, h, scores, o);
-        });
+    kernels::parallel(tasks.len(), |t| {
+        let (si, g, i0, i1) = tasks[t];
+        SCRATCH.with_borrow_mut(|s| task(q, &spans[si], g, i0..i1, h, s, dst));
     });
 }
 
-/// The batch's queries, `(tokens, n_head, head_dim)`, with `rep` query heads per KV head.
-#[derive(Clone, Copy)]
-struct Queries<'a> {
-    q: &'a [f32],
-    n_head: usize,
-    rep: usize,
-}
-
-/// softmax(q·Kᵀ · scale) · V for the query heads that share KV head `g`: each key and
-/// value row is read once for all of them. `out` holds the heads' outputs one after another.
-fn group(
-    qs: Queries<'_>,
-    row: &Row<'_>,
+/// Queries `rows` of span `sp` against KV head `g`.
+fn task(
+    q: &[f32],
+    sp: &Span<'_>,
     g: usize,
+    rows: std::ops::Range<usize>,
     h: Heads,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
+    s: &mut Scratch,
+    out: kernels::Out,
 ) {
-    let hd = h.head_dim;
-    // This KV head's keys and values, position after position.
-    let (keys, values) = (
-        &row.k[g * row.cap * hd..][..row.cap * hd],
-        &row.v[g * row.cap * hd..][..row.cap * hd],
-    );
-    let (rep, len) = (qs.rep, row.end - row.start);
-    let q_of = |r: usize| &qs.q[(row.token * qs.n_head + g * rep + r) * hd..][..hd];
-    // scores[r * len + i]: head r, key row.start + i; then each head's sum.
-    scores.clear();
-    scores.resize(rep * len + rep, 0.0);
-    let (scores, sums) = scores.split_at_mut(rep * len);
-    let key = |j: usize| &keys[j * hd..][..hd];
-    for r in 0..rep {
-        let (q, s) = (q_of(r), &mut scores[r * len..][..len]);
-        // Four keys at a time: the query is read once for them, one reduction for the four.
-        let mut quads = s.chunks_exact_mut(4);
-        for (i, s4) in (&mut quads).enumerate() {
-            let j = row.start + 4 * i;
-            let d = dot4(q, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
-            for (s, d) in s4.iter_mut().zip(d) {
-                *s = d * h.scale;
+    let (hd, nh) = (h.head_dim, h.n_head);
+    let rep = nh / h.n_kv_head;
+    let nq = rows.len();
+    let r = nq * rep;
+    // Row `i * rep + j`: query position `sp.pos + rows.start + i`, head `g * rep + j`.
+    s.q.clear();
+    for i in rows.clone() {
+        let at = ((sp.offset + i) * nh + g * rep) * hd;
+        s.q.extend(q[at..][..rep * hd].iter().map(|x| x * h.scale));
+    }
+    s.acc.clear();
+    s.acc.resize(r * hd, 0.0);
+    s.max.clear();
+    s.max.resize(r, f32::NEG_INFINITY);
+    s.sum.clear();
+    s.sum.resize(r, 0.0);
+    s.scores.resize(r * BLOCK, 0.0);
+    s.keys.resize(hd * BLOCK, 0.0);
+    s.values.resize(BLOCK * hd, 0.0);
+    let pos_of = |row: usize| sp.pos + rows.start + row / rep;
+    let first = window_start(sp.window, pos_of(0));
+    let last = pos_of(r - 1);
+    for b in first / BLOCK..=last / BLOCK {
+        let base = b * BLOCK;
+        // Each row's visible keys in this block, `lo..hi` (empty: the row skips the block).
+        let range = |row: usize| {
+            let p = pos_of(row);
+            let lo = window_start(sp.window, p).max(base) - base;
+            let hi = (p + 1).min(base + BLOCK).saturating_sub(base);
+            (lo, hi.max(lo))
+        };
+        let (mut jlo, mut jhi) = (BLOCK, 0);
+        for row in 0..r {
+            let (lo, hi) = range(row);
+            if lo < hi {
+                jlo = jlo.min(lo);
+                jhi = jhi.max(hi);
             }
         }
-        let done = len - quads.into_remainder().len();
-        for (i, s) in s.iter_mut().enumerate().skip(done) {
-            *s = dot(q, key(row.start + i)) * h.scale;
+        if jlo >= jhi {
+            continue;
         }
-    }
-    // Each head's unnormalised weights; the sums divide the outputs at the end.
-    for (r, s) in scores.chunks_exact_mut(len).enumerate() {
-        let max = s.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
-        for v in s.iter_mut() {
-            *v = (*v - max).exp();
-            sums[r] += *v;
-        }
-    }
-    let values = &values[row.start * hd..];
-    for ((o, p), sum) in out
-        .chunks_exact_mut(hd)
-        .zip(scores.chunks_exact(len))
-        .zip(sums.iter())
-    {
-        weighted_sum(p, values, hd, o);
-        let inv = 1.0 / sum;
-        o.iter_mut().for_each(|v| *v *= inv);
-    }
-}
-
-/// `out = Σᵢ p[i] · v[i * stride..][..out.len()]`, in the order of `i`.
-fn weighted_sum(p: &[f32], v: &[f16], stride: usize, out: &mut [f32]) {
-    let hd = out.len();
-    // Only the x86 path below advances it.
-    #[allow(unused_mut)]
-    let mut col = 0;
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
-    {
-        // 64 columns at a time in eight registers, over every key before they are stored:
-        // eight independent sums keep both FMA units busy (four wait on each other's latency).
-        // Then 32 at a time in four.
-        while col + 64 <= hd {
-            // SAFETY: AVX2 and FMA are in the build's target; col + 64 <= hd.
-            unsafe { weighted_columns::<8>(p, v, stride, col, out) };
-            col += 64;
-        }
-        while col + 32 <= hd {
-            // SAFETY: as above, col + 32 <= hd.
-            unsafe { weighted_columns::<4>(p, v, stride, col, out) };
-            col += 32;
-        }
-    }
-    let rest = &mut out[col..];
-    rest.fill(0.0);
-    for (i, w) in p.iter().enumerate() {
-        for (o, x) in rest.iter_mut().zip(&v[i * stride + col..][..hd - col]) {
-            *o += w * x.to_f32();
-        }
-    }
-}
-
-/// Columns `col..col + 8R` of [`weighted_sum`], in `R` registers over every key.
-///
-/// # Safety
-/// AVX2, FMA and F16C must be in the build's target (they are where this is compiled), and
-/// `col + 8R <= out.len()`, with `v` holding `p.len()` rows of `stride`, the last `out.len()` long.
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
-#[inline(always)]
-unsafe fn weighted_columns<const R: usize>(
-    p: &[f32],
-    v: &[f16],
-    stride: usize,
-    col: usize,
-    out: &mut [f32],
-) {
-    use std::arch::x86_64::*;
-    // SAFETY: every load and store is inside `v` or `out`, by the caller's bounds.
-    unsafe {
-        let mut acc = [_mm256_setzero_ps(); R];
-        for (i, &w) in p.iter().enumerate() {
-            let (w, row) = (_mm256_set1_ps(w), v.as_ptr().add(i * stride + col));
-            for (u, a) in acc.iter_mut().enumerate() {
-                let x = _mm256_cvtph_ps(_mm_loadu_si128(row.add(8 * u).cast()));
-                *a = _mm256_fmadd_ps(w, x, *a);
+        let blk = sp.blocks[b];
+        // Positions past `jhi` may not be written yet: only `jlo..jhi` is read.
+        let kt = &blk.k[g * hd * BLOCK..][..hd * BLOCK];
+        kt.convert_to_f32_slice(&mut s.keys);
+        let vs = &blk.v[(g * BLOCK + jlo) * hd..(g * BLOCK + jhi) * hd];
+        vs.convert_to_f32_slice(&mut s.values[jlo * hd..jhi * hd]);
+        scores(&s.q, &s.keys, hd, r, &mut s.scores);
+        for row in 0..r {
+            let (lo, hi) = range(row);
+            let p = &mut s.scores[row * BLOCK..][..BLOCK];
+            if lo >= hi {
+                p.fill(0.0);
+                continue;
             }
+            let alpha = softmax_tile(p, lo, hi, &mut s.max[row], &mut s.sum[row]);
+            s.acc[row * hd..][..hd].iter_mut().for_each(|a| *a *= alpha);
         }
-        for (u, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(out.as_mut_ptr().add(col + 8 * u), *a);
+        weigh_values(&s.scores, &s.values, hd, r, jlo..jhi, &mut s.acc);
+    }
+    let width = nh * hd;
+    for row in 0..r {
+        let (i, j) = (row / rep, row % rep);
+        let inv = 1.0 / s.sum[row];
+        let at = (sp.offset + rows.start + i) * width + (g * rep + j) * hd;
+        // SAFETY: the heads of KV head g at this task's tokens are this task's alone: `hd`
+        // floats inside `out` (the caller checked its length).
+        let o = unsafe { std::slice::from_raw_parts_mut(out.at(at), hd) };
+        for (o, a) in o.iter_mut().zip(&s.acc[row * hd..][..hd]) {
+            *o = a * inv;
         }
     }
 }
 
-/// `q` against four keys.
+/// `scores[row][j] = q[row] · keys[:, j]` for every row and the block's `BLOCK` positions, each
+/// one chain of fused multiply-adds over the dimensions in order.
+fn scores(q: &[f32], keys: &[f32], hd: usize, rows: usize, out: &mut [f32]) {
+    let mut r0 = 0;
+    while r0 < rows {
+        let n = MR.min(rows - r0);
+        let (q, out) = (&q[r0 * hd..][..n * hd], &mut out[r0 * BLOCK..][..n * BLOCK]);
+        match n {
+            6 => scores_rows::<6>(q, keys, hd, out),
+            5 => scores_rows::<5>(q, keys, hd, out),
+            4 => scores_rows::<4>(q, keys, hd, out),
+            3 => scores_rows::<3>(q, keys, hd, out),
+            2 => scores_rows::<2>(q, keys, hd, out),
+            _ => scores_rows::<1>(q, keys, hd, out),
+        }
+        r0 += n;
+    }
+}
+
+/// Lanes of one register-held slice of a row (two AVX2 registers).
+const LANES: usize = 16;
+
 #[inline(always)]
-fn dot4(q: &[f32], k: [&[f16]; 4]) -> [f32; 4] {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
-    {
-        use std::arch::x86_64::*;
-        let n = q.len();
-        assert!(k.iter().all(|k| k.len() == n));
-        let body = n / 8 * 8;
-        // SAFETY: AVX2, FMA and F16C are in the build's target; loads stay below `body <= n`.
-        let mut out = unsafe {
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for c in (0..body).step_by(8) {
-                let x = _mm256_loadu_ps(q.as_ptr().add(c));
-                for (a, k) in acc.iter_mut().zip(&k) {
-                    let y = _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(c).cast()));
-                    *a = _mm256_fmadd_ps(x, y, *a);
+fn scores_rows<const N: usize>(q: &[f32], keys: &[f32], hd: usize, out: &mut [f32]) {
+    for j0 in (0..BLOCK).step_by(LANES) {
+        let mut acc = [[0f32; LANES]; N];
+        for (d, krow) in keys.chunks_exact(BLOCK).take(hd).enumerate() {
+            let k: &[f32; LANES] = krow[j0..j0 + LANES].try_into().expect("lanes");
+            for (i, a) in acc.iter_mut().enumerate() {
+                let x = q[i * hd + d];
+                for l in 0..LANES {
+                    a[l] = x.mul_add(k[l], a[l]);
                 }
             }
-            // Each accumulator's eight lanes summed, the four results side by side.
-            let s = _mm256_hadd_ps(
-                _mm256_hadd_ps(acc[0], acc[1]),
-                _mm256_hadd_ps(acc[2], acc[3]),
-            );
-            let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-            let mut out = [0f32; 4];
-            _mm_storeu_ps(out.as_mut_ptr(), s);
-            out
-        };
-        for (o, k) in out.iter_mut().zip(&k) {
-            *o += q[body..]
-                .iter()
-                .zip(&k[body..])
-                .map(|(a, b)| a * b.to_f32())
-                .sum::<f32>();
         }
-        out
+        for (i, a) in acc.iter().enumerate() {
+            out[i * BLOCK + j0..][..LANES].copy_from_slice(a);
+        }
     }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    )))]
-    k.map(|k| dot(q, k))
 }
 
-/// Eight running sums, so the compiler keeps them in one vector register.
+/// Folds one row's scores of a block (visible `lo..hi`) into its running maximum and sum:
+/// leaves the row's weights in `p` (zero where masked) and returns the factor its output so
+/// far is to be scaled by.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f16]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y.to_f32())
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i].to_f32();
+fn softmax_tile(p: &mut [f32], lo: usize, hi: usize, max: &mut f32, sum: &mut f32) -> f32 {
+    let tile_max = p[lo..hi].iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    let new_max = max.max(tile_max);
+    let alpha = (*max - new_max).exp();
+    let mut sums = [0f32; 8];
+    for (c, chunk) in p.chunks_exact_mut(8).enumerate() {
+        let mut x = [0f32; 8];
+        for l in 0..8 {
+            x[l] = chunk[l] - new_max;
+        }
+        let e = exp8(x);
+        for l in 0..8 {
+            let j = c * 8 + l;
+            let w = if j >= lo && j < hi { e[l] } else { 0.0 };
+            chunk[l] = w;
+            sums[l] += w;
         }
     }
-    acc.iter().sum::<f32>() + tail
+    let tile_sum = ((sums[0] + sums[4]) + (sums[1] + sums[5]))
+        + ((sums[2] + sums[6]) + (sums[3] + sums[7]));
+    *sum = *sum * alpha + tile_sum;
+    *max = new_max;
+    alpha
+}
+
+/// `e^x` of eight lanes, to about 2 ulp for the range attention sees (x <= 0), branch-free so
+/// it compiles to vector code (as llama.cpp's `ggml_v_expf`). Lanes below -87 give 0.
+#[inline(always)]
+fn exp8(x: [f32; 8]) -> [f32; 8] {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let mut out = [0f32; 8];
+    for l in 0..8 {
+        let v = x[l].clamp(-87.0, 88.0);
+        let n = (v * LOG2E + ROUND) - ROUND;
+        let r = v - n * LN2_HI - n * LN2_LO;
+        // Minimax polynomial for e^r on [-ln2/2, ln2/2] (Cephes expf).
+        let mut p = 1.987_569_1e-4f32;
+        p = p.mul_add(r, 1.398_199_9e-3);
+        p = p.mul_add(r, 8.333_452e-3);
+        p = p.mul_add(r, 4.166_579_6e-2);
+        p = p.mul_add(r, 1.666_666_5e-1);
+        p = p.mul_add(r, 0.5);
+        let e = (p * r).mul_add(r, r) + 1.0;
+        let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        out[l] = if x[l] < -87.0 { 0.0 } else { e * scale };
+    }
+    out
+}
+
+/// `acc[row] += Σⱼ p[row][j] · values[j]` over `j` in `range`, in order, for every row.
+fn weigh_values(
+    p: &[f32],
+    values: &[f32],
+    hd: usize,
+    rows: usize,
+    range: std::ops::Range<usize>,
+    acc: &mut [f32],
+) {
+    let mut r0 = 0;
+    while r0 < rows {
+        let n = 4.min(rows - r0);
+        let (p, acc) = (&p[r0 * BLOCK..][..n * BLOCK], &mut acc[r0 * hd..][..n * hd]);
+        match n {
+            4 => weigh_rows::<4>(p, values, hd, range.clone(), acc),
+            3 => weigh_rows::<3>(p, values, hd, range.clone(), acc),
+            2 => weigh_rows::<2>(p, values, hd, range.clone(), acc),
+            _ => weigh_rows::<1>(p, values, hd, range.clone(), acc),
+        }
+        r0 += n;
+    }
+}
+
+#[inline(always)]
+fn weigh_rows<const N: usize>(
+    p: &[f32],
+    values: &[f32],
+    hd: usize,
+    range: std::ops::Range<usize>,
+    acc: &mut [f32],
+) {
+    let mut c0 = 0;
+    while c0 + LANES <= hd {
+        let mut a = [[0f32; LANES]; N];
+        for (i, a) in a.iter_mut().enumerate() {
+            a.copy_from_slice(&acc[i * hd + c0..][..LANES]);
+        }
+        for j in range.clone() {
+            let v: &[f32; LANES] = values[j * hd + c0..][..LANES].try_into().expect("lanes");
+            for (i, a) in a.iter_mut().enumerate() {
+                let w = p[i * BLOCK + j];
+                for l in 0..LANES {
+                    a[l] = w.mul_add(v[l], a[l]);
+                }
+            }
+        }
+        for (i, a) in a.iter().enumerate() {
+            acc[i * hd + c0..][..LANES].copy_from_slice(a);
+        }
+        c0 += LANES;
+    }
+    // Head sizes that are not a multiple of the lanes: the last columns one at a time.
+    for c in c0..hd {
+        for i in 0..N {
+            let mut a = acc[i * hd + c];
+            for j in range.clone() {
+                a = p[i * BLOCK + j].mul_add(values[j * hd + c], a);
+            }
+            acc[i * hd + c] = a;
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Straightforward attention in f64 for one row.
-    fn reference(q: &[f32], row: &Row<'_>, h: Heads) -> Vec<f32> {
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> f32 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        }
+    }
+
+    /// One sequence's cache of `blocks` blocks in the store's layout, from a generator.
+    fn cache(rng: &mut Rng, nkv: usize, hd: usize, blocks: usize) -> Vec<(Vec<f16>, Vec<f16>)> {
+        (0..blocks)
+            .map(|_| {
+                let n = nkv * hd * BLOCK;
+                (
+                    (0..n).map(|_| f16::from_f32(rng.next() * 3.0)).collect(),
+                    (0..n).map(|_| f16::from_f32(rng.next())).collect(),
+                )
+            })
+            .collect()
+    }
+
+    fn views(c: &[(Vec<f16>, Vec<f16>)]) -> Vec<BlockKv<'_>> {
+        c.iter().map(|(k, v)| BlockKv { k, v }).collect()
+    }
+
+    /// Straightforward attention in f64 for the token at `pos` of a cache.
+    fn reference(
+        q: &[f32],
+        c: &[(Vec<f16>, Vec<f16>)],
+        h: Heads,
+        pos: usize,
+        window: Option<usize>,
+    ) -> Vec<f32> {
         let (hd, nkv) = (h.head_dim, h.n_kv_head);
         let rep = h.n_head / nkv;
         let mut out = vec![0f32; h.n_head * hd];
+        let key = |g: usize, j: usize, d: usize| c[j / BLOCK].0[(g * hd + d) * BLOCK + j % BLOCK];
+        let val = |g: usize, j: usize, d: usize| c[j / BLOCK].1[(g * BLOCK + j % BLOCK) * hd + d];
+        let keys = window_start(window, pos)..pos + 1;
         for head in 0..h.n_head {
             let g = head / rep;
-            let qr = &q[(row.token * h.n_head + head) * hd..][..hd];
-            let s: Vec<f64> = (row.start..row.end)
+            let qr = &q[head * hd..][..hd];
+            let s: Vec<f64> = keys
+                .clone()
                 .map(|j| {
-                    let k = &row.k[(g * row.cap + j) * hd..][..hd];
-                    qr.iter()
-                        .zip(k)
-                        .map(|(a, b)| *a as f64 * b.to_f64())
-                        .sum::<f64>()
+                    (0..hd).map(|d| qr[d] as f64 * key(g, j, d).to_f64()).sum::<f64>()
                         * h.scale as f64
                 })
                 .collect();
@@ -311,10 +421,7 @@ mod tests {
             let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
             let z: f64 = e.iter().sum();
             for d in 0..hd {
-                let acc: f64 = (row.start..row.end)
-                    .zip(&e)
-                    .map(|(j, p)| p * row.v[(g * row.cap + j) * hd + d].to_f64())
-                    .sum();
+                let acc: f64 = keys.clone().zip(&e).map(|(j, p)| p * val(g, j, d).to_f64()).sum();
                 out[head * hd + d] = (acc / z) as f32;
             }
         }
@@ -323,13 +430,7 @@ mod tests {
 
     #[test]
     fn matches_reference_with_grouped_heads_windows_and_odd_sizes() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rnd = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        };
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         for (n_head, n_kv_head, head_dim) in [(9, 3, 64), (4, 1, 36), (2, 2, 13), (2, 1, 100)] {
             let h = Heads {
                 n_head,
@@ -337,76 +438,84 @@ mod tests {
                 head_dim,
                 scale: 1.0 / (head_dim as f32).sqrt(),
             };
-            let tokens = 6;
-            let q: Vec<f32> = (0..n_head * tokens * head_dim).map(|_| rnd()).collect();
-            let caches: Vec<(Vec<f16>, Vec<f16>)> = [1usize, 7, 300]
-                .iter()
-                .map(|cap| {
-                    let n = cap * n_kv_head * head_dim;
-                    (
-                        (0..n).map(|_| f16::from_f32(rnd() * 3.0)).collect(),
-                        (0..n).map(|_| f16::from_f32(rnd())).collect(),
-                    )
-                })
-                .collect();
-            let rows = [
-                Row {
-                    token: 0,
-                    k: &caches[0].0,
-                    v: &caches[0].1,
-                    cap: 1,
-                    start: 0,
-                    end: 1,
-                },
-                Row {
-                    token: 3,
-                    k: &caches[1].0,
-                    v: &caches[1].1,
-                    cap: 7,
-                    start: 2,
-                    end: 7,
-                },
-                Row {
-                    token: 4,
-                    k: &caches[2].0,
-                    v: &caches[2].1,
-                    cap: 300,
-                    start: 0,
-                    end: 300,
-                },
-                // A prompt's tokens: rows of one cache, each seeing one key more.
-                Row {
-                    token: 1,
-                    k: &caches[2].0,
-                    v: &caches[2].1,
-                    cap: 300,
-                    start: 0,
-                    end: 5,
-                },
-                Row {
-                    token: 2,
-                    k: &caches[2].0,
-                    v: &caches[2].1,
-                    cap: 300,
-                    start: 0,
-                    end: 6,
-                },
-            ];
-            let width = n_head * head_dim;
-            let mut out = vec![7f32; tokens * width];
-            decode(&q, tokens, &rows, h, &mut out);
-            for row in &rows {
-                let want = reference(&q, row, h);
-                let got = &out[row.token * width..][..width];
-                for (a, b) in got.iter().zip(&want) {
-                    assert!(
-                        (a - b).abs() < 1e-5,
-                        "{a} vs {b} ({n_head}/{n_kv_head}/{head_dim})"
-                    );
+            for window in [None, Some(70)] {
+                let c = cache(&mut rng, n_kv_head, head_dim, 4);
+                // A prompt chunk of 40 tokens at position 150 (across blocks 2 and 3).
+                let (pos, len) = (150, 40);
+                let q: Vec<f32> = (0..len * n_head * head_dim).map(|_| rng.next()).collect();
+                let mut out = vec![7f32; len * n_head * head_dim];
+                let span = Span {
+                    offset: 0,
+                    len,
+                    pos,
+                    window,
+                    blocks: views(&c),
+                };
+                attend(&q, len, &[span], h, &mut out);
+                let width = n_head * head_dim;
+                for i in 0..len {
+                    let want = reference(&q[i * width..][..width], &c, h, pos + i, window);
+                    for (a, b) in out[i * width..][..width].iter().zip(&want) {
+                        assert!(
+                            (a - b).abs() < 2e-5,
+                            "{a} vs {b} ({n_head}/{n_kv_head}/{head_dim}, {window:?}, row {i})"
+                        );
+                    }
                 }
             }
-            // Rows of tokens that were not asked for are left alone.
-            assert!(out[5 * width..].iter().all(|v| *v == 7.0));
+        }
+    }
+
+    #[test]
+    fn a_token_gets_the_same_bits_decoded_alone_as_in_a_prompt_chunk() {
+        let mut rng = Rng(42);
+        for (n_head, n_kv_head, head_dim, window) in
+            [(9, 3, 64, None), (4, 1, 256, Some(100)), (2, 1, 100, None)]
+        {
+            let h = Heads {
+                n_head,
+                n_kv_head,
+                head_dim,
+                scale: 1.0 / (head_dim as f32).sqrt(),
+            };
+            let c = cache(&mut rng, n_kv_head, head_dim, 5);
+            let width = n_head * head_dim;
+            let (pos, len) = (200, 90);
+            let q: Vec<f32> = (0..len * width).map(|_| rng.next()).collect();
+            let mut chunk = vec![0f32; len * width];
+            let blocks = views(&c);
+            let span = |offset, len, pos| Span {
+                offset,
+                len,
+                pos,
+                window,
+                blocks: blocks.clone(),
+            };
+            attend(&q, len, &[span(0, len, pos)], h, &mut chunk);
+            // Each token alone, as a decode step sees it (another sequence in the batch too).
+            for i in [0, 1, 37, 55, 89] {
+                let mut batch = q[i * width..][..width].to_vec();
+                batch.extend_from_slice(&q[..width]);
+                let mut out = vec![0f32; 2 * width];
+                attend(&batch, 2, &[span(0, 1, pos + i), span(1, 1, 3)], h, &mut out);
+                let alone: Vec<u32> = out[..width].iter().map(|x| x.to_bits()).collect();
+                let inside: Vec<u32> = chunk[i * width..][..width].iter().map(|x| x.to_bits()).collect();
+                assert_eq!(alone, inside, "token {i} ({n_head}/{n_kv_head}/{head_dim})");
+            }
+        }
+    }
+
+    #[test]
+    fn exp8_is_close_to_exp_and_zero_far_below() {
+        let xs = [-87.5, -80.0, -20.0, -3.3, -0.7, -1e-3, 0.0, 2.5];
+        let got = exp8(xs);
+        for (x, g) in xs.iter().zip(got) {
+            let want = (*x as f64).exp();
+            if *x < -87.0 {
+                assert_eq!(g, 0.0);
+            } else {
+                assert!(((g as f64 - want) / want).abs() < 3e-7, "exp({x}) = {g}, want {want}");
+            }
         }
     }
 }
