@@ -12,8 +12,8 @@ use std::io::BufReader;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
-use neuron::engine::linear::Linear;
 use neuron::engine::kv_cache::{BLOCK, BlockId};
+use neuron::engine::linear::Linear;
 use neuron::engine::model::{Config, Model, SeqInput};
 use neuron::gguf::Meta;
 

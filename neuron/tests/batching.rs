@@ -317,7 +317,7 @@ async fn a_shared_prompt_prefix_is_read_once_and_answers_do_not_change() {
     let before = metric(&c, hits).await;
     let (_, st) = c.get("/status").await;
     assert!(
-        st["models"][0]["kvCacheUsedBytes"].as_u64().unwrap() > 0,
+        st["models"][0]["prefixCacheUsedBytes"].as_u64().unwrap() > 0,
         "the finished prompt's cache is kept for reuse: {st}"
     );
     let answer = text(&complete(&c, "m", &second, 24).await);

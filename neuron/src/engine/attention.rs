@@ -27,7 +27,7 @@ use super::kv_cache::BLOCK;
 
 /// Query rows (positions × heads of one KV head) a task aims for: enough that a block's
 /// conversion and reading are shared widely, few enough that the rows' outputs stay in cache.
-const TASK_ROWS: usize = 32;
+const TASK_ROWS: usize = 36;
 
 /// Rows of the score and output products held in registers at once.
 const MR: usize = 6;
@@ -93,7 +93,9 @@ pub fn attend(q: &[f32], tokens: usize, spans: &[Span<'_>], h: Heads, out: &mut 
     let rep = h.n_head / nkv;
     assert_eq!(q.len(), tokens * h.n_head * hd, "queries");
     assert_eq!(out.len(), tokens * h.n_head * hd, "output");
-    let per_task = (TASK_ROWS / rep).max(1);
+    // Whole groups of MR rows where the heads allow (12 queries of 3 heads, 9 of 4).
+    let group = (1..=MR).find(|q| (q * rep) % MR == 0).unwrap_or(1);
+    let per_task = (TASK_ROWS / rep / group * group).max(1);
     let mut tasks = Vec::new();
     for (si, sp) in spans.iter().enumerate() {
         assert!(sp.offset + sp.len <= tokens, "span rows");
@@ -170,12 +172,11 @@ fn task(
             continue;
         }
         let blk = sp.blocks[b];
-        // Positions past `jhi` may not be written yet: only `jlo..jhi` is read.
+        // Positions past `jhi` may not be written yet: only `jlo..jhi` of the values is read.
         let kt = &blk.k[g * hd * BLOCK..][..hd * BLOCK];
-        kt.convert_to_f32_slice(&mut s.keys);
-        let vs = &blk.v[(g * BLOCK + jlo) * hd..(g * BLOCK + jhi) * hd];
-        vs.convert_to_f32_slice(&mut s.values[jlo * hd..jhi * hd]);
-        scores(&s.q, &s.keys, hd, r, &mut s.scores);
+        let vs = &blk.v[g * BLOCK * hd..][..BLOCK * hd];
+        let kv = Tile::new(kt, vs, jlo..jhi, hd, &mut s.keys, &mut s.values);
+        scores(&s.q, &kv, hd, r, &mut s.scores);
         for row in 0..r {
             let (lo, hi) = range(row);
             let p = &mut s.scores[row * BLOCK..][..BLOCK];
@@ -186,7 +187,7 @@ fn task(
             let alpha = softmax_tile(p, lo, hi, &mut s.max[row], &mut s.sum[row]);
             s.acc[row * hd..][..hd].iter_mut().for_each(|a| *a *= alpha);
         }
-        weigh_values(&s.scores, &s.values, hd, r, jlo..jhi, &mut s.acc);
+        weigh_values(&s.scores, &kv, hd, r, jlo..jhi, &mut s.acc);
     }
     let width = nh * hd;
     for row in 0..r {
@@ -202,9 +203,44 @@ fn task(
     }
 }
 
+/// One block's keys and values for a task: read as f16 where the products convert as they go
+/// (AVX2's `vcvtph2ps` runs beside the multiply-adds), else converted to f32 once.
+enum Tile<'a> {
+    #[allow(dead_code)]
+    Half { k: &'a [f16], v: &'a [f16] },
+    #[allow(dead_code)]
+    Float { k: &'a [f32], v: &'a [f32] },
+}
+
+impl<'a> Tile<'a> {
+    fn new(
+        k: &'a [f16],
+        v: &'a [f16],
+        range: std::ops::Range<usize>,
+        hd: usize,
+        kbuf: &'a mut [f32],
+        vbuf: &'a mut [f32],
+    ) -> Self {
+        if cfg!(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma",
+            target_feature = "f16c"
+        )) {
+            let _ = (range, hd, kbuf, vbuf);
+            Tile::Half { k, v }
+        } else {
+            k.convert_to_f32_slice(kbuf);
+            let r = range.start * hd..range.end * hd;
+            v[r.clone()].convert_to_f32_slice(&mut vbuf[r]);
+            Tile::Float { k: kbuf, v: vbuf }
+        }
+    }
+}
+
 /// `scores[row][j] = q[row] · keys[:, j]` for every row and the block's `BLOCK` positions, each
 /// one chain of fused multiply-adds over the dimensions in order.
-fn scores(q: &[f32], keys: &[f32], hd: usize, rows: usize, out: &mut [f32]) {
+fn scores(q: &[f32], keys: &Tile<'_>, hd: usize, rows: usize, out: &mut [f32]) {
     let mut r0 = 0;
     while r0 < rows {
         let n = MR.min(rows - r0);
@@ -225,7 +261,30 @@ fn scores(q: &[f32], keys: &[f32], hd: usize, rows: usize, out: &mut [f32]) {
 const LANES: usize = 16;
 
 #[inline(always)]
-fn scores_rows<const N: usize>(q: &[f32], keys: &[f32], hd: usize, out: &mut [f32]) {
+fn scores_rows<const N: usize>(q: &[f32], keys: &Tile<'_>, hd: usize, out: &mut [f32]) {
+    assert!(q.len() >= N * hd && out.len() >= N * BLOCK);
+    match *keys {
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma",
+            target_feature = "f16c"
+        ))]
+        Tile::Half { k, .. } => {
+            assert!(k.len() >= hd * BLOCK);
+            // SAFETY: AVX2, FMA and F16C are in the build's target; bounds checked above.
+            unsafe { avx2::scores_rows::<N>(q, k, hd, out) }
+        }
+        Tile::Float { k, .. } => scores_rows_portable::<N>(q, k, hd, out),
+        #[allow(unreachable_patterns)]
+        _ => unreachable!("f16 tiles only where AVX2 reads them"),
+    }
+}
+
+/// [`scores_rows`] in portable code (the same fused multiply-adds, in the same order).
+#[allow(dead_code)]
+#[inline(always)]
+fn scores_rows_portable<const N: usize>(q: &[f32], keys: &[f32], hd: usize, out: &mut [f32]) {
     for j0 in (0..BLOCK).step_by(LANES) {
         let mut acc = [[0f32; LANES]; N];
         for (d, krow) in keys.chunks_exact(BLOCK).take(hd).enumerate() {
@@ -248,6 +307,29 @@ fn scores_rows<const N: usize>(q: &[f32], keys: &[f32], hd: usize, out: &mut [f3
 /// far is to be scaled by.
 #[inline(always)]
 fn softmax_tile(p: &mut [f32], lo: usize, hi: usize, max: &mut f32, sum: &mut f32) -> f32 {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    {
+        assert!(p.len() == BLOCK && lo < hi && hi <= BLOCK);
+        // SAFETY: AVX2 and FMA are in the build's target; `p` holds BLOCK lanes.
+        unsafe { avx2::softmax_tile(p, lo, hi, max, sum) }
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )))]
+    softmax_tile_portable(p, lo, hi, max, sum)
+}
+
+#[allow(dead_code)]
+#[inline(always)]
+fn softmax_tile_portable(p: &mut [f32], lo: usize, hi: usize, max: &mut f32, sum: &mut f32) -> f32 {
     let tile_max = p[lo..hi].iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
     let new_max = max.max(tile_max);
     let alpha = (*max - new_max).exp();
@@ -265,8 +347,8 @@ fn softmax_tile(p: &mut [f32], lo: usize, hi: usize, max: &mut f32, sum: &mut f3
             sums[l] += w;
         }
     }
-    let tile_sum = ((sums[0] + sums[4]) + (sums[1] + sums[5]))
-        + ((sums[2] + sums[6]) + (sums[3] + sums[7]));
+    let tile_sum =
+        ((sums[0] + sums[4]) + (sums[1] + sums[5])) + ((sums[2] + sums[6]) + (sums[3] + sums[7]));
     *sum = *sum * alpha + tile_sum;
     *max = new_max;
     alpha
@@ -276,6 +358,33 @@ fn softmax_tile(p: &mut [f32], lo: usize, hi: usize, max: &mut f32, sum: &mut f3
 /// it compiles to vector code (as llama.cpp's `ggml_v_expf`). Lanes below -87 give 0.
 #[inline(always)]
 fn exp8(x: [f32; 8]) -> [f32; 8] {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    {
+        let mut out = [0f32; 8];
+        // SAFETY: AVX2 and FMA are in the build's target; both arrays hold eight lanes.
+        unsafe {
+            use std::arch::x86_64::*;
+            _mm256_storeu_ps(out.as_mut_ptr(), avx2::exp(_mm256_loadu_ps(x.as_ptr())));
+        }
+        out
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )))]
+    exp8_portable(x)
+}
+
+#[allow(dead_code)]
+#[inline(always)]
+fn exp8_portable(x: [f32; 8]) -> [f32; 8] {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
@@ -302,7 +411,7 @@ fn exp8(x: [f32; 8]) -> [f32; 8] {
 /// `acc[row] += Σⱼ p[row][j] · values[j]` over `j` in `range`, in order, for every row.
 fn weigh_values(
     p: &[f32],
-    values: &[f32],
+    values: &Tile<'_>,
     hd: usize,
     rows: usize,
     range: std::ops::Range<usize>,
@@ -310,9 +419,11 @@ fn weigh_values(
 ) {
     let mut r0 = 0;
     while r0 < rows {
-        let n = 4.min(rows - r0);
+        let n = MR.min(rows - r0);
         let (p, acc) = (&p[r0 * BLOCK..][..n * BLOCK], &mut acc[r0 * hd..][..n * hd]);
         match n {
+            6 => weigh_rows::<6>(p, values, hd, range.clone(), acc),
+            5 => weigh_rows::<5>(p, values, hd, range.clone(), acc),
             4 => weigh_rows::<4>(p, values, hd, range.clone(), acc),
             3 => weigh_rows::<3>(p, values, hd, range.clone(), acc),
             2 => weigh_rows::<2>(p, values, hd, range.clone(), acc),
@@ -324,6 +435,49 @@ fn weigh_values(
 
 #[inline(always)]
 fn weigh_rows<const N: usize>(
+    p: &[f32],
+    values: &Tile<'_>,
+    hd: usize,
+    range: std::ops::Range<usize>,
+    acc: &mut [f32],
+) {
+    assert!(p.len() >= N * BLOCK && acc.len() >= N * hd);
+    match *values {
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma",
+            target_feature = "f16c"
+        ))]
+        Tile::Half { v, .. } => {
+            assert!(v.len() >= range.end * hd);
+            let mut c0 = 0;
+            while c0 + LANES <= hd {
+                // SAFETY: AVX2, FMA and F16C are in the build's target; columns c0..c0 + 16
+                // are inside every row and the bounds of `p`, `v` and `acc` are checked above.
+                unsafe { avx2::weigh_columns::<N>(p, v, hd, range.clone(), c0, acc) };
+                c0 += LANES;
+            }
+            // Head sizes that are not a multiple of the lanes: the last columns one at a time.
+            for c in c0..hd {
+                for i in 0..N {
+                    let mut a = acc[i * hd + c];
+                    for j in range.clone() {
+                        a = p[i * BLOCK + j].mul_add(v[j * hd + c].to_f32(), a);
+                    }
+                    acc[i * hd + c] = a;
+                }
+            }
+        }
+        Tile::Float { v, .. } => weigh_rows_portable::<N>(p, v, hd, range, acc),
+        #[allow(unreachable_patterns)]
+        _ => unreachable!("f16 tiles only where AVX2 reads them"),
+    }
+}
+
+#[allow(dead_code)]
+#[inline(always)]
+fn weigh_rows_portable<const N: usize>(
     p: &[f32],
     values: &[f32],
     hd: usize,
@@ -358,6 +512,186 @@ fn weigh_rows<const N: usize>(
                 a = p[i * BLOCK + j].mul_add(values[j * hd + c], a);
             }
             acc[i * hd + c] = a;
+        }
+    }
+}
+
+/// The register-blocked products with AVX2 intrinsics: the same fused multiply-adds in the same
+/// order as the portable code, so the same bits, in registers the compiler could not be relied on
+/// to keep.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::BLOCK;
+
+    /// `e^x` per lane (the algorithm of `exp8_portable`); lanes below -87 give 0.
+    #[inline(always)]
+    pub(super) unsafe fn exp(x: __m256) -> __m256 {
+        unsafe {
+            let v = _mm256_min_ps(
+                _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
+                _mm256_set1_ps(88.0),
+            );
+            let round = _mm256_set1_ps(12_582_912.0);
+            let n = _mm256_sub_ps(
+                _mm256_fmadd_ps(v, _mm256_set1_ps(std::f32::consts::LOG2_E), round),
+                round,
+            );
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), v);
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+            let mut p = _mm256_set1_ps(1.987_569_1e-4);
+            for c in [
+                1.398_199_9e-3,
+                8.333_452e-3,
+                4.166_579_6e-2,
+                1.666_666_5e-1,
+                0.5,
+            ] {
+                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+            }
+            let e = _mm256_add_ps(
+                _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r),
+                _mm256_set1_ps(1.0),
+            );
+            let scale = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+                23,
+            ));
+            let keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0), _CMP_GE_OQ);
+            _mm256_and_ps(_mm256_mul_ps(e, scale), keep)
+        }
+    }
+
+    /// The AVX2 `softmax_tile`: masked lanes weigh exactly 0, sums in the same order.
+    #[inline(always)]
+    pub(super) unsafe fn softmax_tile(
+        p: &mut [f32],
+        lo: usize,
+        hi: usize,
+        max: &mut f32,
+        sum: &mut f32,
+    ) -> f32 {
+        unsafe {
+            let (lo_v, hi_v) = (_mm256_set1_epi32(lo as i32), _mm256_set1_epi32(hi as i32));
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let mask = |c: usize| {
+                let idx = _mm256_add_epi32(lanes, _mm256_set1_epi32((c * 8) as i32));
+                // lo <= idx < hi
+                let ge = _mm256_cmpgt_epi32(idx, _mm256_sub_epi32(lo_v, _mm256_set1_epi32(1)));
+                let lt = _mm256_cmpgt_epi32(hi_v, idx);
+                _mm256_castsi256_ps(_mm256_and_si256(ge, lt))
+            };
+            let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+            let mut m = ninf;
+            for c in 0..BLOCK / 8 {
+                let x = _mm256_loadu_ps(p.as_ptr().add(c * 8));
+                m = _mm256_max_ps(m, _mm256_blendv_ps(ninf, x, mask(c)));
+            }
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let m1 = _mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1));
+            let new_max = max.max(_mm_cvtss_f32(m1));
+            let alpha = (*max - new_max).exp();
+            let nm = _mm256_set1_ps(new_max);
+            let mut sums = _mm256_setzero_ps();
+            for c in 0..BLOCK / 8 {
+                let at = p.as_mut_ptr().add(c * 8);
+                let e = exp(_mm256_sub_ps(_mm256_loadu_ps(at), nm));
+                let w = _mm256_and_ps(e, mask(c));
+                _mm256_storeu_ps(at, w);
+                sums = _mm256_add_ps(sums, w);
+            }
+            // ((s0 + s4) + (s1 + s5)) + ((s2 + s6) + (s3 + s7))
+            let a = _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
+            let h = _mm_hadd_ps(a, a);
+            let tile_sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+            *sum = *sum * alpha + tile_sum;
+            *max = new_max;
+            alpha
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA must be in the build's target; `q` holds `N` rows of `hd`, `keys` `hd`
+    /// rows of `BLOCK`, `out` `N` rows of `BLOCK`.
+    #[inline(always)]
+    pub(super) unsafe fn scores_rows<const N: usize>(
+        q: &[f32],
+        keys: &[half::f16],
+        hd: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: every pointer stays inside the slices, by the caller's bounds.
+        unsafe {
+            for j0 in (0..BLOCK).step_by(16) {
+                let mut lo = [_mm256_setzero_ps(); N];
+                let mut hi = [_mm256_setzero_ps(); N];
+                let mut k = keys.as_ptr().add(j0);
+                let qp = q.as_ptr();
+                for d in 0..hd {
+                    let k0 = _mm256_cvtph_ps(_mm_loadu_si128(k.cast()));
+                    let k1 = _mm256_cvtph_ps(_mm_loadu_si128(k.add(8).cast()));
+                    k = k.add(BLOCK);
+                    for i in 0..N {
+                        let x = _mm256_broadcast_ss(&*qp.add(i * hd + d));
+                        lo[i] = _mm256_fmadd_ps(x, k0, lo[i]);
+                        hi[i] = _mm256_fmadd_ps(x, k1, hi[i]);
+                    }
+                }
+                for i in 0..N {
+                    let o = out.as_mut_ptr().add(i * BLOCK + j0);
+                    _mm256_storeu_ps(o, lo[i]);
+                    _mm256_storeu_ps(o.add(8), hi[i]);
+                }
+            }
+        }
+    }
+
+    /// Columns `c0..c0 + 16` of `acc[row] += Σⱼ p[row][j] · values[j]`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be in the build's target; `p` holds `N` rows of `BLOCK`, `values`
+    /// rows of `hd` up to `range.end`, `acc` `N` rows of `hd`, and `c0 + 16 <= hd`.
+    #[inline(always)]
+    pub(super) unsafe fn weigh_columns<const N: usize>(
+        p: &[f32],
+        values: &[half::f16],
+        hd: usize,
+        range: std::ops::Range<usize>,
+        c0: usize,
+        acc: &mut [f32],
+    ) {
+        // SAFETY: every pointer stays inside the slices, by the caller's bounds.
+        unsafe {
+            let mut lo = [_mm256_setzero_ps(); N];
+            let mut hi = [_mm256_setzero_ps(); N];
+            for i in 0..N {
+                let a = acc.as_ptr().add(i * hd + c0);
+                lo[i] = _mm256_loadu_ps(a);
+                hi[i] = _mm256_loadu_ps(a.add(8));
+            }
+            let pp = p.as_ptr();
+            for j in range {
+                let v = values.as_ptr().add(j * hd + c0);
+                let v0 = _mm256_cvtph_ps(_mm_loadu_si128(v.cast()));
+                let v1 = _mm256_cvtph_ps(_mm_loadu_si128(v.add(8).cast()));
+                for i in 0..N {
+                    let w = _mm256_broadcast_ss(&*pp.add(i * BLOCK + j));
+                    lo[i] = _mm256_fmadd_ps(w, v0, lo[i]);
+                    hi[i] = _mm256_fmadd_ps(w, v1, hi[i]);
+                }
+            }
+            for i in 0..N {
+                let a = acc.as_mut_ptr().add(i * hd + c0);
+                _mm256_storeu_ps(a, lo[i]);
+                _mm256_storeu_ps(a.add(8), hi[i]);
+            }
         }
     }
 }
@@ -413,7 +747,9 @@ mod tests {
             let s: Vec<f64> = keys
                 .clone()
                 .map(|j| {
-                    (0..hd).map(|d| qr[d] as f64 * key(g, j, d).to_f64()).sum::<f64>()
+                    (0..hd)
+                        .map(|d| qr[d] as f64 * key(g, j, d).to_f64())
+                        .sum::<f64>()
                         * h.scale as f64
                 })
                 .collect();
@@ -421,7 +757,11 @@ mod tests {
             let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
             let z: f64 = e.iter().sum();
             for d in 0..hd {
-                let acc: f64 = keys.clone().zip(&e).map(|(j, p)| p * val(g, j, d).to_f64()).sum();
+                let acc: f64 = keys
+                    .clone()
+                    .zip(&e)
+                    .map(|(j, p)| p * val(g, j, d).to_f64())
+                    .sum();
                 out[head * hd + d] = (acc / z) as f32;
             }
         }
@@ -497,9 +837,18 @@ mod tests {
                 let mut batch = q[i * width..][..width].to_vec();
                 batch.extend_from_slice(&q[..width]);
                 let mut out = vec![0f32; 2 * width];
-                attend(&batch, 2, &[span(0, 1, pos + i), span(1, 1, 3)], h, &mut out);
+                attend(
+                    &batch,
+                    2,
+                    &[span(0, 1, pos + i), span(1, 1, 3)],
+                    h,
+                    &mut out,
+                );
                 let alone: Vec<u32> = out[..width].iter().map(|x| x.to_bits()).collect();
-                let inside: Vec<u32> = chunk[i * width..][..width].iter().map(|x| x.to_bits()).collect();
+                let inside: Vec<u32> = chunk[i * width..][..width]
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect();
                 assert_eq!(alone, inside, "token {i} ({n_head}/{n_kv_head}/{head_dim})");
             }
         }
@@ -514,7 +863,10 @@ mod tests {
             if *x < -87.0 {
                 assert_eq!(g, 0.0);
             } else {
-                assert!(((g as f64 - want) / want).abs() < 3e-7, "exp({x}) = {g}, want {want}");
+                assert!(
+                    ((g as f64 - want) / want).abs() < 3e-7,
+                    "exp({x}) = {g}, want {want}"
+                );
             }
         }
     }

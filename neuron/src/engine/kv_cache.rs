@@ -281,7 +281,11 @@ mod tests {
         let a = toks(1, 3 * BLOCK + 10);
         let blocks = run(&mut pool, &a);
         assert_eq!(pool.held(), 0);
-        assert_eq!(pool.cached(), 3, "the three full blocks stay, the partial one is freed");
+        assert_eq!(
+            pool.cached(),
+            3,
+            "the three full blocks stay, the partial one is freed"
+        );
         let hit = pool.lookup(&a, 10);
         assert_eq!(hit.blocks, blocks[..3]);
         // A prompt that parts from it in its third block shares the first two.
@@ -315,7 +319,11 @@ mod tests {
         let y = pool.allocate().expect("room");
         assert!(pool.lookup(&a, 2).blocks.is_empty());
         let z = pool.allocate().expect("room");
-        assert_eq!(pool.lookup(&b, 2).blocks.len(), 1, "b's tail went before its head");
+        assert_eq!(
+            pool.lookup(&b, 2).blocks.len(),
+            1,
+            "b's tail went before its head"
+        );
         assert_eq!(pool.held(), 3);
         for blk in [x, y, z] {
             pool.release(blk);
@@ -334,7 +342,11 @@ mod tests {
         assert_eq!(pool.allocate(), None, "both blocks are held");
         pool.release(b1);
         assert_eq!(pool.allocate(), Some(b1), "a freed block comes back first");
-        assert_eq!(pool.lookup(&a, 1).blocks, vec![b0], "held and registered: still found");
+        assert_eq!(
+            pool.lookup(&a, 1).blocks,
+            vec![b0],
+            "held and registered: still found"
+        );
     }
 
     #[test]
@@ -354,7 +366,10 @@ mod tests {
         pool.register(reused, None, &x);
         x.extend_from_slice(&a[BLOCK..]);
         assert_eq!(pool.lookup(&x, 2).blocks, vec![reused]);
-        assert!(pool.lookup(&a, 2).blocks.is_empty(), "a's first block is gone");
+        assert!(
+            pool.lookup(&a, 2).blocks.is_empty(),
+            "a's first block is gone"
+        );
     }
 
     #[test]

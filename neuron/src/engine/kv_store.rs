@@ -75,10 +75,7 @@ impl HostStore {
         while self.blocks.len() <= block as usize {
             let mut v: Vec<f16> = Vec::new();
             v.try_reserve_exact(len).map_err(|_| {
-                Error::Internal(format!(
-                    "allocating a KV block of {} bytes failed",
-                    len * 2
-                ))
+                Error::Internal(format!("allocating a KV block of {} bytes failed", len * 2))
             })?;
             v.resize(len, f16::ZERO);
             self.blocks.push(v.into_boxed_slice());
@@ -255,7 +252,10 @@ mod tests {
         let v: Vec<f32> = (0..3 * 6).map(|i| 100.0 + i as f32).collect();
         s.write(1, &blocks, BLOCK - 1, &k, &v).unwrap();
         // Token 0 (position BLOCK-1, block 1, slot 63), head 1, dim 2 = k[0*6 + 1*3 + 2].
-        assert_eq!(s.keys(1, 1)[3 * BLOCK + 2 * BLOCK + BLOCK - 1].to_f32(), 5.0);
+        assert_eq!(
+            s.keys(1, 1)[3 * BLOCK + 2 * BLOCK + BLOCK - 1].to_f32(),
+            5.0
+        );
         // Token 2 (position BLOCK+1, block 0, slot 1), head 0, dims 0..3 of the values.
         let vals: Vec<f32> = s.values(0, 1)[3..6].iter().map(|x| x.to_f32()).collect();
         assert_eq!(vals, [112.0, 113.0, 114.0]);

@@ -3,8 +3,8 @@
 use std::io::{Read, Seek};
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
 use candle_core::quantized::{QTensor, gguf_file};
+use candle_core::{Device, Tensor};
 
 use super::config::{Arch, Config};
 use super::linear::{Linear, Matmul, own_qtype};

@@ -95,7 +95,9 @@ pub struct GenRequest {
 pub enum GenEvent {
     /// The prompt is read: how many of its tokens came from the prefix cache. Sent once,
     /// before the first text, so streams can report usage as they go.
-    Prompt { cached_tokens: usize },
+    Prompt {
+        cached_tokens: usize,
+    },
     /// A piece of generated text (never empty) and the tokens generated so far.
     Text(String, usize),
     Done {
@@ -277,7 +279,9 @@ impl Engine {
                     self.load
                         .last_used
                         .store(crate::now_secs(), Ordering::Relaxed);
-                    let Some(s) = self.seqs.get_mut(&id) else { continue };
+                    let Some(s) = self.seqs.get_mut(&id) else {
+                        continue;
+                    };
                     if s.admitted_at.is_none() {
                         s.admitted_at = Some(Instant::now());
                         self.metrics
@@ -438,7 +442,11 @@ impl Engine {
         s.last_at = now;
         metrics.generation_tokens.get_or_create(label).inc();
         if !s.req.ignore_eos && lm.tokenizer.stop_ids.contains(&tok) {
-            return Ok(Outcome::Leave(Some(self.done(id, FinishReason::Stop, None))));
+            return Ok(Outcome::Leave(Some(self.done(
+                id,
+                FinishReason::Stop,
+                None,
+            ))));
         }
         let tokens = s.req.prompt.len() + s.generated;
         let piece = s.decoder.push(&lm.tokenizer, tok)?;

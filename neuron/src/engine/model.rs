@@ -14,15 +14,14 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
 use super::attention::{self, window_start};
+use super::elementwise;
 use super::kv_cache::{BLOCK, BlockId};
 use super::kv_store::{HostStore, KvShape, KvStore, TensorStore};
 use super::linear::Linear;
-use super::{elementwise};
 use crate::error::{Error, Result};
 
 pub use super::config::{Activation, Arch, Config, SUPPORTED};
 pub use super::loader::estimate_bytes;
-
 
 /// An RMS norm's weights, as candle-transformers' `RmsNorm` holds them, with a host copy on the
 /// CPU for the fused residual step ([`elementwise::add_rms_norm`]).
@@ -120,7 +119,6 @@ pub(super) struct Layer {
     /// Index into `Model::ropes`.
     pub(super) rope: usize,
 }
-
 
 /// Token embeddings. On the CPU, for the types our kernels read, the table stays quantized and
 /// only the rows a pass needs are expanded (Gemma 3 270M's 262k × 640 table is 178 MB as Q8_0 and
@@ -368,7 +366,6 @@ impl Model {
         self.output.forward(&self.norm.forward(&x)?)
     }
 
-
     /// Attention of layer `li` for the whole batch; `x` is `(1, tokens, n_embd)`. The batch's
     /// keys and values are written into the sequences' blocks first, then read from them.
     #[allow(clippy::too_many_arguments)]
@@ -472,9 +469,16 @@ impl Model {
                 // Head-major, as the blocks hold them.
                 let kv_dtype = self.cfg.kv_dtype(&self.device);
                 let k = rope(&k)?.to_dtype(kv_dtype)?.squeeze(0)?;
-                let v = v.transpose(1, 2)?.contiguous()?.to_dtype(kv_dtype)?.squeeze(0)?;
+                let v = v
+                    .transpose(1, 2)?
+                    .contiguous()?
+                    .to_dtype(kv_dtype)?
+                    .squeeze(0)?;
                 for (s, sp) in seqs.iter().zip(spans) {
-                    let (ks, vs) = (k.narrow(1, sp.offset, sp.len)?, v.narrow(1, sp.offset, sp.len)?);
+                    let (ks, vs) = (
+                        k.narrow(1, sp.offset, sp.len)?,
+                        v.narrow(1, sp.offset, sp.len)?,
+                    );
                     ts.write(li, s.blocks, sp.pos, &ks, &vs)?;
                 }
                 let q = rope(&q)?.transpose(1, 2)?;
@@ -583,5 +587,3 @@ struct BatchSpan {
     len: usize,
     pos: usize,
 }
-
-

@@ -305,7 +305,11 @@ impl Scheduler {
                 .lookup(&front.tokens, Self::reusable_blocks(front));
             let fresh = front.tokens.len().div_ceil(BLOCK) - hit.blocks.len();
             // Cached blocks nobody holds count against the budget once taken.
-            let taken = hit.blocks.iter().filter(|&&b| !self.pool.is_held(b)).count();
+            let taken = hit
+                .blocks
+                .iter()
+                .filter(|&&b| !self.pool.is_held(b))
+                .count();
             if self.pool.held() + taken + fresh > self.limits.running_blocks
                 && !self.running.is_empty()
             {
@@ -590,7 +594,11 @@ mod tests {
             cached: 5 * BLOCK,
             again: false
         }));
-        assert_eq!(computed_tokens(&plans, 2), 3, "only the three tokens after the cached blocks");
+        assert_eq!(
+            computed_tokens(&plans, 2),
+            3,
+            "only the three tokens after the cached blocks"
+        );
     }
 
     #[test]
@@ -600,7 +608,13 @@ mod tests {
         s.add(1, p.clone());
         // Generate past the second block's end: it holds prompt and answer tokens.
         drive(&mut s, |s| generated(s, 1, 3 * BLOCK));
-        let turn2: Vec<u32> = s.tokens(1).unwrap().iter().copied().chain(prompt(2, 40)).collect();
+        let turn2: Vec<u32> = s
+            .tokens(1)
+            .unwrap()
+            .iter()
+            .copied()
+            .chain(prompt(2, 40))
+            .collect();
         s.remove(1);
         s.add(2, turn2);
         let plans = drive(&mut s, |s| generated(s, 2, 3 * BLOCK + 41));
@@ -621,10 +635,20 @@ mod tests {
         b.extend(prompt(3, 30));
         s.add(1, a.clone());
         s.add(2, b.clone());
-        let plans = drive(&mut s, |s| generated(s, 1, a.len() + 1) && generated(s, 2, b.len() + 1));
+        let plans = drive(&mut s, |s| {
+            generated(s, 1, a.len() + 1) && generated(s, 2, b.len() + 1)
+        });
         assert_eq!(computed_tokens(&plans, 1), a.len());
-        assert_eq!(computed_tokens(&plans, 2), 30, "the second computes only its own tail");
-        assert_eq!(s.cache_counts(2).0, 8 * BLOCK, "and counts the shared prefix as cached");
+        assert_eq!(
+            computed_tokens(&plans, 2),
+            30,
+            "the second computes only its own tail"
+        );
+        assert_eq!(
+            s.cache_counts(2).0,
+            8 * BLOCK,
+            "and counts the shared prefix as cached"
+        );
     }
 
     #[test]
@@ -697,7 +721,11 @@ mod tests {
         let len = s.tokens(2).unwrap().len();
         let plans = drive(&mut s, |s| generated(s, 2, 2 * BLOCK + 2));
         // Read again only after its own full blocks, still cached.
-        let first = plans.iter().flat_map(|p| &p.runs).find(|r| r.id == 2).unwrap();
+        let first = plans
+            .iter()
+            .flat_map(|p| &p.runs)
+            .find(|r| r.id == 2)
+            .unwrap();
         assert!(len > BLOCK);
         assert_eq!(first.range, (len - 1) / BLOCK * BLOCK..len);
     }
@@ -728,7 +756,11 @@ mod tests {
         s.add(1, prompt(1, 3 * BLOCK));
         s.add(2, prompt(2, 2 * BLOCK));
         let plan = s.schedule();
-        assert_eq!(plan.runs.len(), 1, "the second does not fit beside the first");
+        assert_eq!(
+            plan.runs.len(),
+            1,
+            "the second does not fit beside the first"
+        );
         assert_eq!(s.usage().waiting, 1);
         s.remove(1);
         let plan = s.schedule();
