@@ -94,7 +94,7 @@ pub fn attend(q: &[f32], tokens: usize, spans: &[Span<'_>], h: Heads, out: &mut 
     assert_eq!(q.len(), tokens * h.n_head * hd, "queries");
     assert_eq!(out.len(), tokens * h.n_head * hd, "output");
     // Whole groups of MR rows where the heads allow (12 queries of 3 heads, 9 of 4).
-    let group = (1..=MR).find(|q| (q * rep) % MR == 0).unwrap_or(1);
+    let group = (1..=MR).find(|q| (q * rep).is_multiple_of(MR)).unwrap_or(1);
     let per_task = (TASK_ROWS / rep / group * group).max(1);
     let mut tasks = Vec::new();
     for (si, sp) in spans.iter().enumerate() {
@@ -137,7 +137,7 @@ fn task(
     s.q.clear();
     for i in rows.clone() {
         let at = ((sp.offset + i) * nh + g * rep) * hd;
-        s.q.extend(q[at..][..rep * hd].iter().map(|x| x * h.scale));
+        s.q.extend_from_slice(&q[at..][..rep * hd]);
     }
     s.acc.clear();
     s.acc.resize(r * hd, 0.0);
@@ -184,7 +184,7 @@ fn task(
                 p.fill(0.0);
                 continue;
             }
-            let alpha = softmax_tile(p, lo, hi, &mut s.max[row], &mut s.sum[row]);
+            let alpha = softmax_tile(p, h.scale, lo, hi, &mut s.max[row], &mut s.sum[row]);
             s.acc[row * hd..][..hd].iter_mut().for_each(|a| *a *= alpha);
         }
         weigh_values(&s.scores, &kv, hd, r, jlo..jhi, &mut s.acc);
@@ -306,7 +306,14 @@ fn scores_rows_portable<const N: usize>(q: &[f32], keys: &[f32], hd: usize, out:
 /// leaves the row's weights in `p` (zero where masked) and returns the factor its output so
 /// far is to be scaled by.
 #[inline(always)]
-fn softmax_tile(p: &mut [f32], lo: usize, hi: usize, max: &mut f32, sum: &mut f32) -> f32 {
+fn softmax_tile(
+    p: &mut [f32],
+    scale: f32,
+    lo: usize,
+    hi: usize,
+    max: &mut f32,
+    sum: &mut f32,
+) -> f32 {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
@@ -316,7 +323,7 @@ fn softmax_tile(p: &mut [f32], lo: usize, hi: usize, max: &mut f32, sum: &mut f3
     {
         assert!(p.len() == BLOCK && lo < hi && hi <= BLOCK);
         // SAFETY: AVX2 and FMA are in the build's target; `p` holds BLOCK lanes.
-        unsafe { avx2::softmax_tile(p, lo, hi, max, sum) }
+        unsafe { avx2::softmax_tile(p, scale, lo, hi, max, sum) }
     }
     #[cfg(not(all(
         target_arch = "x86_64",
@@ -324,12 +331,20 @@ fn softmax_tile(p: &mut [f32], lo: usize, hi: usize, max: &mut f32, sum: &mut f3
         target_feature = "fma",
         target_feature = "f16c"
     )))]
-    softmax_tile_portable(p, lo, hi, max, sum)
+    softmax_tile_portable(p, scale, lo, hi, max, sum)
 }
 
 #[allow(dead_code)]
 #[inline(always)]
-fn softmax_tile_portable(p: &mut [f32], lo: usize, hi: usize, max: &mut f32, sum: &mut f32) -> f32 {
+fn softmax_tile_portable(
+    p: &mut [f32],
+    scale: f32,
+    lo: usize,
+    hi: usize,
+    max: &mut f32,
+    sum: &mut f32,
+) -> f32 {
+    p.iter_mut().for_each(|v| *v *= scale);
     let tile_max = p[lo..hi].iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
     let new_max = max.max(tile_max);
     let alpha = (*max - new_max).exp();
@@ -572,6 +587,7 @@ mod avx2 {
     #[inline(always)]
     pub(super) unsafe fn softmax_tile(
         p: &mut [f32],
+        scale: f32,
         lo: usize,
         hi: usize,
         max: &mut f32,
@@ -588,9 +604,10 @@ mod avx2 {
                 _mm256_castsi256_ps(_mm256_and_si256(ge, lt))
             };
             let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+            let sc = _mm256_set1_ps(scale);
             let mut m = ninf;
             for c in 0..BLOCK / 8 {
-                let x = _mm256_loadu_ps(p.as_ptr().add(c * 8));
+                let x = _mm256_mul_ps(_mm256_loadu_ps(p.as_ptr().add(c * 8)), sc);
                 m = _mm256_max_ps(m, _mm256_blendv_ps(ninf, x, mask(c)));
             }
             let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
@@ -602,7 +619,7 @@ mod avx2 {
             let mut sums = _mm256_setzero_ps();
             for c in 0..BLOCK / 8 {
                 let at = p.as_mut_ptr().add(c * 8);
-                let e = exp(_mm256_sub_ps(_mm256_loadu_ps(at), nm));
+                let e = exp(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(at), sc), nm));
                 let w = _mm256_and_ps(e, mask(c));
                 _mm256_storeu_ps(at, w);
                 sums = _mm256_add_ps(sums, w);

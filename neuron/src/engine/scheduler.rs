@@ -357,7 +357,7 @@ impl Scheduler {
     fn extend_from_cache(&mut self) {
         for i in 0..self.running.len() {
             let s = &self.running[i];
-            if s.decoding() || s.computed % BLOCK != 0 || s.computed != s.registered * BLOCK {
+            if s.decoding() || !s.computed.is_multiple_of(BLOCK) || s.computed != s.registered * BLOCK {
                 continue;
             }
             let at = s.registered;
@@ -389,7 +389,7 @@ impl Scheduler {
     /// Whether an older running sequence is computing the block `s` would compute next (the
     /// same block after the same blocks): then `s` waits for it rather than compute it twice.
     fn waits_for_other(&self, s: &Seq) -> bool {
-        if s.computed % BLOCK != 0 || s.computed + BLOCK > s.tokens.len() {
+        if !s.computed.is_multiple_of(BLOCK) || s.computed + BLOCK > s.tokens.len() {
             return false;
         }
         let b = s.computed / BLOCK;
