@@ -12,10 +12,12 @@ use cortex_core::openai::ErrorBody;
 use cortex_core::planner::{self, LoadAsk, ModelView, NeuronView, Plan, Strategy};
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::config::{Config, Placement};
-use crate::fleet::{Backend, Catalogue, Fleet, Neuron};
+use crate::fleet::catalogue::{Catalogue, Placement};
+use crate::fleet::neuron::{Neuron, NeuronConfig};
+use crate::fleet::view::NeuronReport;
+use crate::fleet::{Backend, Fleet, Settings};
 
 /// Static mode's [`Backend`]: the planner decides where a copy goes, the gateway loads it.
 #[derive(Clone, Copy)]
@@ -23,16 +25,16 @@ pub struct Planned {
     pub strategy: Strategy,
 }
 
-/// The fleet of `cfg`'s neurons serving `placements` (names already checked unique by
-/// [`crate::config::load`]). Nothing runs until [`spawn`].
-pub fn fleet(cfg: &Config, placements: Vec<Placement>) -> Arc<Fleet> {
-    let fleet = Fleet::new(
-        &cfg.gateway,
-        Planned {
-            strategy: cfg.eviction.strategy,
-        },
-    );
-    fleet.set_neurons(cfg.neurons.clone());
+/// The fleet of `neurons` serving `placements` (names already checked unique by
+/// `config::load`), evicting by `strategy`. Nothing runs until [`spawn`].
+pub fn fleet(
+    settings: &Settings,
+    strategy: Strategy,
+    neurons: Vec<NeuronConfig>,
+    placements: Vec<Placement>,
+) -> Arc<Fleet> {
+    let fleet = Fleet::new(settings, Planned { strategy });
+    fleet.set_neurons(neurons);
     fleet.set_catalogue(Catalogue::new(placements).0);
     fleet
 }
@@ -244,8 +246,12 @@ impl Backend for Planned {
         poll(fleet).boxed()
     }
 
-    fn describe(&self, n: &Neuron) -> Value {
-        json!(*n.status.read().expect("status lock"))
+    fn describe(&self, n: &Neuron) -> Option<NeuronReport> {
+        n.status
+            .read()
+            .expect("status lock")
+            .as_ref()
+            .and_then(NeuronReport::of)
     }
 }
 

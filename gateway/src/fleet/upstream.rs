@@ -17,7 +17,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::error::with_causes;
-use crate::fleet::Neuron;
+use crate::fleet::neuron::Neuron;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
