@@ -57,8 +57,13 @@ pub enum Outcome {
     Placed { neuron: String },
     /// Ask for the next step.
     Retry,
-    /// The neuron refused the model: no other neuron is tried.
-    Failed { neuron: String, message: String },
+    /// The neuron refused the model with `status` and `message`: no other neuron is tried (the
+    /// caller words the refusal for its own readers).
+    Failed {
+        neuron: String,
+        status: u16,
+        message: String,
+    },
 }
 
 /// One attempt to place one more copy of a model.
@@ -134,10 +139,11 @@ impl Placer {
                 }
                 Outcome::Retry
             }
-            Answer::Refused { status, message } => {
-                let message = format!("{neuron} refused the load ({status}): {message}");
-                Outcome::Failed { neuron, message }
-            }
+            Answer::Refused { status, message } => Outcome::Failed {
+                neuron,
+                status,
+                message,
+            },
             Answer::Unreachable(why) => {
                 self.last = Some(format!("{neuron} unreachable: {why}"));
                 self.ask.exclude.push(neuron);
@@ -258,7 +264,7 @@ mod tests {
     }
 
     #[test]
-    fn a_refusal_ends_the_attempt_with_the_neurons_message() {
+    fn a_refusal_ends_the_attempt_with_the_neurons_answer() {
         let mut p = placer(None);
         let fleet = [neuron("a", 2 * GIB, &[]), neuron("b", GIB, &[])];
         p.next(&fleet);
@@ -270,7 +276,8 @@ mod tests {
             p.record(answer),
             Outcome::Failed {
                 neuron: "a".into(),
-                message: "a refused the load (422): no GGUF file matching quant Q9".into()
+                status: 422,
+                message: "no GGUF file matching quant Q9".into()
             }
         );
     }

@@ -33,6 +33,16 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
 
+impl Error {
+    /// The error's kind, as the `error` label of `cortex_operator_reconcile_errors_total`.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Finalizer(_) => "finalizer",
+        }
+    }
+}
+
 /// Why a placement has fewer copies than it wants, as its `Ready` condition and events say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
@@ -111,6 +121,7 @@ impl Copy {
     }
 }
 
+#[tracing::instrument(skip_all, fields(placement = %mp.name_any(), namespace = mp.namespace().as_deref().unwrap_or("default")))]
 pub async fn reconcile(mp: Arc<ModelPlacement>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let started = Instant::now();
     let ns = mp.namespace().unwrap_or_else(|| "default".into());
@@ -123,8 +134,9 @@ pub async fn reconcile(mp: Arc<ModelPlacement>, ctx: Arc<Ctx>) -> Result<Action,
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
+    let error = r.as_ref().err().map(Error::error_type);
     ctx.metrics
-        .reconciled("modelplacement", r.is_ok(), started.elapsed().as_secs_f64());
+        .reconciled("modelplacement", error, started.elapsed().as_secs_f64());
     r
 }
 
@@ -537,7 +549,12 @@ async fn place_one(
                 return Ok(neuron);
             }
             Outcome::Retry => {}
-            Outcome::Failed { neuron, message } => {
+            Outcome::Failed {
+                neuron,
+                status,
+                message,
+            } => {
+                let message = format!("{neuron} refused the load ({status}): {message}");
                 ctx.failures
                     .lock()
                     .expect("failures lock")

@@ -359,7 +359,15 @@ async fn load_somewhere(fleet: &Fleet, p: &Placement, strategy: Strategy) -> Res
         match placer.record(answer) {
             Outcome::Placed { .. } => return Ok(()),
             Outcome::Retry => {}
-            Outcome::Failed { message, .. } => return Err(message),
+            Outcome::Failed {
+                neuron,
+                status,
+                message,
+            } => {
+                let status = reqwest::StatusCode::from_u16(status)
+                    .map_or_else(|_| status.to_string(), |s| s.to_string());
+                return Err(format!("{neuron} answered {status}: {message}"));
+            }
         }
     }
 }

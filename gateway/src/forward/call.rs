@@ -2,7 +2,8 @@
 //! metrics), when it arrived, whether the usage chunk is the gateway's own, and the model's name
 //! as the client sent it.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -10,10 +11,37 @@ use memchr::memmem::Finder;
 
 use crate::metrics::Dialect;
 
+/// The id a request is known by in the gateway's log and in the neuron's, which gets it as
+/// `x-request-id`: this process's random prefix and a count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestId(u64);
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+static PREFIX: LazyLock<u32> = LazyLock::new(|| {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish() as u32
+});
+
+impl RequestId {
+    pub fn next() -> Self {
+        RequestId(NEXT_ID.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:08x}-{}", *PREFIX, self.0)
+    }
+}
+
 /// What the gateway knows about one client request while it proxies it.
 #[derive(Clone)]
 pub struct Call {
     pub dialect: Dialect,
+    /// Its id in the logs, here and on the neuron.
+    pub id: RequestId,
     /// When the request reached the gateway (for the queue-time histogram).
     pub arrived: Instant,
     /// The gateway asked the neuron for a usage chunk the client did not ask for: drop it.
@@ -27,6 +55,7 @@ impl Call {
     pub fn new(dialect: Dialect) -> Self {
         Call {
             dialect,
+            id: RequestId::next(),
             arrived: Instant::now(),
             strip_usage: false,
             rename: None,

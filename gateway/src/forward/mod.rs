@@ -45,6 +45,7 @@ pub fn json_body(v: &serde_json::Value) -> Bytes {
 /// loading a copy when none is ready, trying another replica when one fails before answering.
 /// Either way the request has been counted: the answer carries [`Counted`], and an error
 /// was counted where it arose.
+#[tracing::instrument(name = "forward", skip_all, fields(model = %p.name, request_id = %call.id, dialect = call.dialect.as_str()))]
 pub async fn send(
     fleet: &Arc<Fleet>,
     p: &Placement,
@@ -53,6 +54,7 @@ pub async fn send(
     call: &Call,
 ) -> Result<Response, Error> {
     let dialect = call.dialect;
+    let request_id = call.id.to_string();
     let mut skip: Vec<String> = Vec::new();
     let mut last = String::new();
     for _ in 0..3 {
@@ -76,6 +78,7 @@ pub async fn send(
                 })?
             }
         };
+        tracing::debug!(neuron = %n.cfg.name, "routing");
         let mut guard = RequestGuard::new(n.clone(), &fleet.metrics, p, call);
         if skip.is_empty() {
             guard
@@ -85,7 +88,7 @@ pub async fn send(
         }
         let res = tokio::time::timeout(
             fleet.request_timeout,
-            fleet.upstream.post(&n, path, body.clone()),
+            fleet.upstream.post(&n, path, body.clone(), &request_id),
         )
         .await
         .map_err(|_| format!("no answer within {} s", fleet.request_timeout.as_secs()))
