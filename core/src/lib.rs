@@ -1,6 +1,8 @@
 //! Types shared by every part of cortex: the neuron's lifecycle API ([`neuron`]), the OpenAI
 //! wire format ([`openai`]), what a placement asks for ([`placement`]), the custom resources
-//! ([`crd`]) and the placement planner ([`planner`]). `core` does no I/O and depends on no other cortex crate.
+//! ([`crd`], with the `kube` feature) and the placement planner ([`planner`]) and its executor
+//! ([`placer`]). `core` does no I/O and depends on no other cortex crate. Without the `kube`
+//! feature it needs serde alone, so the neuron compiles no Kubernetes crate.
 //!
 //! ```
 //! use cortex_core::neuron::{LoadRequest, ModelSource};
@@ -11,11 +13,13 @@
 //! ```
 
 pub mod anthropic;
+#[cfg(feature = "kube")]
 pub mod crd;
 pub mod exposition;
 pub mod neuron;
 pub mod openai;
 pub mod placement;
+pub mod placer;
 pub mod planner;
 
 /// Compares secrets (tokens, key hashes) in time that does not depend on where they differ.

@@ -50,9 +50,8 @@ impl std::fmt::Display for ModelSource {
 }
 
 /// Which kind of device a model should run on.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
     #[default]
@@ -81,7 +80,8 @@ pub struct UnloadRequest {
 }
 
 /// The lifecycle of a model on a neuron: `downloading → loading → ready → unloading`, or `failed`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ModelState {
     Downloading,
@@ -145,7 +145,8 @@ pub struct ModelInfo {
 }
 
 /// One accelerator or the host's memory when it serves models on the CPU.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceInfo {
     pub index: u32,

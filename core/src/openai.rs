@@ -76,6 +76,10 @@ pub struct ChatCompletionRequest {
     pub tools: Option<Vec<Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_choice: Option<Value>,
+    /// Who the request is for (OpenAI's end-user id); the gateway passes Anthropic's
+    /// `metadata.user_id` here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// One message of a chat. `content` is a string or a list of parts (`{"type":"text","text":…}`).

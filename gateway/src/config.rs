@@ -1,15 +1,19 @@
 //! `cortex.toml` (`[gateway]`, `[eviction]`, `[[neurons]]`) and the `models.toml` of placements
-//! beside it, for static mode. Unknown keys are errors that name the key, so a typo never passes
+//! beside it, for static mode, and the flags of Kubernetes mode ([`KubeArgs`]); both become the
+//! fleet's [`Settings`]. Unknown keys are errors that name the key, so a typo never passes
 //! silently.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use cortex_core::placement::PlacementSpec;
 use cortex_core::planner::Strategy;
 use serde::Deserialize;
 
 use crate::error::Error;
+use crate::fleet::Settings;
+use crate::fleet::catalogue::Placement;
+use crate::fleet::neuron::NeuronConfig;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -109,6 +113,20 @@ impl Default for GatewayConfig {
     }
 }
 
+impl GatewayConfig {
+    /// The fleet's bounds these keys set.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            load_timeout: Duration::from_secs(self.load_timeout_secs),
+            request_timeout: Duration::from_secs(self.request_timeout_secs),
+            stream_idle_timeout: Duration::from_secs(self.stream_idle_timeout_secs),
+            keepalive: Duration::try_from_secs_f64(self.keepalive_secs.max(0.01))
+                .unwrap_or(Duration::from_secs(5)),
+            max_body_bytes: self.max_body_bytes,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvictionConfig {
@@ -118,40 +136,67 @@ pub struct EvictionConfig {
     pub defrag_after_cycles: Option<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NeuronConfig {
-    pub name: String,
-    pub endpoint: String,
-    /// The neuron's `--token`, sent to it and never shown to clients.
-    #[serde(default)]
-    pub token: Option<String>,
-}
-
-/// One `[[placements]]` table: a name plus the ModelPlacement spec fields.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Placement {
-    pub name: String,
-    #[serde(flatten)]
-    pub spec: PlacementSpec,
-}
-
-impl Placement {
-    pub fn served_name(&self) -> &str {
-        self.spec.served_name.as_deref().unwrap_or(&self.name)
-    }
-
-    /// Every name clients may send for it: the served name, then the aliases.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        std::iter::once(self.served_name()).chain(self.spec.aliases.iter().map(String::as_str))
-    }
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ModelsFile {
     #[serde(default)]
     placements: Vec<Placement>,
+}
+
+/// The flags of `cortex serve --kubernetes`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KubeArgs {
+    /// Route from ModelPlacement and Neuron objects (in-cluster config or KUBECONFIG) instead of a
+    /// cortex.toml.
+    #[arg(long, env = "CORTEX_KUBERNETES")]
+    pub kubernetes: bool,
+    /// Kubernetes mode: serve the ModelPlacements of this namespace only (default: all namespaces).
+    #[arg(long, env = "CORTEX_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Kubernetes mode: the token of the cluster's neurons (their --token).
+    #[arg(long, env = "CORTEX_NEURON_TOKEN", hide_env_values = true)]
+    pub neuron_token: Option<String>,
+    /// Kubernetes mode: accepted API keys as `sha256:<hex>` lines (`cortex hash-key KEY` prints
+    /// one); open when absent.
+    #[arg(long, env = "CORTEX_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Kubernetes mode: longest a request waits for a model to wake, in seconds (default 600).
+    #[arg(long, env = "CORTEX_LOAD_TIMEOUT_SECS")]
+    pub load_timeout_secs: Option<u64>,
+    /// Kubernetes mode: longest wait for a neuron's first byte, in seconds (default 600).
+    #[arg(long, env = "CORTEX_REQUEST_TIMEOUT_SECS")]
+    pub request_timeout_secs: Option<u64>,
+    /// Kubernetes mode: longest silence mid-stream, in seconds (default 60).
+    #[arg(long, env = "CORTEX_STREAM_IDLE_TIMEOUT_SECS")]
+    pub stream_idle_timeout_secs: Option<u64>,
+    /// Kubernetes mode: largest request body accepted, in bytes (default 32 MiB).
+    #[arg(long, env = "CORTEX_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Kubernetes mode: seconds between keep-alives to a stream waiting for a model (default 5).
+    #[arg(long, env = "CORTEX_KEEPALIVE_SECS")]
+    pub keepalive_secs: Option<f64>,
+}
+
+impl KubeArgs {
+    /// The `[gateway]` settings these flags stand for: static mode's defaults where a flag is absent.
+    pub fn gateway_config(&self) -> Result<GatewayConfig, Error> {
+        let d = GatewayConfig::default();
+        Ok(GatewayConfig {
+            key_hashes: match &self.api_keys_file {
+                Some(f) => read_key_hashes(f)?,
+                None => Vec::new(),
+            },
+            api_keys_file: self.api_keys_file.clone(),
+            load_timeout_secs: self.load_timeout_secs.unwrap_or(d.load_timeout_secs),
+            request_timeout_secs: self.request_timeout_secs.unwrap_or(d.request_timeout_secs),
+            stream_idle_timeout_secs: self
+                .stream_idle_timeout_secs
+                .unwrap_or(d.stream_idle_timeout_secs),
+            max_body_bytes: self.max_body_bytes.unwrap_or(d.max_body_bytes),
+            keepalive_secs: self.keepalive_secs.unwrap_or(d.keepalive_secs),
+            ..d
+        })
+    }
 }
 
 fn read(path: &Path) -> Result<String, Error> {

@@ -1,5 +1,6 @@
 //! The gateway's one error type; each error knows its HTTP status and `error_type()`, and is
-//! written in the caller's dialect by `api`.
+//! written in the caller's dialect by the one responder in `dialect`. The OpenAI body is also
+//! the neurons' wire shape, which the forward layer writes when a relayed stream breaks.
 
 use axum::http::StatusCode;
 
@@ -127,4 +128,12 @@ pub fn with_causes(e: &dyn std::error::Error) -> String {
         src = s.source();
     }
     out
+}
+
+/// The message of a neuron's OpenAI-shaped error body (or the body itself when it is not one),
+/// to pass on in the caller's dialect or in a gateway error.
+pub fn neuron_message(body: &[u8]) -> String {
+    serde_json::from_slice::<cortex_core::openai::ErrorBody>(body)
+        .map(|e| e.error.message)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned())
 }

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use cortex_gateway::{api, cli, config, kubernetes, static_mode};
-
-mod probe;
+use cortex_gateway::cli::{self, probe};
+use cortex_gateway::config;
+use cortex_gateway::fleet::{kube_backend, static_backend};
+use cortex_gateway::server;
 
 #[derive(Parser)]
 #[command(
@@ -35,7 +36,7 @@ enum Cmd {
         #[arg(long, env = "CORTEX_METRICS_LISTEN")]
         metrics_listen: Option<String>,
         #[command(flatten)]
-        kube: kubernetes::KubeArgs,
+        kube: config::KubeArgs,
     },
     /// Print the fleet: neurons, devices, free memory, models and their states.
     Status {
@@ -70,14 +71,23 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let (mut gw, fleet) = if kube.kubernetes {
                 let gw = kube.gateway_config()?;
-                let fleet = kubernetes::start(&kube, &gw)
-                    .await
-                    .context("starting Kubernetes mode")?;
+                let fleet = kube_backend::start(
+                    kube.namespace.as_deref(),
+                    kube.neuron_token.clone(),
+                    &gw.settings(),
+                )
+                .await
+                .context("starting Kubernetes mode")?;
                 (gw, fleet)
             } else {
                 let (cfg, placements) = config::load(&config)?;
-                let fleet = static_mode::fleet(&cfg, placements);
-                static_mode::spawn(
+                let fleet = static_backend::fleet(
+                    &cfg.gateway.settings(),
+                    cfg.eviction.strategy,
+                    cfg.neurons.clone(),
+                    placements,
+                );
+                static_backend::spawn(
                     &fleet,
                     Duration::from_secs_f64(cfg.gateway.poll_interval_secs.max(0.1)),
                     cfg.eviction.defrag_after_cycles,
@@ -86,18 +96,24 @@ async fn main() -> anyhow::Result<()> {
             };
             gw.listen = listen.unwrap_or(gw.listen);
             gw.metrics_listen = metrics_listen.unwrap_or(gw.metrics_listen);
-            let st = Arc::new(api::AppState {
+            let st = Arc::new(server::AppState {
                 fleet,
                 key_hashes: gw.key_hashes,
             });
-            api::serve(st, &gw.listen, &gw.metrics_listen).await?;
+            server::serve(st, &gw.listen, &gw.metrics_listen).await?;
         }
         Cmd::Status { gateway, api_key } => {
-            print!("{}", cli::status(&gateway, api_key.as_deref()).await?)
+            print!(
+                "{}",
+                cli::status::status(&gateway, api_key.as_deref()).await?
+            )
         }
         Cmd::HashKey { key } => println!("sha256:{}", config::hash_key(&key)),
         Cmd::Models { gateway, api_key } => {
-            print!("{}", cli::models(&gateway, api_key.as_deref()).await?)
+            print!(
+                "{}",
+                cli::status::models(&gateway, api_key.as_deref()).await?
+            )
         }
         Cmd::Probe(args) => {
             // The failure is the probe's report: print it as is (no backtrace) and exit 1.

@@ -7,30 +7,83 @@
 //!
 //! Every client request is counted once in `cortex_gateway_requests_total`: by its route when a
 //! neuron was asked (each attempt on a neuron counts, so a request retried elsewhere after a
-//! failure counts on both), else by [`count_unrouted`] (bad bodies, unknown models, wrong keys,
-//! oversize bodies) or where a cold load failed.
+//! failure counts on both), else by the server's counting middleware from the answer's
+//! extensions ([`Counted`], [`Named`]): bad bodies, unknown models, wrong keys, oversize bodies;
+//! or where a cold load failed.
 
-use std::cell::{Cell, OnceCell};
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
-use axum::middleware::Next;
-use axum::response::Response;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+/// The API a caller speaks: the gateway answers it, errors included, in that shape, and labels
+/// its series with it (`openai`, `anthropic`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Dialect {
+    OpenAi,
+    Anthropic,
+}
+
+impl Dialect {
+    /// The dialect of an inference endpoint, from its method and path (`None` for the others).
+    pub fn of(method: &Method, path: &str) -> Option<Dialect> {
+        if method != Method::POST {
+            return None;
+        }
+        match path {
+            "/v1/chat/completions" | "/v1/completions" => Some(Dialect::OpenAi),
+            "/v1/messages" | "/v1/messages/count_tokens" => Some(Dialect::Anthropic),
+            _ => None,
+        }
+    }
+
+    /// The shape errors take for a request to `path`: Anthropic's under `/v1/messages`, else
+    /// OpenAI's.
+    pub fn of_path(path: &str) -> Dialect {
+        if path.starts_with("/v1/messages") {
+            Dialect::Anthropic
+        } else {
+            Dialect::OpenAi
+        }
+    }
+
+    /// Its label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dialect::OpenAi => "openai",
+            Dialect::Anthropic => "anthropic",
+        }
+    }
+}
+
+impl EncodeLabelValue for Dialect {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        self.as_str().encode(encoder)
+    }
+}
+
+/// A response extension: the request was counted already (by its route, where its cold load
+/// failed, or by the stream task answering it), so the counting middleware leaves it.
+#[derive(Clone, Copy, Debug)]
+pub struct Counted;
+
+/// A response extension: the placement a request named, for its count when it is answered
+/// before reaching a neuron (else it counts as `unknown`).
+#[derive(Clone, Debug)]
+pub struct Named(pub String);
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub model: String,
     pub neuron: String,
-    pub dialect: String,
+    pub dialect: Dialect,
     pub status_class: String,
 }
 
@@ -38,7 +91,7 @@ pub struct RequestLabels {
 pub struct RouteLabels {
     pub model: String,
     pub neuron: String,
-    pub dialect: String,
+    pub dialect: Dialect,
 }
 
 /// A model on a neuron (`none` where the event had none, as a cold load that failed).
@@ -167,7 +220,7 @@ impl RouteMetrics {
                 .get_or_create(&RequestLabels {
                     model: self.labels.model.clone(),
                     neuron: self.labels.neuron.clone(),
-                    dialect: self.labels.dialect.clone(),
+                    dialect: self.labels.dialect,
                     status_class: format!("{class}xx"),
                 })
                 .clone()
@@ -285,7 +338,7 @@ impl Metrics {
     }
 
     /// The series of requests for `model` sent to `neuron` in `dialect`.
-    pub fn route(&self, model: &str, neuron: &str, dialect: &str) -> Arc<RouteMetrics> {
+    pub fn route(&self, model: &str, neuron: &str, dialect: Dialect) -> Arc<RouteMetrics> {
         let find = |routes: &[Arc<RouteMetrics>]| {
             routes
                 .iter()
@@ -305,7 +358,7 @@ impl Metrics {
         let labels = RouteLabels {
             model: model.into(),
             neuron: neuron.into(),
-            dialect: dialect.into(),
+            dialect,
         };
         let r = Arc::new(RouteMetrics {
             in_flight: self.in_flight.get_or_create(&labels).clone(),
@@ -326,16 +379,15 @@ impl Metrics {
 
     /// Counts a request answered with `status` before any neuron was asked (`model` is a
     /// placement name, or `unknown`).
-    pub fn unrouted(&self, model: &str, dialect: &str, status: StatusCode) {
+    pub fn unrouted(&self, model: &str, dialect: Dialect, status: StatusCode) {
         self.requests
             .get_or_create(&RequestLabels {
                 model: model.into(),
                 neuron: "none".into(),
-                dialect: dialect.into(),
+                dialect,
                 status_class: format!("{}xx", status.as_u16() / 100),
             })
             .inc();
-        counted();
     }
 
     /// A cold load of `model` ended, successfully when `ok`, with the copy on `neuron` (`none`
@@ -378,65 +430,6 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         out
     }
-}
-
-/// What the gateway knows of the request the current task is answering, kept for
-/// [`count_unrouted`] while the handler runs.
-struct Tally {
-    /// The request was counted already (by its route, or where its cold load failed), or its
-    /// answer is a stream whose task counts it.
-    counted: Cell<bool>,
-    /// The placement it named, once known.
-    model: OnceCell<String>,
-}
-
-tokio::task_local! {
-    static TALLY: Tally;
-}
-
-/// Says that the request being handled on this task has been counted (or will be, by the stream
-/// task answering it). Outside [`count_unrouted`] (a spawned stream task), it does nothing.
-pub fn counted() {
-    let _ = TALLY.try_with(|t| t.counted.set(true));
-}
-
-/// Names the placement of the request being handled on this task, for its count should it be
-/// rejected before reaching a neuron.
-pub fn note_model(placement: &str) {
-    let _ = TALLY.try_with(|t| t.model.set(placement.to_string()));
-}
-
-/// Counts the requests to the inference endpoints that were answered without reaching a neuron
-/// (400 malformed, 401 wrong key, 404 unknown model, 413 too large…), by status class, dialect
-/// and the placement when one was named (else `unknown`, so label values stay bounded). Installed
-/// outermost, so it sees the answers of the auth layer and of the body extractors too.
-pub async fn count_unrouted(State(m): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
-    let path = req.uri().path();
-    let dialect = match path {
-        "/v1/chat/completions" | "/v1/completions" => "openai",
-        "/v1/messages" | "/v1/messages/count_tokens" => "anthropic",
-        _ => return next.run(req).await,
-    };
-    if req.method() != Method::POST {
-        return next.run(req).await;
-    }
-    let tally = Tally {
-        counted: Cell::new(false),
-        model: OnceCell::new(),
-    };
-    let (res, tally) = TALLY
-        .scope(tally, async move {
-            let res = next.run(req).await;
-            (
-                res,
-                TALLY.with(|t| (t.counted.get(), t.model.get().cloned())),
-            )
-        })
-        .await;
-    if let (false, model) = tally {
-        m.unrouted(model.as_deref().unwrap_or("unknown"), dialect, res.status());
-    }
-    res
 }
 
 /// `GET /metrics`, in the exposition format the scraper asks for.

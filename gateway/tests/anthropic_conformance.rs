@@ -3,8 +3,13 @@
 
 use cortex_core::anthropic::{Block, MessagesRequest};
 use cortex_core::openai::{ChatCompletion, ChatCompletionChunk};
-use cortex_gateway::anthropic::{StreamTranslator, from_openai, to_openai};
+use cortex_gateway::dialect::anthropic::translate::{self, StreamTranslator, from_openai};
 use serde_json::{Value, json};
+
+/// The translated request as the neuron receives it (JSON).
+fn to_openai(r: &MessagesRequest) -> Result<Value, cortex_gateway::error::Error> {
+    translate::to_openai(r).map(|oa| serde_json::to_value(oa).unwrap())
+}
 
 fn req(v: Value) -> MessagesRequest {
     serde_json::from_value(v).unwrap()

@@ -2,7 +2,7 @@
 //! from a `tokenizer.json`.
 //!
 //! candle's own `TokenizerFromGguf` mis-tokenizes SmolLM2 and cannot read SentencePiece
-//! vocabularies (see CANDLE-NOTES), so we build the `tokenizers` pipeline llama.cpp would run:
+//! vocabularies (see docs/candle-notes.md), so we build the `tokenizers` pipeline llama.cpp would run:
 //! - `gpt2` vocabularies: byte-level BPE from `tokens` + `merges`, with the pre-tokenizer regex
 //!   chosen by `tokenizer.ggml.pre`, as llama.cpp does.
 //! - `llama` (SentencePiece) vocabularies such as Gemma's: BPE over `▁`-normalised text with byte

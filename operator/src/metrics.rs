@@ -15,6 +15,13 @@ pub struct ControllerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub controller: String,
+    /// The error's kind (`Error::error_type`): `kube`, `finalizer`.
+    pub error: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub controller: String,
     pub result: String,
@@ -38,7 +45,7 @@ pub struct OutcomeLabels {
 pub struct Metrics {
     registry: Registry,
     pub reconciles: Family<ResultLabels, Counter>,
-    pub reconcile_errors: Family<ControllerLabels, Counter>,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub reconcile_seconds: Family<ControllerLabels, Histogram, fn() -> Histogram>,
     pub placements: Family<PhaseLabels, Gauge>,
     pub neurons: Family<ReadyLabels, Gauge>,
@@ -127,18 +134,25 @@ impl Metrics {
         s
     }
 
-    pub fn reconciled(&self, controller: &str, ok: bool, secs: f64) {
+    /// A reconcile of `controller` ended after `secs`, failing with an error of kind `error`
+    /// when it is given.
+    pub fn reconciled(&self, controller: &str, error: Option<&str>, secs: f64) {
         self.reconciles
             .get_or_create(&ResultLabels {
                 controller: controller.into(),
-                result: if ok { "success" } else { "error" }.into(),
+                result: if error.is_none() { "success" } else { "error" }.into(),
             })
             .inc();
         let c = ControllerLabels {
             controller: controller.into(),
         };
-        if !ok {
-            self.reconcile_errors.get_or_create(&c).inc();
+        if let Some(error) = error {
+            self.reconcile_errors
+                .get_or_create(&ErrorLabels {
+                    controller: controller.into(),
+                    error: error.into(),
+                })
+                .inc();
         }
         self.reconcile_seconds.get_or_create(&c).observe(secs);
     }

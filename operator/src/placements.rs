@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use cortex_core::crd::{FINALIZER, ModelPlacement, ModelPlacementStatus, Phase, PlacementStatus};
 use cortex_core::neuron::{LoadRequest, ModelState};
-use cortex_core::planner::{self, LoadAsk, ModelView, NeuronView, Plan};
+use cortex_core::placer::{Answer, Next, Outcome, Placer};
+use cortex_core::planner::{LoadAsk, ModelView, NeuronView};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::core::{Selector, SelectorExt};
@@ -30,6 +31,34 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// The error's kind, as the `error` label of `cortex_operator_reconcile_errors_total`.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Finalizer(_) => "finalizer",
+        }
+    }
+}
+
+/// Why a placement has fewer copies than it wants, as its `Ready` condition and events say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Nowhere to put a copy, even after evicting what may be evicted.
+    NoRoom,
+    /// A neuron refused the model (a wrong quant, a file that is not a GGUF…).
+    LoadFailed,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NoRoom => "NoRoom",
+            Reason::LoadFailed => "LoadFailed",
+        }
+    }
 }
 
 /// How long a load the operator asked for counts as a copy before the neuron lists it.
@@ -92,6 +121,7 @@ impl Copy {
     }
 }
 
+#[tracing::instrument(skip_all, fields(placement = %mp.name_any(), namespace = mp.namespace().as_deref().unwrap_or("default")))]
 pub async fn reconcile(mp: Arc<ModelPlacement>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let started = Instant::now();
     let ns = mp.namespace().unwrap_or_else(|| "default".into());
@@ -104,8 +134,9 @@ pub async fn reconcile(mp: Arc<ModelPlacement>, ctx: Arc<Ctx>) -> Result<Action,
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
+    let error = r.as_ref().err().map(Error::error_type);
     ctx.metrics
-        .reconciled("modelplacement", r.is_ok(), started.elapsed().as_secs_f64());
+        .reconciled("modelplacement", error, started.elapsed().as_secs_f64());
     r
 }
 
@@ -168,7 +199,11 @@ fn live_copies(observed: &BTreeMap<String, Observed>) -> HashMap<&str, u32> {
 fn selects(mp: &ModelPlacement, labels: &BTreeMap<String, String>) -> bool {
     match &mp.spec.neuron_selector {
         None => true,
-        Some(ls) => Selector::try_from(ls.clone()).is_ok_and(|s| s.matches(labels)),
+        Some(ls) => {
+            let ls =
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector::from(ls.clone());
+            Selector::try_from(ls).is_ok_and(|s| s.matches(labels))
+        }
     }
 }
 
@@ -236,7 +271,7 @@ async fn apply(mp: &ModelPlacement, ctx: &Ctx, api: &Api<ModelPlacement>) -> Res
     }
     let want = desired(mp);
     let live: Vec<&Copy> = all.iter().filter(|c| c.live()).collect();
-    let mut notes: Option<(String, String)> = None;
+    let mut notes: Option<(Reason, String)> = None;
 
     // Idle: scale down to minReplicas after idleTimeout without requests.
     if let (Some(idle), Some(floor)) = (mp.spec.idle_timeout, mp.spec.min_replicas) {
@@ -292,18 +327,19 @@ async fn apply(mp: &ModelPlacement, ctx: &Ctx, api: &Api<ModelPlacement>) -> Res
                     live_count += 1;
                     exclude.push(neuron);
                 }
-                Err((reason, _)) if reason == "NoRoom" && !backing_off.is_empty() => {
+                Err((Reason::NoRoom, _)) if !backing_off.is_empty() => {
                     // Nowhere else to go: the failure is the news, not the lack of room.
                     let (n, m, wait) = &backing_off[0];
                     notes = Some((
-                        "LoadFailed".into(),
+                        Reason::LoadFailed,
                         format!("{n}: {m} (retrying in {}s)", wait.as_secs() + 1),
                     ));
                     break;
                 }
                 Err((reason, message)) => {
-                    if reason == "NoRoom" {
-                        publish(ctx, mp, EventType::Warning, "NoRoom", message.clone()).await;
+                    if reason == Reason::NoRoom {
+                        let event = reason.as_str();
+                        publish(ctx, mp, EventType::Warning, event, message.clone()).await;
                     }
                     notes = Some((reason, message));
                     break;
@@ -360,13 +396,13 @@ async fn apply(mp: &ModelPlacement, ctx: &Ctx, api: &Api<ModelPlacement>) -> Res
     ))
 }
 
-/// Puts one more copy somewhere; returns the neuron, or (reason, message) for the condition.
+/// Puts one more copy somewhere; returns the neuron, or why not for the condition.
 async fn place_one(
     mp: &ModelPlacement,
     ctx: &Ctx,
     observed: &BTreeMap<String, Observed>,
     exclude: &mut Vec<String>,
-) -> Result<String, (String, String)> {
+) -> Result<String, (Reason, String)> {
     let id = mp.model_id();
     let placements = ctx.placements.state();
     let owners: HashMap<String, &ModelPlacement> =
@@ -410,25 +446,18 @@ async fn place_one(
             }
         })
         .collect();
-    let mut ask = LoadAsk {
+    let ask = LoadAsk {
         model: id.clone(),
         bytes: None,
         priority: mp.spec.priority,
         exclude: exclude.clone(),
     };
-    let mut last = String::new();
-    for _ in 0..4 {
-        let (target, evict) = match planner::plan_load(&views, &ask, ctx.strategy) {
-            Plan::Load { neuron } => (neuron, vec![]),
-            Plan::EvictThenLoad { neuron, evict } => (neuron, evict),
-            Plan::NoRoom { reason } => {
-                let message = if last.is_empty() {
-                    reason
-                } else {
-                    format!("{reason}; last attempt: {last}")
-                };
-                return Err(("NoRoom".into(), message));
-            }
+    // The executor's rules decide what each answer means (shared with the gateway's static mode).
+    let mut placer = Placer::new(ask, ctx.strategy);
+    loop {
+        let (target, evict) = match placer.next(&views) {
+            Next::Load { neuron, evict } => (neuron, evict),
+            Next::GiveUp { message } => return Err((Reason::NoRoom, message)),
         };
         let endpoint = observed[&target].endpoint.clone();
         for victim in &evict {
@@ -489,17 +518,23 @@ async fn place_one(
                 result: result.into(),
             })
             .inc();
-        match answer {
-            Ok(LoadAnswer::Accepted) => {
+        let answer = match answer {
+            Ok(LoadAnswer::Accepted) => Answer::Accepted,
+            Ok(LoadAnswer::NoRoom { needed, message }) => Answer::NoRoom { needed, message },
+            Ok(LoadAnswer::Refused { status, message }) => Answer::Refused { status, message },
+            Err(e) => Answer::Unreachable(e),
+        };
+        match placer.record(answer) {
+            Outcome::Placed { neuron } => {
                 ctx.pending
                     .lock()
                     .expect("pending lock")
-                    .insert((id.clone(), target.clone()), Instant::now());
+                    .insert((id.clone(), neuron.clone()), Instant::now());
                 if let Some(f) = ctx
                     .failures
                     .lock()
                     .expect("failures lock")
-                    .get_mut(&(id.clone(), target.clone()))
+                    .get_mut(&(id.clone(), neuron.clone()))
                 {
                     f.retrying = true;
                 }
@@ -508,37 +543,38 @@ async fn place_one(
                     mp,
                     EventType::Normal,
                     "Loading",
-                    format!("loading {} on {target}", mp.spec.model),
+                    format!("loading {} on {neuron}", mp.spec.model),
                 )
                 .await;
-                return Ok(target);
+                return Ok(neuron);
             }
-            Ok(LoadAnswer::NoRoom { needed, message }) => {
-                last = format!("{target}: {message}");
-                ask.bytes = needed.or(ask.bytes);
-                if !evict.is_empty() || needed.is_none() {
-                    ask.exclude.push(target);
-                }
-            }
-            Ok(LoadAnswer::Refused { status, message }) => {
-                let message = format!("{target} refused the load ({status}): {message}");
+            Outcome::Retry => {}
+            Outcome::Failed {
+                neuron,
+                status,
+                message,
+            } => {
+                let message = format!("{neuron} refused the load ({status}): {message}");
                 ctx.failures
                     .lock()
                     .expect("failures lock")
-                    .entry((id.clone(), target.clone()))
+                    .entry((id.clone(), neuron.clone()))
                     .or_insert_with(Failure::new)
                     .record(message.clone());
-                exclude.push(target);
-                publish(ctx, mp, EventType::Warning, "LoadFailed", message.clone()).await;
-                return Err(("LoadFailed".into(), message));
-            }
-            Err(e) => {
-                last = format!("{target}: {e}");
-                ask.exclude.push(target);
+                exclude.push(neuron);
+                let reason = Reason::LoadFailed;
+                publish(
+                    ctx,
+                    mp,
+                    EventType::Warning,
+                    reason.as_str(),
+                    message.clone(),
+                )
+                .await;
+                return Err((reason, message));
             }
         }
     }
-    Err(("NoRoom".into(), last))
 }
 
 fn rfc3339(epoch: u64) -> Option<String> {
@@ -552,7 +588,7 @@ fn status_for(
     mp: &ModelPlacement,
     all: &[Copy],
     want: u32,
-    scheduling: Option<(String, String)>,
+    scheduling: Option<(Reason, String)>,
     failure: Option<String>,
 ) -> ModelPlacementStatus {
     let live: Vec<&Copy> = all.iter().filter(|c| c.live()).collect();
@@ -566,7 +602,11 @@ fn status_for(
         Phase::Loading
     } else if ready > 0 {
         Phase::Degraded
-    } else if failure.is_some() || scheduling.as_ref().is_some_and(|(r, _)| r == "LoadFailed") {
+    } else if failure.is_some()
+        || scheduling
+            .as_ref()
+            .is_some_and(|(r, _)| *r == Reason::LoadFailed)
+    {
         Phase::Failed
     } else {
         Phase::Pending
@@ -574,8 +614,8 @@ fn status_for(
     let (reason, message) = match (phase, &scheduling, &failure) {
         (Phase::Ready, _, _) => ("Ready".to_string(), format!("{ready}/{want} copies ready")),
         (Phase::Idle, _, _) => ("ScaledToZero".to_string(), "no copies wanted".to_string()),
-        (_, Some((r, m)), _) => (r.clone(), m.clone()),
-        (_, None, Some(f)) => ("LoadFailed".to_string(), f.clone()),
+        (_, Some((r, m)), _) => (r.as_str().to_string(), m.clone()),
+        (_, None, Some(f)) => (Reason::LoadFailed.as_str().to_string(), f.clone()),
         (Phase::Loading, None, None) => (
             "Loading".to_string(),
             format!("{ready}/{want} copies ready, the rest loading"),
@@ -722,13 +762,7 @@ mod tests {
         assert_eq!(failed.phase, Phase::Failed);
         assert_eq!(failed.conditions[0].reason, "LoadFailed");
         assert!(failed.conditions[0].message.contains("no such file"));
-        let s = status_for(
-            &m,
-            &[ready],
-            2,
-            Some(("NoRoom".into(), "full".into())),
-            None,
-        );
+        let s = status_for(&m, &[ready], 2, Some((Reason::NoRoom, "full".into())), None);
         assert_eq!((s.replicas, s.ready_replicas), (1, 1));
         assert_eq!(s.conditions[0].reason, "NoRoom");
         assert_eq!(

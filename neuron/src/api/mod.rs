@@ -115,6 +115,20 @@ async fn count_errors(State(st): State<Arc<AppState>>, req: Request, next: Next)
     res
 }
 
+/// Every request runs in a span with the id the gateway sent (`x-request-id`), so one request can
+/// be followed from the gateway's log into this one.
+#[tracing::instrument(name = "request", skip_all, fields(request_id = request_id(&req), path = %req.uri().path()))]
+async fn trace(req: Request, next: Next) -> Response {
+    next.run(req).await
+}
+
+fn request_id(req: &Request) -> &str {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
+
 async fn metrics(State(st): State<Arc<AppState>>, headers: axum::http::HeaderMap) -> Response {
     for d in lifecycle::devices(&st) {
         let l = crate::metrics::DeviceLabel {
@@ -164,5 +178,6 @@ pub fn router(st: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(st.max_body))
         .layer(middleware::from_fn_with_state(st.clone(), auth))
         .layer(middleware::from_fn_with_state(st.clone(), count_errors))
+        .layer(middleware::from_fn(trace))
         .with_state(st)
 }

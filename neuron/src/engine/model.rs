@@ -5,7 +5,7 @@
 //! We own this code rather than use candle-transformers' per-architecture models because those
 //! keep their KV cache inside the weights (one sequence per model, no way to clear it for gemma3),
 //! build 131k-position rotary tables in every gemma3 layer and use SiLU where Gemma 3 uses GELU
-//! (docs/candle.md). Here the weights are immutable and shared; each sequence brings its own
+//! (docs/candle-notes.md). Here the weights are immutable and shared; each sequence brings its own
 //! blocks, which is what batching and the prefix cache need.
 
 use std::sync::Arc;

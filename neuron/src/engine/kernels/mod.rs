@@ -1,4 +1,4 @@
-//! Quantized matrix products on the CPU, our own where candle's are slow (CANDLE-NOTES: Q4_1 has
+//! Quantized matrix products on the CPU, our own where candle's are slow (docs/candle-notes.md: Q4_1 has
 //! no run-time SIMD path, prompts run one dot product per row).
 //!
 //! As in llama.cpp, the activations are quantized to 8-bit blocks once per product and every

@@ -10,7 +10,6 @@
 //! [`neurons_of`]) so it is tested without an API server.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,12 +20,14 @@ use futures::{FutureExt, Stream, StreamExt};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::watch;
 
-use crate::config::{GatewayConfig, NeuronConfig, Placement};
 use crate::error::Error;
-use crate::fleet::{Backend, Catalogue, Fleet, Neuron};
+use crate::fleet::catalogue::{Catalogue, Placement};
+use crate::fleet::neuron::{Neuron, NeuronConfig};
+use crate::fleet::view::NeuronReport;
+use crate::fleet::{Backend, Fleet, Settings};
 
 /// How often the routing state is rebuilt from the reflectors' caches even when nothing changed,
 /// so a neuron marked down after a failed request is tried again.
@@ -34,62 +35,6 @@ const RESYNC: Duration = Duration::from_secs(5);
 
 /// How long the gateway waits for the first lists before it serves anyway.
 const FIRST_LIST: Duration = Duration::from_secs(30);
-
-/// The flags of `cortex serve --kubernetes`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct KubeArgs {
-    /// Route from ModelPlacement and Neuron objects (in-cluster config or KUBECONFIG) instead of a
-    /// cortex.toml.
-    #[arg(long, env = "CORTEX_KUBERNETES")]
-    pub kubernetes: bool,
-    /// Kubernetes mode: serve the ModelPlacements of this namespace only (default: all namespaces).
-    #[arg(long, env = "CORTEX_NAMESPACE")]
-    pub namespace: Option<String>,
-    /// Kubernetes mode: the token of the cluster's neurons (their --token).
-    #[arg(long, env = "CORTEX_NEURON_TOKEN", hide_env_values = true)]
-    pub neuron_token: Option<String>,
-    /// Kubernetes mode: accepted API keys as `sha256:<hex>` lines (`cortex hash-key KEY` prints
-    /// one); open when absent.
-    #[arg(long, env = "CORTEX_API_KEYS_FILE")]
-    pub api_keys_file: Option<PathBuf>,
-    /// Kubernetes mode: longest a request waits for a model to wake, in seconds (default 600).
-    #[arg(long, env = "CORTEX_LOAD_TIMEOUT_SECS")]
-    pub load_timeout_secs: Option<u64>,
-    /// Kubernetes mode: longest wait for a neuron's first byte, in seconds (default 600).
-    #[arg(long, env = "CORTEX_REQUEST_TIMEOUT_SECS")]
-    pub request_timeout_secs: Option<u64>,
-    /// Kubernetes mode: longest silence mid-stream, in seconds (default 60).
-    #[arg(long, env = "CORTEX_STREAM_IDLE_TIMEOUT_SECS")]
-    pub stream_idle_timeout_secs: Option<u64>,
-    /// Kubernetes mode: largest request body accepted, in bytes (default 32 MiB).
-    #[arg(long, env = "CORTEX_MAX_BODY_BYTES")]
-    pub max_body_bytes: Option<usize>,
-    /// Kubernetes mode: seconds between keep-alives to a stream waiting for a model (default 5).
-    #[arg(long, env = "CORTEX_KEEPALIVE_SECS")]
-    pub keepalive_secs: Option<f64>,
-}
-
-impl KubeArgs {
-    /// The `[gateway]` settings these flags stand for: static mode's defaults where a flag is absent.
-    pub fn gateway_config(&self) -> Result<GatewayConfig, Error> {
-        let d = GatewayConfig::default();
-        Ok(GatewayConfig {
-            key_hashes: match &self.api_keys_file {
-                Some(f) => crate::config::read_key_hashes(f)?,
-                None => Vec::new(),
-            },
-            api_keys_file: self.api_keys_file.clone(),
-            load_timeout_secs: self.load_timeout_secs.unwrap_or(d.load_timeout_secs),
-            request_timeout_secs: self.request_timeout_secs.unwrap_or(d.request_timeout_secs),
-            stream_idle_timeout_secs: self
-                .stream_idle_timeout_secs
-                .unwrap_or(d.stream_idle_timeout_secs),
-            max_body_bytes: self.max_body_bytes.unwrap_or(d.max_body_bytes),
-            keepalive_secs: self.keepalive_secs.unwrap_or(d.keepalive_secs),
-            ..d
-        })
-    }
-}
 
 /// Kubernetes mode's [`Backend`]: copies from ModelPlacement statuses, neurons from Neuron
 /// objects, a copy made ready by scaling.
@@ -214,18 +159,22 @@ impl Backend for Kube {
         futures::future::ready(()).boxed()
     }
 
-    fn describe(&self, n: &Neuron) -> Value {
+    fn describe(&self, n: &Neuron) -> Option<NeuronReport> {
         self.neurons
             .get(&ObjectRef::new(&n.cfg.name))
-            .and_then(|o| o.status.clone())
-            .map_or(Value::Null, |s| json!(s))
+            .and_then(|o| o.status.as_ref().and_then(NeuronReport::of))
     }
 }
 
 /// Connects to Kubernetes (in-cluster config or KUBECONFIG), starts the reflectors over
-/// ModelPlacements (in `args.namespace`, or all) and Neurons, and returns the fleet once their
-/// first lists are in (or after [`FIRST_LIST`], the catalogue filling in when they come).
-pub async fn start(args: &KubeArgs, gw: &GatewayConfig) -> Result<Arc<Fleet>, Error> {
+/// ModelPlacements (in `namespace`, or all) and Neurons, and returns the fleet once their
+/// first lists are in (or after [`FIRST_LIST`], the catalogue filling in when they come). The
+/// neurons are sent `neuron_token`.
+pub async fn start(
+    namespace: Option<&str>,
+    neuron_token: Option<String>,
+    settings: &Settings,
+) -> Result<Arc<Fleet>, Error> {
     let client = kube::Client::try_default().await.map_err(|e| {
         Error::Config(format!(
             "no Kubernetes configuration (in-cluster service account or KUBECONFIG): {e}"
@@ -237,11 +186,11 @@ pub async fn start(args: &KubeArgs, gw: &GatewayConfig) -> Result<Arc<Fleet>, Er
         client.clone(),
         mp_store,
         n_store,
-        args.neuron_token.clone(),
-        Duration::from_secs(gw.load_timeout_secs),
+        neuron_token,
+        settings.load_timeout,
     );
-    let fleet = Fleet::new(gw, kube.clone());
-    let mp_api: Api<ModelPlacement> = match &args.namespace {
+    let fleet = Fleet::new(settings, kube.clone());
+    let mp_api: Api<ModelPlacement> = match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
@@ -274,7 +223,7 @@ pub async fn start(args: &KubeArgs, gw: &GatewayConfig) -> Result<Arc<Fleet>, Er
     kube.sync(&fleet);
     let catalogue = fleet.catalogue();
     tracing::info!(
-        namespace = args.namespace.as_deref().unwrap_or("(all)"),
+        namespace = namespace.unwrap_or("(all)"),
         placements = catalogue.placements.len(),
         neurons = fleet.neurons().len(),
         "watching ModelPlacements and Neurons"
@@ -427,6 +376,7 @@ fn failure(mp: &ModelPlacement, since: i64) -> Option<String> {
 mod tests {
     use super::*;
     use kube::runtime::reflector::store::Writer;
+    use serde_json::Value;
     use std::sync::Mutex;
 
     /// A ModelPlacement as the API server would hand it over; `status` may be `null`.
@@ -482,11 +432,14 @@ mod tests {
                 Some("secret".into()),
                 Duration::from_secs(load_timeout_secs),
             );
-            let gw = GatewayConfig {
-                load_timeout_secs,
-                ..GatewayConfig::default()
+            let settings = Settings {
+                load_timeout: Duration::from_secs(load_timeout_secs),
+                request_timeout: Duration::from_secs(600),
+                stream_idle_timeout: Duration::from_secs(60),
+                keepalive: Duration::from_secs(5),
+                max_body_bytes: 32 << 20,
             };
-            let fleet = Fleet::new(&gw, kube.clone());
+            let fleet = Fleet::new(&settings, kube.clone());
             Cluster {
                 placements,
                 neurons,
@@ -640,7 +593,7 @@ mod tests {
             3
         );
         let described = c.fleet.describe(&c.fleet.neuron("n1").unwrap());
-        assert_eq!(described["models"][0]["id"], "smol.ml");
+        assert_eq!(described.unwrap().models[0].id, "smol.ml");
     }
 
     /// Serves a fake API server that records each request and answers with a Scale.

@@ -9,13 +9,16 @@ use std::time::Duration;
 
 use cortex_core::neuron::{ModelState, NeuronStatus};
 use cortex_core::openai::ErrorBody;
-use cortex_core::planner::{self, LoadAsk, ModelView, NeuronView, Plan, Strategy};
+use cortex_core::placer::{Answer, Next, Outcome, Placer};
+use cortex_core::planner::{self, LoadAsk, ModelView, NeuronView, Strategy};
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::config::{Config, Placement};
-use crate::fleet::{Backend, Catalogue, Fleet, Neuron};
+use crate::fleet::catalogue::{Catalogue, Placement};
+use crate::fleet::neuron::{Neuron, NeuronConfig};
+use crate::fleet::view::NeuronReport;
+use crate::fleet::{Backend, Fleet, Settings};
 
 /// Static mode's [`Backend`]: the planner decides where a copy goes, the gateway loads it.
 #[derive(Clone, Copy)]
@@ -23,16 +26,16 @@ pub struct Planned {
     pub strategy: Strategy,
 }
 
-/// The fleet of `cfg`'s neurons serving `placements` (names already checked unique by
-/// [`crate::config::load`]). Nothing runs until [`spawn`].
-pub fn fleet(cfg: &Config, placements: Vec<Placement>) -> Arc<Fleet> {
-    let fleet = Fleet::new(
-        &cfg.gateway,
-        Planned {
-            strategy: cfg.eviction.strategy,
-        },
-    );
-    fleet.set_neurons(cfg.neurons.clone());
+/// The fleet of `neurons` serving `placements` (names already checked unique by
+/// `config::load`), evicting by `strategy`. Nothing runs until [`spawn`].
+pub fn fleet(
+    settings: &Settings,
+    strategy: Strategy,
+    neurons: Vec<NeuronConfig>,
+    placements: Vec<Placement>,
+) -> Arc<Fleet> {
+    let fleet = Fleet::new(settings, Planned { strategy });
+    fleet.set_neurons(neurons);
     fleet.set_catalogue(Catalogue::new(placements).0);
     fleet
 }
@@ -244,8 +247,12 @@ impl Backend for Planned {
         poll(fleet).boxed()
     }
 
-    fn describe(&self, n: &Neuron) -> Value {
-        json!(*n.status.read().expect("status lock"))
+    fn describe(&self, n: &Neuron) -> Option<NeuronReport> {
+        n.status
+            .read()
+            .expect("status lock")
+            .as_ref()
+            .and_then(NeuronReport::of)
     }
 }
 
@@ -289,26 +296,21 @@ fn views(fleet: &Fleet) -> Vec<NeuronView> {
         .collect()
 }
 
-/// Plans, evicts and loads until the placement has one more ready copy, or says why not.
+/// Plans, evicts and loads until the placement has one more ready copy, or says why not; the
+/// rules of what each answer means are the executor's ([`Placer`]), shared with the operator.
 async fn load_somewhere(fleet: &Fleet, p: &Placement, strategy: Strategy) -> Result<(), String> {
-    let mut bytes = None;
-    let mut exclude = Vec::new();
-    let mut last_error = String::new();
-    for _ in 0..4 {
+    let ask = LoadAsk {
+        model: p.name.clone(),
+        bytes: None,
+        priority: p.spec.priority,
+        exclude: Vec::new(),
+    };
+    let mut placer = Placer::new(ask, strategy);
+    loop {
         poll(fleet).await;
-        let ask = LoadAsk {
-            model: p.name.clone(),
-            bytes,
-            priority: p.spec.priority,
-            exclude: exclude.clone(),
-        };
-        let (target, evict) = match planner::plan_load(&views(fleet), &ask, strategy) {
-            Plan::Load { neuron } => (neuron, vec![]),
-            Plan::EvictThenLoad { neuron, evict } => (neuron, evict),
-            Plan::NoRoom { reason } if last_error.is_empty() => return Err(reason),
-            Plan::NoRoom { reason } => {
-                return Err(format!("{reason}; last attempt: {last_error}"));
-            }
+        let (target, evict) = match placer.next(&views(fleet)) {
+            Next::Load { neuron, evict } => (neuron, evict),
+            Next::GiveUp { message } => return Err(message),
         };
         let n = fleet.neuron(&target).expect("planned neuron exists");
         let mut evicted = Ok(());
@@ -324,15 +326,12 @@ async fn load_somewhere(fleet: &Fleet, p: &Placement, strategy: Strategy) -> Res
             Ok(()) => load_on(fleet, &n, p).await,
             Err(e) => Err(e),
         };
-        match res {
+        let answer = match res {
             // Accepted: follow the load there to its end (a large download may outlast the
             // neuron's bounded wait) rather than starting another copy elsewhere, unless the
             // neuron goes down meanwhile: then another one gets the load.
             Ok(r) if r.status().is_success() => match follow_load(fleet, &n, &p.name).await {
-                Err(e) if !n.up.load(Ordering::Relaxed) => {
-                    last_error = e;
-                    exclude.push(target);
-                }
+                Err(e) if !n.up.load(Ordering::Relaxed) => Answer::Unreachable(e),
                 r => return r,
             },
             Ok(r) => {
@@ -342,24 +341,35 @@ async fn load_somewhere(fleet: &Fleet, p: &Placement, strategy: Strategy) -> Res
                     .as_ref()
                     .map(|e| e.error.message.clone())
                     .unwrap_or_default();
-                last_error = format!("{target} answered {status}: {message}");
-                match err.as_ref().and_then(|e| e.error.needed_bytes) {
-                    Some(needed) if status == reqwest::StatusCode::CONFLICT => bytes = Some(needed),
-                    // A model that fails to load fails everywhere: say why at once.
-                    _ => return Err(last_error),
-                }
-                if !evict.is_empty() {
-                    exclude.push(target);
+                if status == reqwest::StatusCode::CONFLICT {
+                    let needed = err.as_ref().and_then(|e| e.error.needed_bytes);
+                    Answer::NoRoom { needed, message }
+                } else {
+                    Answer::Refused {
+                        status: status.as_u16(),
+                        message,
+                    }
                 }
             }
             Err(e) => {
                 n.mark_down(&e);
-                last_error = format!("{target} unreachable: {e}");
-                exclude.push(target);
+                Answer::Unreachable(e)
+            }
+        };
+        match placer.record(answer) {
+            Outcome::Placed { .. } => return Ok(()),
+            Outcome::Retry => {}
+            Outcome::Failed {
+                neuron,
+                status,
+                message,
+            } => {
+                let status = reqwest::StatusCode::from_u16(status)
+                    .map_or_else(|_| status.to_string(), |s| s.to_string());
+                return Err(format!("{neuron} answered {status}: {message}"));
             }
         }
     }
-    Err(last_error)
 }
 
 /// Polls a neuron until `id` is ready there, or failed, or the neuron stops answering (its last

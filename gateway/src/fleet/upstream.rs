@@ -17,9 +17,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::error::with_causes;
-use crate::fleet::Neuron;
+use crate::fleet::neuron::Neuron;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The header that carries a request's id to the neuron, for its log.
+pub const REQUEST_ID: &str = "x-request-id";
 
 /// How long a connection to a neuron may take to open.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -48,14 +51,17 @@ impl Upstream {
         Upstream { direct, reqwest }
     }
 
-    /// POSTs the JSON `body` to `path` on the neuron, with its token when it has one; the answer
-    /// comes back as soon as its head does, its body still streaming.
+    /// POSTs the JSON `body` to `path` on the neuron, with its token when it has one and the
+    /// request's id as `x-request-id`; the answer comes back as soon as its head does, its body
+    /// still streaming.
     pub async fn post(
         &self,
         n: &Neuron,
         path: &str,
         body: Bytes,
+        request_id: &str,
     ) -> Result<http::Response<UpstreamBody>, String> {
+        let id = HeaderValue::try_from(request_id).ok();
         let url = n.url(path);
         match &self.direct {
             Some(client) if url.starts_with("http://") => {
@@ -72,6 +78,9 @@ impl Upstream {
                     })?;
                     req.headers_mut().insert(header::AUTHORIZATION, v);
                 }
+                if let Some(id) = id {
+                    req.headers_mut().insert(REQUEST_ID, id);
+                }
                 let res = client.request(req).await.map_err(|e| with_causes(&e))?;
                 Ok(res.map(UpstreamBody::Direct))
             }
@@ -79,6 +88,7 @@ impl Upstream {
                 let res = n
                     .request(&self.reqwest, reqwest::Method::POST, path)
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .header(REQUEST_ID, request_id)
                     .body(body)
                     .send()
                     .await

@@ -7,9 +7,12 @@
 //! text sent as an empty delta.
 
 use cortex_core::anthropic::{
-    Block, Content, ErrorResponse, MessagesRequest, MessagesResponse, ToolChoice, Usage,
+    Block, Content, MessagesRequest, MessagesResponse, ToolChoice, Usage,
 };
-use cortex_core::openai::{ChatCompletion, ChatCompletionChunk, FinishReason};
+use cortex_core::openai::{
+    ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, FinishReason,
+    FunctionCall, MessageContent, SamplingFields, StopSpec, StreamOptions, ToolCall,
+};
 use serde_json::{Value, json};
 
 use crate::error::Error;
@@ -50,8 +53,17 @@ fn block_type(b: &Block) -> String {
     }
 }
 
+/// A chat message of `role` with text `content`.
+fn text_message(role: &str, content: String) -> ChatMessage {
+    ChatMessage {
+        role: role.into(),
+        content: Some(MessageContent::Text(content)),
+        ..Default::default()
+    }
+}
+
 /// The OpenAI chat request for an Anthropic one (with `model` left as the caller sent it).
-pub fn to_openai(req: &MessagesRequest) -> Result<Value, Error> {
+pub fn to_openai(req: &MessagesRequest) -> Result<ChatCompletionRequest, Error> {
     if req.max_tokens < 1 {
         return Err(Error::InvalidRequest {
             message: format!("max_tokens must be at least 1, got {}", req.max_tokens),
@@ -71,13 +83,13 @@ pub fn to_openai(req: &MessagesRequest) -> Result<Value, Error> {
         }
     }
     if !system.is_empty() {
-        messages.push(json!({"role": "system", "content": system.join("\n\n")}));
+        messages.push(text_message("system", system.join("\n\n")));
     }
     for (i, m) in req.messages.iter().enumerate() {
         match (m.role.as_str(), &m.content) {
             ("system", _) => {}
             ("user" | "assistant", Content::Text(t)) => {
-                messages.push(json!({"role": m.role, "content": t}))
+                messages.push(text_message(&m.role, t.clone()))
             }
             ("user", Content::Blocks(blocks)) => {
                 let mut text = String::new();
@@ -96,7 +108,10 @@ pub fn to_openai(req: &MessagesRequest) -> Result<Value, Error> {
                             if *is_error == Some(true) {
                                 body = format!("Error: {body}");
                             }
-                            messages.push(json!({"role": "tool", "tool_call_id": tool_use_id, "content": body}));
+                            messages.push(ChatMessage {
+                                tool_call_id: Some(tool_use_id.clone()),
+                                ..text_message("tool", body)
+                            });
                         }
                         other => {
                             return Err(invalid(format!(
@@ -107,7 +122,7 @@ pub fn to_openai(req: &MessagesRequest) -> Result<Value, Error> {
                     }
                 }
                 if !text.is_empty() {
-                    messages.push(json!({"role": "user", "content": text}));
+                    messages.push(text_message("user", text));
                 }
             }
             ("assistant", Content::Blocks(blocks)) => {
@@ -116,10 +131,15 @@ pub fn to_openai(req: &MessagesRequest) -> Result<Value, Error> {
                 for b in blocks {
                     match b {
                         Block::Text { text: t } => text.push_str(t),
-                        Block::ToolUse { id, name, input } => calls.push(json!({
-                            "id": id, "type": "function",
-                            "function": {"name": name, "arguments": input.to_string()},
-                        })),
+                        Block::ToolUse { id, name, input } => calls.push(ToolCall {
+                            index: None,
+                            id: Some(id.clone()),
+                            kind: Some("function".into()),
+                            function: FunctionCall {
+                                name: Some(name.clone()),
+                                arguments: input.to_string(),
+                            },
+                        }),
                         other => {
                             return Err(invalid(format!(
                                 "messages[{i}] (assistant) has a {} block",
@@ -128,11 +148,10 @@ pub fn to_openai(req: &MessagesRequest) -> Result<Value, Error> {
                         }
                     }
                 }
-                let mut msg = json!({"role": "assistant", "content": text});
-                if !calls.is_empty() {
-                    msg["tool_calls"] = json!(calls);
-                }
-                messages.push(msg);
+                messages.push(ChatMessage {
+                    tool_calls: (!calls.is_empty()).then_some(calls),
+                    ..text_message("assistant", text)
+                });
             }
             (role, _) => {
                 return Err(invalid(format!(
@@ -141,41 +160,38 @@ pub fn to_openai(req: &MessagesRequest) -> Result<Value, Error> {
             }
         }
     }
-    let mut out = json!({"model": req.model, "messages": messages, "max_tokens": req.max_tokens});
-    if let Some(s) = &req.stop_sequences {
-        out["stop"] = json!(s);
-    }
-    for (k, v) in [("temperature", req.temperature), ("top_p", req.top_p)] {
-        if let Some(v) = v {
-            out[k] = json!(v);
-        }
-    }
-    if let Some(k) = req.top_k {
-        out["top_k"] = json!(k);
-    }
-    if let Some(user) = req.metadata.as_ref().and_then(|m| m.user_id.as_ref()) {
-        out["user"] = json!(user);
-    }
-    if let Some(tools) = &req.tools {
-        out["tools"] = json!(tools
-            .iter()
-            .map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.input_schema}}))
-            .collect::<Vec<_>>());
-    }
-    if let Some(choice) = &req.tool_choice {
-        out["tool_choice"] = match choice {
+    let stream = req.stream == Some(true);
+    Ok(ChatCompletionRequest {
+        model: req.model.clone(),
+        messages,
+        sampling: SamplingFields {
+            max_tokens: Some(req.max_tokens),
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            stop: req.stop_sequences.clone().map(StopSpec::Many),
+            stream: stream.then_some(true),
+            // Usage on every chunk: the first one's prompt count goes into `message_start`.
+            stream_options: stream.then_some(StreamOptions {
+                include_usage: true,
+                continuous_usage_stats: true,
+            }),
+            ..Default::default()
+        },
+        tools: req.tools.as_ref().map(|tools| {
+            tools
+                .iter()
+                .map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.input_schema}}))
+                .collect()
+        }),
+        tool_choice: req.tool_choice.as_ref().map(|choice| match choice {
             ToolChoice::Auto => json!("auto"),
             ToolChoice::Any => json!("required"),
             ToolChoice::None => json!("none"),
             ToolChoice::Tool { name } => json!({"type": "function", "function": {"name": name}}),
-        };
-    }
-    if req.stream == Some(true) {
-        out["stream"] = json!(true);
-        // Usage on every chunk: the first one's prompt count goes into `message_start`.
-        out["stream_options"] = json!({"include_usage": true, "continuous_usage_stats": true});
-    }
-    Ok(out)
+        }),
+        user: req.metadata.as_ref().and_then(|m| m.user_id.clone()),
+    })
 }
 
 /// Anthropic's `stop_reason` and `stop_sequence` for an OpenAI finish.
@@ -237,32 +253,6 @@ pub fn from_openai(resp: &ChatCompletion, model: &str) -> MessagesResponse {
             ..Default::default()
         },
     }
-}
-
-/// The message of a neuron's OpenAI-shaped error body (or the body itself when it is not one),
-/// to pass on in Anthropic's shape or in a gateway error.
-pub fn upstream_message(body: &[u8]) -> String {
-    serde_json::from_slice::<cortex_core::openai::ErrorBody>(body)
-        .map(|e| e.error.message)
-        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned())
-}
-
-/// Anthropic's error type for an HTTP status.
-pub fn error_type(status: u16) -> &'static str {
-    match status {
-        400 | 422 => "invalid_request_error",
-        401 => "authentication_error",
-        403 => "permission_error",
-        404 => "not_found_error",
-        413 => "request_too_large",
-        429 => "rate_limit_error",
-        503 | 529 => "overloaded_error",
-        _ => "api_error",
-    }
-}
-
-pub fn error_body(status: u16, message: &str) -> ErrorResponse {
-    ErrorResponse::new(error_type(status), message)
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -392,105 +382,4 @@ impl StreamTranslator {
 /// One server-sent event in Anthropic's framing.
 pub fn sse(event: &Event) -> bytes::Bytes {
     bytes::Bytes::from(format!("event: {}\ndata: {}\n\n", event.0, event.1))
-}
-
-/// The Anthropic stream for a translated request: a `ping` at once and more while a cold model
-/// loads, then the neuron's OpenAI chunks translated as they arrive (`message_start` with the
-/// first). A neuron that fails or
-/// ends early yields an `error` event, never a hang.
-pub fn stream(
-    fleet: std::sync::Arc<crate::fleet::Fleet>,
-    p: crate::config::Placement,
-    body: bytes::Bytes,
-    model: String,
-) -> axum::response::Response {
-    use futures::{SinkExt, StreamExt};
-    // Created now: latencies count from the request's arrival, the wait for a cold model included.
-    let call = crate::proxy::Call::new("anthropic");
-    crate::proxy::channel_stream(|mut tx| async move {
-        let id = format!("msg_{:016x}", rand_id());
-        let mut tr = StreamTranslator::new(id, model);
-        let ping = sse(&("ping", json!({"type": "ping"})));
-        if tx.send(Ok(ping.clone())).await.is_err() {
-            return;
-        }
-        let fail = |status: u16, msg: &str| {
-            sse(&(
-                "error",
-                serde_json::to_value(error_body(status, msg)).unwrap_or_default(),
-            ))
-        };
-        let resp = match crate::proxy::wait_ready(&fleet, &p, &mut tx, &ping).await {
-            Ok(false) => return,
-            Ok(true) => crate::proxy::send(&fleet, &p, "/v1/chat/completions", &body, &call).await,
-            Err(e) => {
-                fleet.metrics.unrouted(&p.name, call.dialect, e.status());
-                Err(e)
-            }
-        };
-        let resp = match resp {
-            Ok(r) if r.status().is_success() => r,
-            Ok(r) => {
-                let status = r.status().as_u16();
-                let bytes = axum::body::to_bytes(r.into_body(), 1 << 20)
-                    .await
-                    .unwrap_or_default();
-                let _ = tx.send(Ok(fail(status, &upstream_message(&bytes)))).await;
-                return;
-            }
-            Err(e) => {
-                let _ = tx.send(Ok(fail(e.status().as_u16(), &e.to_string()))).await;
-                return;
-            }
-        };
-        let mut body = resp.into_body().into_data_stream();
-        let mut buf = String::new();
-        while let Some(chunk) = body.next().await {
-            let Ok(chunk) = chunk else { break };
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buf.find("\n\n") {
-                let event: String = buf.drain(..end + 2).collect();
-                for data in event.lines().filter_map(|l| l.strip_prefix("data: ")) {
-                    let events = if data == "[DONE]" {
-                        let mut out = tr.finish();
-                        out.push(("", Value::Null));
-                        out
-                    } else if let Ok(c) = serde_json::from_str::<ChatCompletionChunk>(data) {
-                        tr.chunk(&c)
-                    } else {
-                        let _ = tx
-                            .send(Ok(fail(502, &upstream_message(data.as_bytes()))))
-                            .await;
-                        return;
-                    };
-                    for e in &events {
-                        if e.0.is_empty() {
-                            return;
-                        }
-                        if tx.send(Ok(sse(e))).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-        let _ = tx
-            .send(Ok(fail(
-                502,
-                "the neuron ended the stream before the answer was complete",
-            )))
-            .await;
-    })
-}
-
-fn rand_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish()
 }

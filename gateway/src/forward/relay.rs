@@ -6,8 +6,8 @@
 //! ends an SSE answer with an error event in OpenAI's shape and `[DONE]`, so the caller never
 //! hangs.
 //!
-//! An SSE event split over two chunks is held back until its end arrives (found with `memchr`),
-//! so an event is inspected, dropped or rewritten whole.
+//! An SSE event split over two chunks is held back until its end arrives ([`Framer`]), so an
+//! event is inspected, dropped or rewritten whole, and the frames passed on are whole events.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,53 +21,15 @@ use memchr::memmem::Finder;
 use tokio::time::Sleep;
 
 use crate::error::Error;
-use crate::proxy::{Call, RequestGuard};
-use crate::upstream::UpstreamBody;
+use crate::fleet::upstream::UpstreamBody;
+use crate::forward::call::Call;
+use crate::forward::guard::RequestGuard;
+use crate::forward::sse::{self, DATA, EVENT_END, Framer};
 
 static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\":{"));
 static PROMPT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"prompt_tokens\":"));
 static COMPLETION: LazyLock<Finder<'static>> =
     LazyLock::new(|| Finder::new(b"\"completion_tokens\":"));
-static EVENT_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
-static DATA: LazyLock<memchr::memmem::FinderRev<'static>> =
-    LazyLock::new(|| memchr::memmem::FinderRev::new(b"data: "));
-
-/// `"model":"<id>"` → `"model":"<client's name>"` (both as serde writes them) in the neuron's
-/// answers, when the neuron knows the model by another id than the client sent.
-pub struct Rename {
-    from: Finder<'static>,
-    to: Vec<u8>,
-}
-
-impl Rename {
-    pub fn new(neuron: &str, client: &str) -> Self {
-        let field = |name: &str| {
-            format!("\"model\":{}", serde_json::Value::String(name.into())).into_bytes()
-        };
-        Rename {
-            from: Finder::new(&field(neuron)).into_owned(),
-            to: field(client),
-        }
-    }
-
-    fn apply(&self, b: Bytes) -> Bytes {
-        let from = self.from.needle();
-        let Some(first) = self.from.find(&b) else {
-            return b;
-        };
-        let mut out = Vec::with_capacity(b.len() + self.to.len());
-        out.extend_from_slice(&b[..first]);
-        out.extend_from_slice(&self.to);
-        let mut rest = &b[first + from.len()..];
-        while let Some(i) = self.from.find(rest) {
-            out.extend_from_slice(&rest[..i]);
-            out.extend_from_slice(&self.to);
-            rest = &rest[i + from.len()..];
-        }
-        out.extend_from_slice(rest);
-        Bytes::from(out)
-    }
-}
 
 /// The relayed answer: an [`http_body::Body`] over the neuron's.
 pub struct Relay {
@@ -81,8 +43,8 @@ pub struct Relay {
     /// Armed the first time the neuron makes us wait; moved on only when it fires early, so a
     /// chunk costs no timer work.
     timer: Option<Pin<Box<Sleep>>>,
-    /// The start of an SSE event whose end has not arrived yet.
-    partial: BytesMut,
+    /// Holds the start of an SSE event whose end has not arrived yet.
+    framer: Framer,
     done: bool,
 }
 
@@ -102,7 +64,7 @@ impl Relay {
             idle,
             last: Instant::now(),
             timer: None,
-            partial: BytesMut::new(),
+            framer: Framer::default(),
             done: false,
         }
     }
@@ -149,17 +111,6 @@ impl Relay {
         }
     }
 
-    /// The whole events of `b` (and of what came before it), ready to inspect; the tail of an
-    /// unfinished event waits in `partial`.
-    fn whole_events(&mut self, b: Bytes) -> Option<Bytes> {
-        if self.partial.is_empty() && b.ends_with(b"\n\n") {
-            return Some(b);
-        }
-        self.partial.extend_from_slice(&b);
-        let end = last_event_end(&self.partial)?;
-        Some(self.partial.split_to(end).freeze())
-    }
-
     /// Ends the answer after a failure: an error event and `[DONE]` for SSE (an unfinished event
     /// before it is dropped: no client could read it), a broken body otherwise.
     fn fail(&mut self, why: String) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
@@ -168,11 +119,11 @@ impl Relay {
         if !self.sse {
             return Poll::Ready(Some(Err(std::io::Error::other(why))));
         }
-        let err = Error::Upstream(why).openai_body();
-        let mut out = b"data: ".to_vec();
-        out.extend_from_slice(&serde_json::to_vec(&err).unwrap_or_default());
-        out.extend_from_slice(b"\n\ndata: [DONE]\n\n");
-        Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))))
+        self.framer.clear();
+        let err = serde_json::to_vec(&Error::Upstream(why).openai_body()).unwrap_or_default();
+        let mut out = BytesMut::from(&sse::data_event(&err)[..]);
+        out.extend_from_slice(sse::DONE);
+        Poll::Ready(Some(Ok(Frame::data(out.freeze()))))
     }
 }
 
@@ -199,7 +150,11 @@ impl Body for Relay {
                         me.count_usage(&b);
                         return Poll::Ready(Some(Ok(Frame::data(b))));
                     }
-                    let whole = if me.sse { me.whole_events(b) } else { Some(b) };
+                    let whole = if me.sse {
+                        me.framer.whole_events(b)
+                    } else {
+                        Some(b)
+                    };
                     if let Some(events) = whole.as_ref().filter(|_| me.sse) {
                         me.guard.events(events, me.last);
                     }
@@ -214,11 +169,10 @@ impl Body for Relay {
                 }
                 Poll::Ready(None) => {
                     me.done = true;
-                    if me.partial.is_empty() {
-                        return Poll::Ready(None);
-                    }
-                    let rest = std::mem::take(&mut me.partial).freeze();
-                    return Poll::Ready(Some(Ok(Frame::data(me.inspect(rest)))));
+                    return match me.framer.rest() {
+                        None => Poll::Ready(None),
+                        Some(rest) => Poll::Ready(Some(Ok(Frame::data(me.inspect(rest))))),
+                    };
                 }
                 Poll::Pending => break,
             }
@@ -258,11 +212,6 @@ impl Body for Relay {
     }
 }
 
-/// Just past the last `\n\n` in `b`.
-fn last_event_end(b: &[u8]) -> Option<usize> {
-    memchr::memmem::rfind(b, b"\n\n").map(|i| i + 2)
-}
-
 /// The number after `key` (`"name":`) in `b`.
 fn number_after(b: &[u8], key: &Finder<'_>) -> Option<u64> {
     let i = key.find(b)? + key.needle().len();
@@ -281,28 +230,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_rename_replaces_every_model_field() {
-        let r = Rename::new("smollm2", "smol");
-        let out = r.apply(Bytes::from_static(
-            b"data: {\"model\":\"smollm2\",\"x\":1}\n\ndata: {\"model\":\"smollm2\"}\n\n",
-        ));
-        assert_eq!(
-            &out[..],
-            b"data: {\"model\":\"smol\",\"x\":1}\n\ndata: {\"model\":\"smol\"}\n\n"
-        );
-    }
-
-    #[test]
     fn numbers_are_read_after_their_key() {
         let u = b"\"usage\":{\"prompt_tokens\": 12,\"completion_tokens\":8}";
         assert_eq!(number_after(u, &PROMPT), Some(12));
         assert_eq!(number_after(u, &COMPLETION), Some(8));
         assert_eq!(number_after(b"\"prompt_tokens\":x", &PROMPT), None);
-    }
-
-    #[test]
-    fn an_event_split_over_chunks_ends_at_its_blank_line() {
-        assert_eq!(last_event_end(b"data: a\n\ndata: b"), Some(9));
-        assert_eq!(last_event_end(b"data: b"), None);
     }
 }

@@ -30,7 +30,7 @@ use reqwest::{Method, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use cortex_gateway::error::with_causes;
+use crate::error::with_causes;
 
 /// `cortex probe` flags.
 #[derive(Args, Debug)]

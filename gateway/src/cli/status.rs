@@ -1,12 +1,20 @@
-//! `cortex status` and `cortex models`: tables of the fleet and the catalogue, read from a gateway.
+//! `cortex status` and `cortex models`: tables of the fleet and the catalogue, read from a
+//! gateway as the typed structs it writes them from.
 
-use serde_json::Value;
+use cortex_core::neuron::DeviceInfo;
+use serde::de::DeserializeOwned;
+
+use crate::fleet::view::{FleetView, ModelList};
 
 fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
-async fn get(gateway: &str, path: &str, key: Option<&str>) -> anyhow::Result<Value> {
+async fn get<T: DeserializeOwned>(
+    gateway: &str,
+    path: &str,
+    key: Option<&str>,
+) -> anyhow::Result<T> {
     let url = format!("{}{path}", gateway.trim_end_matches('/'));
     let mut rb = reqwest::Client::new().get(&url);
     if let Some(k) = key {
@@ -16,14 +24,15 @@ async fn get(gateway: &str, path: &str, key: Option<&str>) -> anyhow::Result<Val
         anyhow::anyhow!("cannot reach the gateway at {url}: {e}; is `cortex serve` running?")
     })?;
     let status = res.status();
-    let body: Value = res.json().await?;
+    let text = res.text().await?;
     if !status.is_success() {
-        anyhow::bail!(
-            "{url} answered {status}: {}",
-            body["error"]["message"].as_str().unwrap_or("?")
-        );
+        let message = serde_json::from_str::<cortex_core::openai::ErrorBody>(&text)
+            .map(|b| b.error.message)
+            .unwrap_or_else(|_| "?".into());
+        anyhow::bail!("{url} answered {status}: {message}");
     }
-    Ok(body)
+    serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{url} answered what is not a cortex gateway's JSON: {e}"))
 }
 
 /// The fleet: one line per neuron and device, then its models.
@@ -44,13 +53,12 @@ fn status_row(cells: [&str; 7]) -> String {
 }
 
 /// A device as `cuda:0 NVIDIA H200` or `cpu AMD EPYC 7B13`, cut to the column's width.
-fn device_label(d: &Value) -> String {
-    let kind = d["kind"].as_str().unwrap_or("?");
-    let key = match (kind, d["index"].as_u64()) {
-        ("cpu", _) | (_, None) => kind.to_string(),
-        (_, Some(i)) => format!("{kind}:{i}"),
+fn device_label(d: &DeviceInfo) -> String {
+    let key = match d.kind.as_str() {
+        "cpu" => d.kind.clone(),
+        kind => format!("{kind}:{}", d.index),
     };
-    let label = format!("{key} {}", d["name"].as_str().unwrap_or("?"));
+    let label = format!("{key} {}", d.name);
     if label.chars().count() > 40 {
         label.chars().take(39).chain(['…']).collect()
     } else {
@@ -60,27 +68,21 @@ fn device_label(d: &Value) -> String {
 
 /// `/cortex/fleet` as a table: a line per neuron with its first device, a line for each further
 /// device, then a line per model it holds. A neuron that never answered has no devices (`-`).
-pub fn status_table(v: &Value) -> String {
+pub fn status_table(v: &FleetView) -> String {
     let mut out = status_row([
         "NEURON", "ENDPOINT", "UP", "DEVICE", "FREE", "TOTAL", "INFLIGHT",
     ]);
-    for n in v["neurons"].as_array().into_iter().flatten() {
-        let st = &n["status"];
-        let devices = st["devices"].as_array().cloned().unwrap_or_default();
-        let inflight = st["inflight"].as_u64().unwrap_or(0).to_string();
-        let up = if n["up"].as_bool() == Some(true) {
-            "yes"
-        } else {
-            "no"
-        };
-        let name = n["name"].as_str().unwrap_or("?");
-        let endpoint = n["endpoint"].as_str().unwrap_or("?");
-        if devices.is_empty() {
+    for n in &v.neurons {
+        let st = n.status.clone().unwrap_or_default();
+        let inflight = st.inflight.to_string();
+        let up = if n.up { "yes" } else { "no" };
+        let (name, endpoint) = (n.name.as_str(), n.endpoint.as_str());
+        if st.devices.is_empty() {
             out += &status_row([name, endpoint, up, "-", "-", "-", &inflight]);
         }
-        for (i, d) in devices.iter().enumerate() {
-            let free = gib(d["memoryFree"].as_u64().unwrap_or(0));
-            let total = gib(d["memoryTotal"].as_u64().unwrap_or(0));
+        for (i, d) in st.devices.iter().enumerate() {
+            let free = gib(d.memory_free);
+            let total = gib(d.memory_total);
             let label = device_label(d);
             out += &if i == 0 {
                 status_row([name, endpoint, up, &label, &free, &total, &inflight])
@@ -88,14 +90,14 @@ pub fn status_table(v: &Value) -> String {
                 status_row(["", "", "", &label, &free, &total, ""])
             };
         }
-        for m in st["models"].as_array().into_iter().flatten() {
+        for m in &st.models {
             out += &format!(
                 "  └ {:<24}  {:<11}  {:>10}  in-flight {}  queued {}\n",
-                m["id"].as_str().unwrap_or("?"),
-                m["state"].as_str().unwrap_or("?"),
-                gib(m["bytes"].as_u64().unwrap_or(0)),
-                m["inflight"].as_u64().unwrap_or(0),
-                m["queued"].as_u64().unwrap_or(0),
+                m.id,
+                m.state.as_str(),
+                gib(m.bytes),
+                m.inflight,
+                m.queued,
             );
         }
     }
@@ -103,29 +105,22 @@ pub fn status_table(v: &Value) -> String {
 }
 
 /// `/v1/models` as a table: every served name, its state and where it is loaded.
-pub fn models_table(v: &Value) -> String {
+pub fn models_table(v: &ModelList) -> String {
     let mut out = format!(
         "{:<28}  {:<11}  {:<6}  {}\n",
         "MODEL", "STATE", "PINNED", "LOADED ON"
     );
-    for m in v["data"].as_array().into_iter().flatten() {
-        let on: Vec<String> = m["loaded_on"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|l| {
-                format!(
-                    "{} ({})",
-                    l["neuron"].as_str().unwrap_or("?"),
-                    l["state"].as_str().unwrap_or("?")
-                )
-            })
+    for m in &v.data {
+        let on: Vec<String> = m
+            .loaded_on
+            .iter()
+            .map(|l| format!("{} ({})", l.neuron, l.state.as_str()))
             .collect();
         out += &format!(
             "{:<28}  {:<11}  {:<6}  {}\n",
-            m["id"].as_str().unwrap_or("?"),
-            m["state"].as_str().unwrap_or("?"),
-            m["pinned"].as_bool().unwrap_or(false),
+            m.id,
+            m.state.as_str(),
+            m.pinned,
             if on.is_empty() {
                 "-".into()
             } else {
@@ -151,7 +146,7 @@ mod tests {
                 {"index": 0, "name": "AMD EPYC 9654 96-Core Processor with a long name", "kind": "cpu", "memoryTotal": 64u64 << 30, "memoryFree": 32u64 << 30},
             ], "models": [{"id": "qwen", "state": "ready", "bytes": 1u64 << 30, "inflight": 3, "queued": 1}]},
         }, {"name": "late", "endpoint": "http://late:13131", "up": false, "status": null}]});
-        let table = status_table(&fleet);
+        let table = status_table(&serde_json::from_value(fleet).unwrap());
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 6, "{table}");
         assert!(lines[1].starts_with("beast ") && lines[1].contains("cuda:0 NVIDIA H200"));

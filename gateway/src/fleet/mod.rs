@@ -5,115 +5,54 @@
 //!
 //! Where the neurons, the catalogue and the copies come from, and how a copy is made ready, is a
 //! [`Backend`]'s: static mode polls the neurons of `cortex.toml` and loads where the planner says
-//! ([`crate::static_mode`]); Kubernetes mode reads Neuron and ModelPlacement objects and scales
-//! ModelPlacements ([`crate::kubernetes`]). Both swap the neurons and the catalogue whole, so a
+//! ([`static_backend`]); Kubernetes mode reads Neuron and ModelPlacement objects and scales
+//! ModelPlacements ([`kube_backend`]). Both swap the neurons and the catalogue whole, so a
 //! request always sees one consistent list.
+//!
+//! | file | holds |
+//! |---|---|
+//! | `mod.rs` | [`Fleet`] (the routing table) and the [`Backend`] trait |
+//! | `neuron.rs`, `catalogue.rs` | the domain types: [`Neuron`], [`NeuronConfig`], [`Placement`], [`Catalogue`] |
+//! | `upstream.rs` | the HTTP client proxied requests reach neurons with |
+//! | `view.rs` | `/cortex/fleet` and `/v1/models`, typed |
+//! | `static_backend.rs`, `kube_backend.rs` | the two backends |
+
+pub mod catalogue;
+pub mod kube_backend;
+pub mod neuron;
+pub mod static_backend;
+pub mod upstream;
+pub mod view;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use cortex_core::neuron::{ModelState, NeuronStatus};
+use cortex_core::neuron::ModelState;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use serde_json::Value;
 
-use crate::config::{GatewayConfig, NeuronConfig, Placement};
 use crate::error::Error;
 use crate::metrics::{Metrics, RouteLabelsNeuron};
+use catalogue::{Catalogue, Placement};
+use neuron::{Neuron, NeuronConfig};
+use upstream::Upstream;
+use view::{CardState, CopyState, FleetView, ModelCard, ModelList, NeuronEntry, NeuronReport};
 
-pub struct Neuron {
-    pub cfg: NeuronConfig,
-    /// Its last `/status` answer, in static mode (Kubernetes mode reads the Neuron object instead).
-    pub status: RwLock<Option<NeuronStatus>>,
-    pub up: AtomicBool,
-    /// Times it was marked down: a probe that saw it answer counts only if no request failed
-    /// on it while the probe was out (see [`Neuron::still_up_since`]).
-    downs: AtomicU64,
-    /// Requests the gateway is proxying to this neuron now.
-    pub outstanding: AtomicU32,
-}
-
-impl Neuron {
-    pub fn new(cfg: NeuronConfig) -> Self {
-        Neuron {
-            cfg,
-            status: RwLock::new(None),
-            up: AtomicBool::new(false),
-            downs: AtomicU64::new(0),
-            outstanding: AtomicU32::new(0),
-        }
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.cfg.endpoint.trim_end_matches('/'))
-    }
-
-    /// A request to the neuron, with its token when it has one.
-    pub fn request(
-        &self,
-        http: &reqwest::Client,
-        method: reqwest::Method,
-        path: &str,
-    ) -> reqwest::RequestBuilder {
-        let rb = http.request(method, self.url(path));
-        match &self.cfg.token {
-            Some(t) => rb.bearer_auth(t),
-            None => rb,
-        }
-    }
-
-    pub fn mark_down(&self, why: &str) {
-        self.downs.fetch_add(1, Ordering::SeqCst);
-        if self.up.swap(false, Ordering::Relaxed) {
-            tracing::warn!(neuron = %self.cfg.name, reason = why, "neuron marked down");
-        }
-    }
-}
-
-impl Neuron {
-    /// A mark for [`Neuron::still_up_since`], taken before a probe goes out.
-    pub fn probe_mark(&self) -> u64 {
-        self.downs.load(Ordering::SeqCst)
-    }
-
-    /// Whether an answer to a probe sent at `mark` still says the neuron is up: not when a
-    /// request has failed on it since (the answer may have left just before it stopped).
-    pub fn still_up_since(&self, mark: u64) -> bool {
-        self.downs.load(Ordering::SeqCst) == mark
-    }
-}
-
-/// The placements served, by served name and alias.
-#[derive(Default)]
-pub struct Catalogue {
-    pub placements: Vec<Placement>,
-    names: HashMap<String, usize>,
-}
-
-impl Catalogue {
-    /// The catalogue of `placements`, and the names more than one of them asks for: such a name
-    /// goes to the first that asks.
-    pub fn new(placements: Vec<Placement>) -> (Catalogue, Vec<String>) {
-        let mut names = HashMap::new();
-        let mut shadowed = Vec::new();
-        for (i, p) in placements.iter().enumerate() {
-            for name in p.names() {
-                if names.contains_key(name) {
-                    shadowed.push(name.to_string());
-                } else {
-                    names.insert(name.to_string(), i);
-                }
-            }
-        }
-        (Catalogue { placements, names }, shadowed)
-    }
-
-    /// The placement serving a name or alias.
-    pub fn get(&self, name: &str) -> Option<&Placement> {
-        self.names.get(name).map(|&i| &self.placements[i])
-    }
+/// The fleet's bounds, the same in both modes (`[gateway]` keys, or flags in Kubernetes mode).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Longest a request waits for a cold model.
+    pub load_timeout: Duration,
+    /// Longest wait for a neuron's answer to start.
+    pub request_timeout: Duration,
+    /// Longest silence in the middle of a streamed answer.
+    pub stream_idle_timeout: Duration,
+    /// How often a streaming caller waiting for a cold model gets a keep-alive.
+    pub keepalive: Duration,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
 }
 
 /// Where the fleet's copies come from and how one is made ready: one per mode.
@@ -128,8 +67,8 @@ pub trait Backend: Send + Sync {
     /// Brings the fleet up to date after a neuron answered that it no longer holds a model.
     fn refresh<'a>(&'a self, fleet: &'a Fleet) -> BoxFuture<'a, ()>;
 
-    /// The neuron's status as `/cortex/fleet` shows it.
-    fn describe(&self, n: &Neuron) -> Value;
+    /// The neuron's report as `/cortex/fleet` shows it; `None` when there is none.
+    fn describe(&self, n: &Neuron) -> Option<NeuronReport>;
 }
 
 type LoadFuture = Shared<BoxFuture<'static, Result<(), String>>>;
@@ -140,7 +79,7 @@ pub struct Fleet {
     backend: Box<dyn Backend>,
     pub http: reqwest::Client,
     /// Where proxied requests go through (`http` for the neurons it cannot reach directly).
-    pub upstream: crate::upstream::Upstream,
+    pub upstream: Upstream,
     pub load_timeout: Duration,
     /// Longest wait for a neuron's answer to start.
     pub request_timeout: Duration,
@@ -155,8 +94,8 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// An empty fleet with `gw`'s timeouts, filled and served by `backend`.
-    pub fn new(gw: &GatewayConfig, backend: impl Backend + 'static) -> Arc<Self> {
+    /// An empty fleet with `settings`' bounds, filled and served by `backend`.
+    pub fn new(settings: &Settings, backend: impl Backend + 'static) -> Arc<Self> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .build()
@@ -165,14 +104,13 @@ impl Fleet {
             neurons: RwLock::default(),
             catalogue: RwLock::default(),
             backend: Box::new(backend),
-            upstream: crate::upstream::Upstream::new(http.clone()),
+            upstream: Upstream::new(http.clone()),
             http,
-            load_timeout: Duration::from_secs(gw.load_timeout_secs),
-            request_timeout: Duration::from_secs(gw.request_timeout_secs),
-            stream_idle_timeout: Duration::from_secs(gw.stream_idle_timeout_secs),
-            keepalive: Duration::try_from_secs_f64(gw.keepalive_secs.max(0.01))
-                .unwrap_or(Duration::from_secs(5)),
-            max_body_bytes: gw.max_body_bytes,
+            load_timeout: settings.load_timeout,
+            request_timeout: settings.request_timeout,
+            stream_idle_timeout: settings.stream_idle_timeout,
+            keepalive: settings.keepalive,
+            max_body_bytes: settings.max_body_bytes,
             metrics: Arc::new(Metrics::new()),
             loads: Mutex::new(HashMap::new()),
         })
@@ -271,9 +209,55 @@ impl Fleet {
         self.backend.refresh(self).await
     }
 
-    /// The neuron's status as `/cortex/fleet` shows it.
-    pub fn describe(&self, n: &Neuron) -> Value {
+    /// The neuron's report as `/cortex/fleet` shows it.
+    pub fn describe(&self, n: &Neuron) -> Option<NeuronReport> {
         self.backend.describe(n)
+    }
+
+    /// `/cortex/fleet`: every neuron, whether it is up, its outstanding requests and its report.
+    pub fn view(&self) -> FleetView {
+        FleetView {
+            neurons: self
+                .neurons()
+                .iter()
+                .map(|n| NeuronEntry {
+                    name: n.cfg.name.clone(),
+                    endpoint: n.cfg.endpoint.clone(),
+                    up: n.up.load(Ordering::Relaxed),
+                    outstanding: n.outstanding.load(Ordering::Relaxed),
+                    status: self.describe(n),
+                })
+                .collect(),
+        }
+    }
+
+    /// `/v1/models`: a card for each served name and alias of every placement, loaded or not,
+    /// with where it is loaded and its state.
+    pub fn cards(&self) -> ModelList {
+        let mut data = Vec::new();
+        for p in &self.catalogue().placements {
+            let copies = self.copies(p);
+            let loaded_on: Vec<CopyState> = copies
+                .iter()
+                .map(|(n, s)| CopyState {
+                    neuron: n.cfg.name.clone(),
+                    state: *s,
+                })
+                .collect();
+            let state = CardState::of(copies.iter().map(|(_, s)| *s));
+            data.extend(p.names().map(|id| ModelCard {
+                id: id.to_string(),
+                object: "model".into(),
+                created: 0,
+                owned_by: "cortex".into(),
+                state,
+                placement: p.name.clone(),
+                loaded_on: loaded_on.clone(),
+                pinned: p.spec.pinned,
+                min_replicas: p.spec.min_copies(),
+            }));
+        }
+        ModelList::new(data)
     }
 
     /// Gets one more copy of the placement ready; concurrent calls for the same placement share it.
@@ -319,27 +303,5 @@ impl Fleet {
                 secs: self.load_timeout.as_secs(),
             }),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn placement(name: &str, aliases: &[&str]) -> Placement {
-        serde_json::from_value(serde_json::json!({
-            "name": name, "aliases": aliases, "model": {"uri": "file:///m.gguf"}
-        }))
-        .unwrap()
-    }
-
-    #[test]
-    fn a_name_two_placements_ask_for_goes_to_the_first_and_is_reported() {
-        let (c, shadowed) =
-            Catalogue::new(vec![placement("a", &["x"]), placement("b", &["x", "y"])]);
-        assert_eq!(c.get("x").unwrap().name, "a");
-        assert_eq!(c.get("y").unwrap().name, "b");
-        assert!(c.get("z").is_none());
-        assert_eq!(shadowed, vec!["x".to_string()]);
     }
 }
