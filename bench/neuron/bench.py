@@ -63,6 +63,24 @@ def cortex_run(url, model, prompt, n_new):
     return usage["prompt_tokens"], usage["prompt_tokens"] / (first - t0), (gen - 1) / (last - first)
 
 
+WORDS = ["Amber", "Birch", "Cedar", "Delta", "Ember", "Fjord", "Grove", "Harbor", "Island", "Juniper",
+         "Kestrel", "Lantern", "Meadow", "Nectar", "Orchid", "Pebble"]
+
+
+def distinct(llm, run, text, n):
+    """`n` tokens of `text` (repeated as needed) behind words of this run's own, and their text:
+    no two runs share a first block, so none finds another's prefix in the cache."""
+    head = f"Chapter {WORDS[run % len(WORDS)]} {run}. "
+    body = head
+    while len(llm.tokenize(body.encode(), add_bos=False)) < n:
+        body += text + " "
+    tokens = llm.tokenize(body.encode(), add_bos=False)[:n]
+    # The text round-trips to the same tokens (cortex tokenizes it again).
+    prompt = llm.detokenize(tokens).decode(errors="ignore")
+    tokens = llm.tokenize(prompt.encode(), add_bos=False)
+    return tokens, prompt
+
+
 def prefix_hits(url, model):
     """Prompt tokens the neuron took from a kept prefix instead of computing (`vllm:prefix_cache_hits`)."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=60) as r:
@@ -136,9 +154,54 @@ def start_neuron(binary, dirs, threads, extra_env):
     return proc, url
 
 
-def load(url, name, path):
+def load(url, name, path, context=1024):
     post(f"{url}/models/load?wait=true", {"id": name, "source": {"uri": f"file://{pathlib.Path(path).resolve()}"},
-                                          "contextLength": 1024}).read()
+                                          "contextLength": context}).read()
+
+
+# Agent-length prompts: (model file, context, prompt lengths). The lengths fill the context
+# less the tokens decoded after them.
+LONG = [("SmolLM2-135M-Instruct.Q4_1.gguf", 8192, [512, 2048, 4096, 8100]),
+        ("gemma-3-270m-Q4_K_M.gguf", 32768, [16384, 32600])]
+
+
+def long_prompts(a, url):
+    """Prompt tokens/s as the prompt grows, and decode tokens/s after it, cortex beside llama.cpp
+    (flash attention on, as llama.cpp picks on CPU by default, and off)."""
+    rows = []
+    for file, context, lengths in LONG:
+        path = str(pathlib.Path(a.model_dir) / file)
+        name = f"long-{file}"
+        load(url, name, path, context)
+        llms = {fa: llama_cpp.Llama(model_path=path, n_ctx=context, n_threads=a.threads,
+                                    n_threads_batch=a.threads, n_batch=512, verbose=False,
+                                    flash_attn=fa) for fa in (True, False)}
+        run = 100
+        for n in lengths:
+            res = {e: [] for e in ("cortex", True, False)}
+            for _ in range(a.long_runs):
+                run += 1
+                tokens, prompt = distinct(llms[True], run, TEXT, n)
+                res["cortex"].append(cortex_run(url, name, prompt, a.long_new_tokens)[1:])
+                for fa, llm in llms.items():
+                    res[fa].append(llama_run(llm, tokens, a.long_new_tokens))
+            med = {e: (statistics.median(x[0] for x in r), statistics.median(x[1] for x in r)) for e, r in res.items()}
+            rows.append((file, n, med))
+            print(f"bench: {file} {n} tokens: {med}", flush=True)
+        if (hits := prefix_hits(url, name)) > 0:
+            raise SystemExit(f"bench: cortex reused {hits:.0f} cached prompt tokens of {name}")
+        post(f"{url}/models/unload", {"id": name}).read()
+        del llms
+    print(f"\nlong prompts: threads={a.threads} runs={a.long_runs} (median), then {a.long_new_tokens} tokens decoded; "
+          "llama.cpp with flash attention (fa) and without")
+    print(f"{'model':32} {'prompt':>6} {'pp cortex':>9} {'pp fa':>7} {'pp no-fa':>8} {'ratio':>5} "
+          f"{'tg cortex':>9} {'tg fa':>7} {'tg no-fa':>8} {'ratio':>5}")
+    for file, n, med in rows:
+        cp, cd = med["cortex"]
+        bp, bd = max(med[True][0], med[False][0]), max(med[True][1], med[False][1])
+        print(f"{file:32} {n:6} {cp:9.1f} {med[True][0]:7.1f} {med[False][0]:8.1f} {cp / bp:5.2f} "
+              f"{cd:9.1f} {med[True][1]:7.1f} {med[False][1]:8.1f} {cd / bd:5.2f}")
+    print("ratio: cortex against the faster of llama.cpp's two")
 
 
 def main():
@@ -150,7 +213,17 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--no-candle", action="store_true", help="skip candle's own kernels (CORTEX_KERNELS=candle)")
+    ap.add_argument("--long", action="store_true", help="only the agent-length prompts (512 to 32k tokens)")
+    ap.add_argument("--long-runs", type=int, default=1)
+    ap.add_argument("--long-new-tokens", type=int, default=64)
     a = ap.parse_args()
+    if a.long:
+        proc, url = start_neuron(a.neuron, a.model_dir, a.threads, {})
+        try:
+            long_prompts(a, url)
+        finally:
+            proc.kill()
+        return
     if a.models:
         models = a.models
     else:
@@ -178,23 +251,22 @@ def main():
             name = pathlib.Path(path).name
             llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=a.threads, n_threads_batch=a.threads,
                                   n_batch=512, verbose=False, logits_all=False)
-            tokens = llm.tokenize(TEXT.encode(), add_bos=False)[:127]
-            prompt = llm.detokenize(tokens).decode()
+            # Each run's prompt starts with its own words, so the neuron's prefix cache (blocks of
+            # 64 tokens) has nothing to reuse: the prompt figure is prompt processing.
+            prompts = [distinct(llm, run, TEXT, 127) for run in range(a.runs + 1)]
             for _, url in engines.values():
                 load(url, name, path)
-                cortex_run(url, name, prompt, 8)  # warm-up
-            llama_run(llm, tokens, 8)
+                cortex_run(url, name, prompts[-1][1], 8)  # warm-up
+            llama_run(llm, prompts[-1][0], 8)
             # Engines take turns within each run, so a neighbour's load on the shared cores falls
             # on all of them alike rather than on whichever happened to run then.
             runs = {e: [] for e in [*engines, "llama"]}
-            for _ in range(a.runs):
+            for tokens, prompt in prompts[:-1]:
                 for e, (_, url) in engines.items():
                     runs[e].append(cortex_run(url, name, prompt, a.new_tokens))
                 runs["llama"].append((len(tokens), *llama_run(llm, tokens, a.new_tokens)))
             for e, (_, url) in engines.items():
-                # The prompt is shorter than one 128-token prefill chunk, the unit of the neuron's
-                # prefix reuse, so every run computes all of it; if that changed, the prompt
-                # figure would measure a cache hit.
+                # If a run had found another's prefix, its prompt figure would measure a hit.
                 if (hits := prefix_hits(url, name)) > 0:
                     raise SystemExit(f"bench: {e} reused {hits:.0f} cached prompt tokens of {name}; "
                                      "its prompt tok/s would not be prompt processing")
@@ -203,7 +275,7 @@ def main():
                    for e, r in runs.items()}
             lp, ld = res.pop("llama")[1:]
             limit = bandwidth / os.path.getsize(path)
-            rows.append((name, len(tokens), res, lp, ld, limit))
+            rows.append((name, len(prompts[0][0]), res, lp, ld, limit))
             del llm
         print(f"\nthreads={a.threads} runs={a.runs} new_tokens={a.new_tokens} (median); "
               f"read bandwidth ({a.threads} threads) {bandwidth / 1e9:.1f} GB/s; decode limit = bandwidth / file size")

@@ -27,6 +27,19 @@ pub struct MessagesRequest {
     pub tools: Option<Vec<Tool>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_choice: Option<ToolChoice>,
+    /// Automatic caching of the whole prompt (cortex caches every prefix anyway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_control: Option<CacheControl>,
+}
+
+/// A prompt-caching breakpoint. cortex's neurons cache every prompt prefix by themselves, so a
+/// breakpoint changes nothing but is checked as Anthropic checks it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheControl {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -54,11 +67,15 @@ pub enum Content {
 pub enum Block {
     Text {
         text: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cache_control: Option<CacheControl>,
     },
     ToolUse {
         id: String,
         name: String,
         input: Value,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cache_control: Option<CacheControl>,
     },
     ToolResult {
         tool_use_id: String,
@@ -66,6 +83,8 @@ pub enum Block {
         content: Option<Content>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         is_error: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cache_control: Option<CacheControl>,
     },
     /// Any other block (image, document, thinking …): named in the error it causes.
     #[serde(untagged)]
@@ -78,6 +97,8 @@ pub struct Tool {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     pub input_schema: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_control: Option<CacheControl>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,8 +128,9 @@ pub struct MessagesResponse {
 pub struct Usage {
     pub input_tokens: u32,
     pub output_tokens: u32,
-    /// cortex has no prompt cache yet: always 0, reported so clients that read it find it.
+    /// Prompt tokens the neuron computed and stored in its prefix cache (not in `input_tokens`).
     pub cache_creation_input_tokens: u32,
+    /// Prompt tokens read from the neuron's prefix cache (not in `input_tokens`).
     pub cache_read_input_tokens: u32,
 }
 

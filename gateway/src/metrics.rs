@@ -140,6 +140,7 @@ pub struct Metrics {
     pub tokens_per_second: Hist<RouteLabels>,
     pub queue_time: Hist<RouteLabels>,
     pub prompt_tokens: Family<RouteLabels, Counter>,
+    pub cached_prompt_tokens: Family<RouteLabels, Counter>,
     pub generation_tokens: Family<RouteLabels, Counter>,
     pub cold_loads: Family<LoadLabels, Counter>,
     pub cold_load_seconds: Hist<ModelLabels>,
@@ -164,6 +165,7 @@ pub struct RouteMetrics {
     itl: Series<Histogram, fn() -> Histogram>,
     tokens_per_second: Series<Histogram, fn() -> Histogram>,
     prompt_tokens: Series<Counter, fn() -> Counter>,
+    cached_prompt_tokens: Series<Counter, fn() -> Counter>,
     generation_tokens: Series<Counter, fn() -> Counter>,
     requests: Family<RequestLabels, Counter>,
     /// The requests counters of status classes 1xx to 5xx.
@@ -206,6 +208,10 @@ impl RouteMetrics {
 
     pub fn prompt_tokens(&self) -> &Counter {
         self.prompt_tokens.get(&self.labels)
+    }
+
+    pub fn cached_prompt_tokens(&self) -> &Counter {
+        self.cached_prompt_tokens.get(&self.labels)
     }
 
     pub fn generation_tokens(&self) -> &Counter {
@@ -255,6 +261,7 @@ impl Metrics {
             tokens_per_second: Family::new_with_constructor(throughput),
             queue_time: Family::new_with_constructor(latency),
             prompt_tokens: Family::default(),
+            cached_prompt_tokens: Family::default(),
             generation_tokens: Family::default(),
             cold_loads: Family::default(),
             cold_load_seconds: Family::new_with_constructor(load),
@@ -303,6 +310,11 @@ impl Metrics {
             "cortex_gateway_prompt_tokens",
             "Prompt tokens of answered requests, as the neuron counted them",
             m.prompt_tokens.clone(),
+        );
+        r.register(
+            "cortex_gateway_prompt_cached_tokens",
+            "Prompt tokens of answered requests the neuron read from its prefix cache",
+            m.cached_prompt_tokens.clone(),
         );
         r.register(
             "cortex_gateway_generation_tokens",
@@ -368,6 +380,7 @@ impl Metrics {
             itl: Series::new(&self.itl),
             tokens_per_second: Series::new(&self.tokens_per_second),
             prompt_tokens: Series::new(&self.prompt_tokens),
+            cached_prompt_tokens: Series::new(&self.cached_prompt_tokens),
             generation_tokens: Series::new(&self.generation_tokens),
             requests: self.requests.clone(),
             by_class: Default::default(),

@@ -169,7 +169,13 @@ fn stop_reasons_map_and_usage_is_carried() {
     );
     assert_eq!((r.usage.input_tokens, r.usage.output_tokens), (12, 7));
     assert_eq!(r.model, "claude-ish");
-    assert_eq!(r.content, vec![Block::Text { text: "abc".into() }]);
+    assert_eq!(
+        r.content,
+        vec![Block::Text {
+            text: "abc".into(),
+            cache_control: None
+        }]
+    );
     let r = from_openai(
         &completion("stop", json!("END"), json!("abc"), Value::Null),
         "m",
@@ -201,7 +207,8 @@ fn stop_reasons_map_and_usage_is_carried() {
         vec![Block::ToolUse {
             id: "call_1".into(),
             name: "weather".into(),
-            input: json!({"city": "Paris"})
+            input: json!({"city": "Paris"}),
+            cache_control: None
         }]
     );
 }
@@ -298,9 +305,11 @@ fn a_text_stream_has_anthropics_event_sequence_no_empty_deltas_and_real_usage() 
         delta["delta"],
         json!({"stop_reason": "stop_sequence", "stop_sequence": "\n"})
     );
+    // As Anthropic's API sends it: the totals, the prefix cache's reads and writes included.
     assert_eq!(
         delta["usage"],
-        json!({"input_tokens": 9, "output_tokens": 3})
+        json!({"input_tokens": 9, "output_tokens": 3,
+               "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0})
     );
     assert_eq!(
         events[1].1["content_block"],

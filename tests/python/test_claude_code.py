@@ -2,13 +2,15 @@
 
 The binary comes from scripts/claude-code (cached under ~/.cache/cortex/claude-code). Claude Code
 streams /v1/messages with its own fields (adaptive thinking, context management, cache_control on
-blocks, `system` messages among the messages); the gateway must take them all.
+blocks, `system` messages among the messages, a billing header that changes on every request); the
+gateway must take them all, and keep the prompt's prefix stable for the neurons' prefix cache.
 """
 
 import json
 import os
 import pathlib
 import subprocess
+import urllib.request
 
 import pytest
 
@@ -62,9 +64,31 @@ def test_claude_code_answers_through_the_gateway(claude, gateway, tmp_path):
 def test_claude_code_with_its_whole_agent_prompt(claude, gateway, tmp_path):
     # Its default agent: tools, `system` messages among the messages with its reminders, adaptive
     # thinking, context management. About 4,000 tokens reach SmolLM2 (its template leaves the
-    # tool definitions out), so this one takes a while on two cores.
-    code, r = run(claude, gateway, tmp_path, "Say hi.", "--max-turns", "1", max_output=16, timeout=600)
-    assert r["api_error_status"] is None, r
-    # The model may answer, or call one of the offered tools (which ends the one turn allowed).
-    assert r["subtype"] in ("success", "error_max_turns"), (code, r)
-    assert r["usage"]["input_tokens"] > 2000 and r["usage"]["output_tokens"] > 0, r["usage"]
+    # tool definitions out), so the first turn takes a while on two cores.
+    turns = []
+    for prompt in ("Say hi.", "Say hello."):
+        code, r = run(claude, gateway, tmp_path, prompt, "--max-turns", "1", max_output=16, timeout=600)
+        assert r["api_error_status"] is None, r
+        # The model may answer, or call one of the offered tools (which ends the one turn allowed).
+        assert r["subtype"] in ("success", "error_max_turns"), (code, r)
+        u = r["usage"]
+        prompt_tokens = u["input_tokens"] + u["cache_read_input_tokens"] + u["cache_creation_input_tokens"]
+        assert prompt_tokens > 2000 and u["output_tokens"] > 0, u
+        turns.append(u)
+    # The second run sends the same system prompt and tools (its billing header, which changes on
+    # every request, is dropped by the gateway): the neuron's prefix cache reads all of them and
+    # computes only the new question, and Claude Code is told so.
+    first, second = turns
+    # Claude Code makes several requests in one run (it asks again when an answer stops at
+    # max_tokens); its usage sums them. The first run computes the prompt once and keeps it.
+    assert first["cache_creation_input_tokens"] > 2000, first
+    # The second run computes almost nothing: every request reads the system prompt and tools.
+    assert second["cache_read_input_tokens"] > 2000, second
+    assert second["input_tokens"] + second["cache_creation_input_tokens"] < 1000, second
+    read = second["cache_read_input_tokens"]
+    assert read / (read + second["input_tokens"] + second["cache_creation_input_tokens"]) > 0.9, second
+    # And the gateway counts what was read, by model.
+    text = urllib.request.urlopen(gateway.metrics_url).read().decode()
+    cached = sum(float(l.split()[-1]) for l in text.splitlines()
+                 if l.startswith("cortex_gateway_prompt_cached_tokens_total{") and 'model="smollm2"' in l)
+    assert cached >= first["cache_read_input_tokens"] + second["cache_read_input_tokens"], text

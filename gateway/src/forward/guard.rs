@@ -90,9 +90,11 @@ impl RequestGuard {
         self.last_token = now;
     }
 
-    /// Counts the tokens of the usage the neuron reported.
-    pub fn tokens(&self, prompt: u64, completion: u64) {
+    /// Counts the tokens of the usage the neuron reported (`cached` of the prompt's came from
+    /// its prefix cache).
+    pub fn tokens(&self, prompt: u64, completion: u64, cached: u64) {
         self.route.prompt_tokens().inc_by(prompt);
+        self.route.cached_prompt_tokens().inc_by(cached);
         self.route.generation_tokens().inc_by(completion);
         self.generated.store(completion, Ordering::Relaxed);
     }

@@ -28,6 +28,7 @@ use crate::forward::sse::{self, DATA, EVENT_END, Framer};
 
 static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\":{"));
 static PROMPT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"prompt_tokens\":"));
+static CACHED: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"cached_tokens\":"));
 static COMPLETION: LazyLock<Finder<'static>> =
     LazyLock::new(|| Finder::new(b"\"completion_tokens\":"));
 
@@ -81,7 +82,8 @@ impl Relay {
         if let (Some(prompt), Some(completion)) =
             (number_after(u, &PROMPT), number_after(u, &COMPLETION))
         {
-            self.guard.tokens(prompt, completion);
+            let cached = number_after(u, &CACHED).unwrap_or(0);
+            self.guard.tokens(prompt, completion, cached);
         }
         Some(at)
     }

@@ -357,7 +357,10 @@ impl Scheduler {
     fn extend_from_cache(&mut self) {
         for i in 0..self.running.len() {
             let s = &self.running[i];
-            if s.decoding() || !s.computed.is_multiple_of(BLOCK) || s.computed != s.registered * BLOCK {
+            if s.decoding()
+                || !s.computed.is_multiple_of(BLOCK)
+                || s.computed != s.registered * BLOCK
+            {
                 continue;
             }
             let at = s.registered;

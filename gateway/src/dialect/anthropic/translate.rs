@@ -3,11 +3,11 @@
 //!
 //! Failures seen in other gateways that this translation must not repeat (each has a test):
 //! tool arguments dropped or sent as empty `input_json_delta`, `stop_sequences` ignored or the
-//! matched sequence not reported, a length stop reported as `end_turn`, usage reported as zero,
+//! matched sequence not reported, a length stop reported as `end_turn`, usage reported as zero (or with cache reads counted as input),
 //! text sent as an empty delta.
 
 use cortex_core::anthropic::{
-    Block, Content, MessagesRequest, MessagesResponse, ToolChoice, Usage,
+    Block, CacheControl, Content, MessagesRequest, MessagesResponse, ToolChoice, Usage,
 };
 use cortex_core::openai::{
     ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, FinishReason,
@@ -30,7 +30,7 @@ fn text_of(content: &Content, what: &str) -> Result<String, Error> {
         Content::Blocks(blocks) => blocks
             .iter()
             .map(|b| match b {
-                Block::Text { text } => Ok(text.clone()),
+                Block::Text { text, .. } => Ok(text.clone()),
                 other => Err(invalid(format!(
                     "{what} may hold only text blocks; found {}",
                     block_type(other)
@@ -53,6 +53,93 @@ fn block_type(b: &Block) -> String {
     }
 }
 
+/// Claude Code's first system block, `x-anthropic-billing-header: cc_version=…; cch=…;`, changes
+/// on every request; sent on, it would make every prompt differ from its first tokens and defeat
+/// the neurons' prefix cache (Ollama and llama.cpp drop it too).
+const BILLING_HEADER: &str = "x-anthropic-billing-header:";
+
+/// The system prompt's text, without a leading billing-header block (or line).
+fn system_text(system: &Content) -> Result<String, Error> {
+    match system {
+        Content::Text(t) if t.starts_with(BILLING_HEADER) => {
+            Ok(t.split_once('\n').map_or("", |(_, rest)| rest).to_string())
+        }
+        Content::Blocks(blocks) if matches!(blocks.first(), Some(Block::Text { text, .. }) if text.starts_with(BILLING_HEADER)) => {
+            text_of(&Content::Blocks(blocks[1..].to_vec()), "system")
+        }
+        other => text_of(other, "system"),
+    }
+}
+
+/// Checks a `cache_control` breakpoint as Anthropic does. The neurons cache every prompt prefix
+/// by themselves, so a valid breakpoint needs nothing more.
+fn check_cache_control(cc: Option<&CacheControl>, at: &str) -> Result<(), Error> {
+    let Some(cc) = cc else { return Ok(()) };
+    if cc.kind != "ephemeral" {
+        return Err(invalid(format!(
+            "{at}.cache_control.type '{}' is not supported; use {{\"type\": \"ephemeral\"}} (cortex caches every prompt prefix by itself)",
+            cc.kind
+        )));
+    }
+    if let Some(ttl) = cc.ttl.as_deref().filter(|t| !matches!(*t, "5m" | "1h")) {
+        return Err(invalid(format!(
+            "{at}.cache_control.ttl '{ttl}' is not supported; use \"5m\" or \"1h\""
+        )));
+    }
+    Ok(())
+}
+
+fn check_blocks(content: &Content, at: &str) -> Result<(), Error> {
+    if let Content::Blocks(blocks) = content {
+        for (j, b) in blocks.iter().enumerate() {
+            let at = format!("{at}.content[{j}]");
+            match b {
+                Block::Text { cache_control, .. } | Block::ToolUse { cache_control, .. } => {
+                    check_cache_control(cache_control.as_ref(), &at)?
+                }
+                Block::ToolResult {
+                    cache_control,
+                    content,
+                    ..
+                } => {
+                    check_cache_control(cache_control.as_ref(), &at)?;
+                    if let Some(c) = content {
+                        check_blocks(c, &at)?;
+                    }
+                }
+                Block::Other(_) => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every `cache_control` of a request: top level, system blocks, tools, message blocks.
+fn check_cache_controls(req: &MessagesRequest) -> Result<(), Error> {
+    check_cache_control(req.cache_control.as_ref(), "request")?;
+    if let Some(s) = &req.system {
+        check_blocks(s, "system")?;
+    }
+    for (i, t) in req.tools.iter().flatten().enumerate() {
+        check_cache_control(t.cache_control.as_ref(), &format!("tools[{i}]"))?;
+    }
+    for (i, m) in req.messages.iter().enumerate() {
+        check_blocks(&m.content, &format!("messages[{i}]"))?;
+    }
+    Ok(())
+}
+
+/// Anthropic's usage for the neuron's: cache reads and writes are not part of `input_tokens`.
+pub fn usage_of(u: &cortex_core::openai::Usage) -> Usage {
+    let (read, created) = (u.cached_tokens(), u.cache_creation_tokens());
+    Usage {
+        input_tokens: u.prompt_tokens.saturating_sub(read + created),
+        output_tokens: u.completion_tokens,
+        cache_creation_input_tokens: created,
+        cache_read_input_tokens: read,
+    }
+}
+
 /// A chat message of `role` with text `content`.
 fn text_message(role: &str, content: String) -> ChatMessage {
     ChatMessage {
@@ -70,12 +157,13 @@ pub fn to_openai(req: &MessagesRequest) -> Result<ChatCompletionRequest, Error> 
             param: Some("max_tokens"),
         });
     }
+    check_cache_controls(req)?;
     let mut messages = Vec::new();
     // Claude Code also sends `system` messages among `messages` (its context reminders): their
     // text joins the system prompt, as chat templates take one system turn, at the start.
     let mut system = Vec::new();
     if let Some(s) = &req.system {
-        system.push(text_of(s, "system")?);
+        system.push(system_text(s)?);
     }
     for (i, m) in req.messages.iter().enumerate() {
         if m.role == "system" {
@@ -95,11 +183,12 @@ pub fn to_openai(req: &MessagesRequest) -> Result<ChatCompletionRequest, Error> 
                 let mut text = String::new();
                 for b in blocks {
                     match b {
-                        Block::Text { text: t } => text.push_str(t),
+                        Block::Text { text: t, .. } => text.push_str(t),
                         Block::ToolResult {
                             tool_use_id,
                             content,
                             is_error,
+                            ..
                         } => {
                             let mut body = match content {
                                 Some(c) => text_of(c, "tool_result content")?,
@@ -130,8 +219,10 @@ pub fn to_openai(req: &MessagesRequest) -> Result<ChatCompletionRequest, Error> 
                 let mut calls = Vec::new();
                 for b in blocks {
                     match b {
-                        Block::Text { text: t } => text.push_str(t),
-                        Block::ToolUse { id, name, input } => calls.push(ToolCall {
+                        Block::Text { text: t, .. } => text.push_str(t),
+                        Block::ToolUse {
+                            id, name, input, ..
+                        } => calls.push(ToolCall {
                             index: None,
                             id: Some(id.clone()),
                             kind: Some("function".into()),
@@ -222,7 +313,10 @@ pub fn from_openai(resp: &ChatCompletion, model: &str) -> MessagesResponse {
             .and_then(|c| c.text().ok())
             .filter(|t| !t.is_empty())
         {
-            content.push(Block::Text { text });
+            content.push(Block::Text {
+                text,
+                cache_control: None,
+            });
         }
         for call in c.message.tool_calls.iter().flatten() {
             content.push(Block::ToolUse {
@@ -232,6 +326,7 @@ pub fn from_openai(resp: &ChatCompletion, model: &str) -> MessagesResponse {
                     .unwrap_or_else(|| format!("toolu_{}", content.len())),
                 name: call.function.name.clone().unwrap_or_default(),
                 input: tool_input(&call.function.arguments),
+                cache_control: None,
             });
         }
     }
@@ -247,11 +342,7 @@ pub fn from_openai(resp: &ChatCompletion, model: &str) -> MessagesResponse {
         model: model.to_string(),
         stop_reason: Some(reason),
         stop_sequence: seq,
-        usage: Usage {
-            input_tokens: resp.usage.prompt_tokens,
-            output_tokens: resp.usage.completion_tokens,
-            ..Default::default()
-        },
+        usage: usage_of(&resp.usage),
     }
 }
 
@@ -302,8 +393,7 @@ impl StreamTranslator {
             json!({"type": "message_start", "message": {
                 "id": self.id, "type": "message", "role": "assistant", "content": [], "model": self.model,
                 "stop_reason": null, "stop_sequence": null,
-                "usage": {"input_tokens": self.usage.input_tokens, "output_tokens": self.usage.output_tokens,
-                    "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+                "usage": self.usage,
             }}),
         ));
     }
@@ -331,11 +421,20 @@ impl StreamTranslator {
 
     pub fn chunk(&mut self, c: &ChatCompletionChunk) -> Vec<Event> {
         let mut out = Vec::new();
-        if let Some(u) = c.usage {
-            self.usage.input_tokens = u.prompt_tokens;
-            self.usage.output_tokens = u.completion_tokens;
+        if let Some(u) = &c.usage {
+            self.usage = usage_of(u);
         }
-        self.start(&mut out);
+        // `message_start` waits for the first chunk that knows what the prefix cache read (the
+        // neuron's chunks after its prompt is read) or that carries the answer, so its usage
+        // is the one clients keep.
+        let answers = c.choices.iter().any(|ch| {
+            ch.delta.content.as_deref().is_some_and(|t| !t.is_empty())
+                || ch.delta.tool_calls.is_some()
+                || ch.finish_reason.is_some()
+        });
+        if answers || c.usage.is_some_and(|u| u.prompt_tokens_details.is_some()) {
+            self.start(&mut out);
+        }
         for ch in &c.choices {
             if let Some(text) = ch.delta.content.as_deref().filter(|t| !t.is_empty()) {
                 let i = match self.open {
@@ -371,9 +470,12 @@ impl StreamTranslator {
         self.start(&mut out);
         self.close(&mut out);
         let (reason, seq) = stop_reason(self.finish, self.stop.as_deref());
-        out.push(("message_delta", json!({"type": "message_delta",
+        out.push((
+            "message_delta",
+            json!({"type": "message_delta",
             "delta": {"stop_reason": reason, "stop_sequence": seq},
-            "usage": {"input_tokens": self.usage.input_tokens, "output_tokens": self.usage.output_tokens}})));
+            "usage": self.usage}),
+        ));
         out.push(("message_stop", json!({"type": "message_stop"})));
         out
     }
@@ -382,4 +484,183 @@ impl StreamTranslator {
 /// One server-sent event in Anthropic's framing.
 pub fn sse(event: &Event) -> bytes::Bytes {
     bytes::Bytes::from(format!("event: {}\ndata: {}\n\n", event.0, event.1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cortex_core::openai::{PromptTokensDetails, Usage as OpenAiUsage};
+
+    fn request(v: Value) -> MessagesRequest {
+        serde_json::from_value(v).expect("a valid Messages request")
+    }
+
+    fn system_of(req: &ChatCompletionRequest) -> String {
+        let m = &req.messages[0];
+        assert_eq!(m.role, "system");
+        m.content.as_ref().unwrap().text().unwrap()
+    }
+
+    #[test]
+    fn a_leading_billing_header_block_is_dropped_and_the_rest_kept_in_order() {
+        let req = request(json!({
+            "model": "m", "max_tokens": 8,
+            "system": [
+                {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1; cc_entrypoint=cli; cch=91ab;"},
+                {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
+                {"type": "text", "text": " Be brief."}
+            ],
+            "messages": [{"role": "user", "content": "hi"}]
+        }));
+        let out = to_openai(&req).unwrap();
+        assert_eq!(system_of(&out), "You are Claude Code. Be brief.");
+
+        // As one string: the header is its first line.
+        let req = request(json!({
+            "model": "m", "max_tokens": 8,
+            "system": "x-anthropic-billing-header: cch=1;\nYou are helpful.",
+            "messages": [{"role": "user", "content": "hi"}]
+        }));
+        assert_eq!(system_of(&to_openai(&req).unwrap()), "You are helpful.");
+
+        // Only a leading one: the same words later are the user's own text.
+        let req = request(json!({
+            "model": "m", "max_tokens": 8,
+            "system": [{"type": "text", "text": "A."}, {"type": "text", "text": "x-anthropic-billing-header: kept"}],
+            "messages": [{"role": "user", "content": "hi"}]
+        }));
+        assert_eq!(
+            system_of(&to_openai(&req).unwrap()),
+            "A.x-anthropic-billing-header: kept"
+        );
+    }
+
+    #[test]
+    fn cache_control_is_accepted_everywhere_anthropic_allows_it() {
+        let eph = json!({"type": "ephemeral"});
+        let req = request(json!({
+            "model": "m", "max_tokens": 8,
+            "cache_control": eph,
+            "system": [{"type": "text", "text": "S", "cache_control": {"type": "ephemeral", "ttl": "1h"}}],
+            "tools": [{"name": "t", "input_schema": {"type": "object"}, "cache_control": eph}],
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "q", "cache_control": eph}]},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "t", "input": {}, "cache_control": eph}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "cache_control": eph,
+                    "content": [{"type": "text", "text": "r", "cache_control": {"type": "ephemeral", "ttl": "5m"}}]}]}
+            ]
+        }));
+        let out = to_openai(&req).unwrap();
+        assert_eq!(system_of(&out), "S");
+        assert_eq!(out.tools.as_ref().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_bad_cache_control_is_refused_with_where_and_the_fix() {
+        let req = request(json!({
+            "model": "m", "max_tokens": 8,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "q", "cache_control": {"type": "persistent"}}]}]
+        }));
+        let e = format!("{:?}", to_openai(&req).unwrap_err());
+        assert!(
+            e.contains("messages[0].content[0].cache_control.type 'persistent'"),
+            "{e}"
+        );
+        assert!(
+            e.contains("use {\\\"type\\\": \\\"ephemeral\\\"}") || e.contains("ephemeral"),
+            "{e}"
+        );
+
+        let req = request(json!({
+            "model": "m", "max_tokens": 8,
+            "tools": [{"name": "t", "input_schema": {"type": "object"}, "cache_control": {"type": "ephemeral", "ttl": "2d"}}],
+            "messages": [{"role": "user", "content": "q"}]
+        }));
+        let e = format!("{:?}", to_openai(&req).unwrap_err());
+        assert!(e.contains("tools[0].cache_control.ttl '2d'"), "{e}");
+        assert!(e.contains("\"5m\" or \"1h\"") || e.contains("5m"), "{e}");
+    }
+
+    fn openai_usage(prompt: u32, completion: u32, cached: u32, created: u32) -> OpenAiUsage {
+        OpenAiUsage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+            prompt_tokens_details: Some(PromptTokensDetails {
+                cached_tokens: cached,
+                cache_creation_tokens: created,
+            }),
+        }
+    }
+
+    #[test]
+    fn cache_reads_and_writes_are_not_counted_as_input_tokens() {
+        let u = usage_of(&openai_usage(4100, 7, 3968, 128));
+        assert_eq!(
+            (
+                u.input_tokens,
+                u.cache_read_input_tokens,
+                u.cache_creation_input_tokens,
+                u.output_tokens
+            ),
+            (4, 3968, 128, 7)
+        );
+        // A neuron that reports no details: everything is input.
+        let u = usage_of(&OpenAiUsage::new(50, 3));
+        assert_eq!((u.input_tokens, u.cache_read_input_tokens), (50, 0));
+    }
+
+    fn chunk(
+        content: Option<&str>,
+        finish: Option<FinishReason>,
+        usage: Option<OpenAiUsage>,
+    ) -> ChatCompletionChunk {
+        serde_json::from_value(json!({
+            "id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+            "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish, "logprobs": null}],
+            "usage": usage,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_stream_reports_the_cache_in_message_start_and_message_delta() {
+        let mut t = StreamTranslator::new("msg_1".into(), "m".into());
+        // The role chunk, before the prompt is read: nothing known yet, nothing sent.
+        let first = t.chunk(&chunk(Some(""), None, Some(OpenAiUsage::new(4100, 0))));
+        assert!(first.is_empty(), "{first:?}");
+        // The prompt is read: the cache's figures are known and message_start carries them.
+        let read = t.chunk(&chunk(
+            Some(""),
+            None,
+            Some(openai_usage(4100, 0, 3968, 128)),
+        ));
+        assert_eq!(read[0].0, "message_start");
+        let u = &read[0].1["message"]["usage"];
+        assert_eq!(u["cache_read_input_tokens"], 3968);
+        assert_eq!(u["cache_creation_input_tokens"], 128);
+        assert_eq!(u["input_tokens"], 4);
+        t.chunk(&chunk(
+            Some("Hi"),
+            None,
+            Some(openai_usage(4100, 1, 3968, 128)),
+        ));
+        t.chunk(&chunk(
+            None,
+            Some(FinishReason::Stop),
+            Some(openai_usage(4100, 2, 3968, 128)),
+        ));
+        let end = t.finish();
+        let delta = end.iter().find(|e| e.0 == "message_delta").unwrap();
+        assert_eq!(delta.1["usage"]["cache_read_input_tokens"], 3968);
+        assert_eq!(delta.1["usage"]["output_tokens"], 2);
+    }
+
+    #[test]
+    fn an_answer_before_any_usage_still_starts_the_message() {
+        let mut t = StreamTranslator::new("msg_1".into(), "m".into());
+        let ev = t.chunk(&chunk(Some("Hi"), None, None));
+        assert_eq!(ev[0].0, "message_start");
+        assert_eq!(ev[1].0, "content_block_start");
+    }
 }
