@@ -148,7 +148,8 @@ def main():
                 return json.load(r)["usage"]["prompt_tokens"]
 
         # Tokens per character of this text, from one count of a sample of it.
-        sample = system_prompt(600, len)
+        # (It starts with words of its own: the system prompt must be new to both engines.)
+        sample = "Counting sample. " + system_prompt(600, len)
         per_char = count(sample) / len(sample)
         system = system_prompt(a.system_tokens, lambda t: len(t) * per_char)
         # The engines take turns: cortex's conversation, llama-server's, each from a cold cache
