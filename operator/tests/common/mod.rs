@@ -2,6 +2,8 @@
 //! reading neurons and metrics.
 #![allow(dead_code)]
 
+pub mod chart;
+
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
