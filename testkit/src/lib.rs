@@ -1,7 +1,9 @@
-//! A real Kubernetes control plane for tests: etcd and kube-apiserver (RBAC on) started on free
-//! loopback ports from the binaries `scripts/envtest-assets` provides (it honours
-//! `KUBEBUILDER_ASSETS`), a kubeconfig for an administrator, and a [`kube::Client`]. Everything
-//! is torn down when the [`ControlPlane`] is dropped.
+//! The end-to-end tests' harness, shared by every crate's tests: free loopback ports, the test
+//! models, a `neuron` command, processes killed on drop, and a real Kubernetes control plane:
+//! etcd and kube-apiserver (RBAC on) started on free loopback ports from the binaries
+//! `scripts/envtest-assets` provides (it honours `KUBEBUILDER_ASSETS`), a kubeconfig for an
+//! administrator, and (with the `kube` feature) a `kube::Client`. Everything is torn down when the
+//! [`ControlPlane`] is dropped.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -77,6 +79,20 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A `neuron` command (the binary at `bin`) listening on loopback `port`, on the CPU, allowed to
+/// read the test models' directory, with quiet logs and stdout: add flags, then spawn it.
+pub fn neuron(bin: &Path, port: u16) -> Command {
+    let mut c = Command::new(bin);
+    c.args(["--listen", &format!("127.0.0.1:{port}"), "--device", "cpu"])
+        .args([
+            "--model-dirs",
+            &cache_dir().join("models").display().to_string(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
+    c
 }
 
 /// A child process killed (and reaped) when dropped.
@@ -209,6 +225,7 @@ impl ControlPlane {
     }
 
     /// A client for the administrator.
+    #[cfg(feature = "kube")]
     pub async fn client(&self) -> kube::Client {
         let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).unwrap();
         let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())

@@ -36,13 +36,10 @@ pub async fn wait_healthy(url: &str) {
 }
 
 pub fn start_neuron(port: u16, extra: &[&str]) -> Proc {
+    models_dir();
     Proc(
-        Command::new(neuron_bin())
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--device", "cpu"])
-            .args(["--model-dirs", &models_dir().display().to_string()])
+        cortex_testkit::neuron(&neuron_bin(), port)
             .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
             .spawn()
             .unwrap(),
     )

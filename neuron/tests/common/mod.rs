@@ -12,12 +12,11 @@ use candle_core::{Device, Tensor};
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const GEMMA3: &str = "gemma-3-270m-Q4_K_M.gguf";
 
+pub use cortex_testkit::free_port;
+
 /// Where `scripts/fetch-test-models` puts the weights.
 pub fn model_dir() -> PathBuf {
-    let cache = std::env::var("CORTEX_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cortex"));
-    cache.join("models")
+    cortex_testkit::cache_dir().join("models")
 }
 
 /// A real model file; fails loudly, naming the command that provides it, when it is missing.
@@ -31,8 +30,7 @@ pub fn model_path(name: &str) -> PathBuf {
     p
 }
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 /// A real neuron process on a free loopback port, killed on drop.
@@ -49,14 +47,6 @@ impl Drop for Neuron {
     }
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Neuron {
     /// Starts `neuron` with the test model directory allowed, plus `extra` flags.
     pub fn start(extra: &[&str]) -> Neuron {
@@ -67,14 +57,9 @@ impl Neuron {
     pub fn start_with_env(extra: &[&str], envs: &[(&str, &str)]) -> Neuron {
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_neuron"));
-        cmd.args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--model-dirs", &model_dir().display().to_string()])
-            .args(["--device", "cpu"])
-            .args(extra)
-            .env("RUST_LOG", "warn")
+        let mut cmd = cortex_testkit::neuron(Path::new(env!("CARGO_BIN_EXE_neuron")), port);
+        cmd.args(extra)
             .envs(envs.iter().copied())
-            .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         let child = cmd.spawn().expect("starting the neuron binary");
         let token = extra

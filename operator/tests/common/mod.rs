@@ -38,14 +38,11 @@ pub fn python() -> PathBuf {
 }
 
 pub fn start_neuron(port: u16, extra: &[&str]) -> Proc {
+    models_dir();
     Proc(
-        Command::new(bin("neuron"))
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--device", "cpu"])
-            .args(["--model-dirs", &models_dir().display().to_string()])
+        cortex_testkit::neuron(&bin("neuron"), port)
             .args(["--token", TOKEN])
             .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
             .spawn()
             .unwrap(),
     )
