@@ -157,6 +157,59 @@ async fn time_to_first_token_covers_prompt_processing_and_speed_follows_the_toke
     );
 }
 
+/// An Anthropic stream asks the neuron for usage on every chunk (running totals): the token
+/// counters take the request's last report once, not every chunk's. The same prompt sent again
+/// is read from the neuron's prefix cache, and the cached counter says how much.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_with_usage_on_every_chunk_counts_its_tokens_once() {
+    let fleet = Fleet::start_with(1, &[], "", &smollm2_only()).await;
+    fleet.wait_state("smollm2", "ready").await;
+    let system = "You are a careful assistant who answers in full sentences. ".repeat(30);
+    let mut usages = Vec::new();
+    for _ in 0..2 {
+        let before = fleet.metrics().await;
+        let res = fleet
+            .send(
+                "/v1/messages",
+                &json!({"model": "smollm2", "stream": true, "max_tokens": 12, "temperature": 0,
+                "system": system, "messages": [{"role": "user", "content": "Count to ten."}]}),
+            )
+            .await;
+        assert_eq!(res.status(), 200);
+        let text = res.text().await.unwrap();
+        let delta_line = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str::<Value>(d).unwrap())
+            .find(|v| v["type"] == "message_delta")
+            .expect("a message_delta event");
+        let u = delta_line["usage"].clone();
+        let after = fleet.metrics().await;
+        let route = ["model=\"smollm2\"", "dialect=\"anthropic\""];
+        let delta = |name: &str| metric(&after, name, &route) - metric(&before, name, &route);
+        let n = |k: &str| u[k].as_f64().unwrap();
+        let prompt =
+            n("input_tokens") + n("cache_read_input_tokens") + n("cache_creation_input_tokens");
+        assert_eq!(delta("cortex_gateway_prompt_tokens_total"), prompt, "{u}");
+        assert_eq!(
+            delta("cortex_gateway_prompt_cached_tokens_total"),
+            n("cache_read_input_tokens"),
+            "{u}"
+        );
+        assert_eq!(
+            delta("cortex_gateway_generation_tokens_total"),
+            n("output_tokens"),
+            "{u}"
+        );
+        usages.push(u);
+    }
+    assert!(
+        usages[1]["cache_read_input_tokens"].as_u64().unwrap() >= 256,
+        "the second request reads the system prompt from the cache: {:?}",
+        usages
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_refused_before_a_neuron_are_counted_by_status_class_and_dialect() {
     let m = models_dir();

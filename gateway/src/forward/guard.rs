@@ -1,7 +1,7 @@
 //! The request guard: held while a proxied answer streams, it keeps the neuron's outstanding
 //! count and the in-flight gauge up and records the request's latencies, speed and tokens.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
@@ -31,8 +31,13 @@ pub struct RequestGuard {
     /// When the first and the last chunk carrying tokens came.
     first_token: Option<Instant>,
     last_token: Instant,
-    /// Tokens generated, as the neuron's usage reported them.
+    /// The neuron's last usage: prompt tokens, those read from its prefix cache, tokens
+    /// generated. A stream with `continuous_usage_stats` reports running totals on every chunk,
+    /// so the counters take the last report, once, when the request ends.
+    prompt: AtomicU64,
+    cached: AtomicU64,
     generated: AtomicU64,
+    reported: AtomicBool,
     /// The neuron answered and its answer is being relayed: only then does the request record its
     /// end-to-end latency and speed, so a failed attempt retried elsewhere adds no sample.
     answered: bool,
@@ -49,7 +54,10 @@ impl RequestGuard {
             arrived: call.arrived,
             first_token: None,
             last_token: call.arrived,
+            prompt: AtomicU64::new(0),
+            cached: AtomicU64::new(0),
             generated: AtomicU64::new(0),
+            reported: AtomicBool::new(false),
             answered: false,
         }
     }
@@ -90,13 +98,13 @@ impl RequestGuard {
         self.last_token = now;
     }
 
-    /// Counts the tokens of the usage the neuron reported (`cached` of the prompt's came from
-    /// its prefix cache).
+    /// Keeps the usage the neuron reported (`cached` of the prompt's came from its prefix
+    /// cache); a later report replaces it.
     pub fn tokens(&self, prompt: u64, completion: u64, cached: u64) {
-        self.route.prompt_tokens().inc_by(prompt);
-        self.route.cached_prompt_tokens().inc_by(cached);
-        self.route.generation_tokens().inc_by(completion);
+        self.prompt.store(prompt, Ordering::Relaxed);
+        self.cached.store(cached, Ordering::Relaxed);
         self.generated.store(completion, Ordering::Relaxed);
+        self.reported.store(true, Ordering::Relaxed);
     }
 }
 
@@ -104,13 +112,23 @@ impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.neuron.outstanding.fetch_sub(1, Ordering::Relaxed);
         self.route.in_flight.dec();
+        let generated = self.generated.load(Ordering::Relaxed);
+        if self.reported.load(Ordering::Relaxed) {
+            let route = &self.route;
+            route
+                .prompt_tokens()
+                .inc_by(self.prompt.load(Ordering::Relaxed));
+            route
+                .cached_prompt_tokens()
+                .inc_by(self.cached.load(Ordering::Relaxed));
+            route.generation_tokens().inc_by(generated);
+        }
         if !self.answered {
             return;
         }
         self.route.e2e.observe(self.arrived.elapsed().as_secs_f64());
         // The first token's time is the time to first token; the speed counts those after it
         // (as `cortex probe` does).
-        let generated = self.generated.load(Ordering::Relaxed);
         if let Some(first) = self.first_token
             && generated > 1
             && self.last_token > first
